@@ -1,0 +1,369 @@
+"""The in-vehicle agent: the Uptane primary.
+
+One update cycle (:meth:`Agent.run_cycle`):
+
+1. **recover**: finish or roll back an install the journal says was in
+   progress when the agent (or the power) stopped;
+2. **report**: sign a vehicle version manifest (the primary's own ECU
+   report plus each secondary's, signed by that secondary) and upload it;
+3. **verify**: Uptane full verification of both repositories
+   (:mod:`client.verification`); a failure that looks like an attack is kept
+   and goes into ``attacks_detected`` of the next report;
+4. **install**: for the primary, the journaled A/B state machine
+   download → write → arm → reboot → trial → commit | rollback; for each
+   secondary, download, verify, hand it over (:mod:`client.secondaries`);
+5. **report** again so the server learns the outcome at once.
+
+Every step that changes the device first records in the journal
+(:mod:`client.state`) what it is about to do, so a SIGKILL or power cut at
+any instant leaves either the old slot booted or the new slot on trial,
+and the next start takes it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import urllib3
+
+from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootloader
+from client.config import AgentConfig
+from client.health import run_health_checks
+from client.installer import InstallError, SlotInstaller, other_slot
+from client.secondaries import open_secondaries
+from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
+from client.state import AgentState, Journal, StateStore
+from client.verification import DirectedImage, FullVerifier, VerificationFailure
+from signing.keys import load_signer
+from signing.manifest import NO_IMAGE, EcuVersionReport, InstallOutcome, VehicleManifest
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(Exception):
+    """The agent cannot run (bad key, unreachable state...); says what and where."""
+
+
+@dataclass
+class CycleReport:
+    """What one update cycle did, for the CLI and tests."""
+
+    manifest_accepted: bool = False
+    verification_error: str = ""
+    directed: list[str] = field(default_factory=list)
+    outcomes: dict[str, InstallOutcome] = field(default_factory=dict)
+
+
+def make_boot_environment(config: AgentConfig) -> BootEnvironment:
+    from client import bootenv
+
+    path = config.path(config.installer.boot_env)
+    if config.installer.type == "uboot":
+        return bootenv.UBootEnvironment(path)  # type: ignore[attr-defined, no-any-return]
+    if config.installer.type == "grub":
+        return bootenv.GrubEnvironment(path)  # type: ignore[attr-defined, no-any-return]
+    return FileBootEnvironment(path)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, password: bytes,
+                 narrate: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self._narrate = narrate
+        try:
+            self.signer = load_signer(config.path(config.primary_key), password)
+        except Exception as exc:
+            raise AgentError(f"primary ECU key: {exc}") from exc
+        self.store = StateStore(config.path(Path("state.json")))
+        self.installer = SlotInstaller(
+            {"a": config.path(config.installer.slot_a), "b": config.path(config.installer.slot_b)},
+            make_boot_environment(config), config.installer.bootlimit,
+        )
+        self.installer.initialize()
+        self.secondaries: list[Secondary] = open_secondaries(config, password)
+        self.verifier = FullVerifier(config.path(Path("metadata")), config.server_url, config.vin)
+        self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=60), retries=False)
+        self.downloads = config.path(Path("downloads"))
+
+    def say(self, message: str) -> None:
+        log.info(message)
+        if self._narrate:
+            self._narrate(message)
+
+    # -- the cycle ------------------------------------------------------------
+
+    def run_cycle(self) -> CycleReport:
+        report = CycleReport()
+        self.recover(report)
+        report.manifest_accepted = self.send_manifest()
+        try:
+            directed = self.check()
+        except VerificationFailure as exc:
+            report.verification_error = str(exc)
+            directed = []
+        report.directed = [f"{d.ecu_serial}:{d.target.path}" for d in directed]
+        for item in directed:
+            report.outcomes[item.ecu_serial] = self.install(item)
+        if report.outcomes:
+            report.manifest_accepted = self.send_manifest()
+        return report
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set (SIGTERM), with jitter so fleets don't poll in lockstep."""
+        while not stop.is_set():
+            try:
+                self.run_cycle()
+            except Exception:
+                log.exception("update cycle failed; retrying at the next poll")
+            jitter = self.config.poll_interval * self.config.poll_jitter
+            stop.wait(self.config.poll_interval + random.uniform(-jitter, jitter))
+
+    # -- reporting --------------------------------------------------------------
+
+    def build_manifest(self) -> bytes:
+        state = self.store.load()
+        primary = state.ecu(self.config.primary_serial)
+        primary.report_counter += 1
+        self.store.save(state)  # never sign the same counter twice
+        installed = state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
+        reports = {
+            self.config.primary_serial: EcuVersionReport(
+                self.config.primary_serial, installed, primary.report_counter,
+                primary.attacks_detected, primary.last_install,
+            ).sign(self.signer)
+        }
+        for sec in self.secondaries:
+            try:
+                reports[sec.ecu_serial] = sec.version_report()
+            except SecondaryError as exc:
+                self.say(f"secondary {sec.ecu_serial} did not report: {exc}")
+        manifest = VehicleManifest(self.config.vin, self.config.primary_serial, reports)
+        return manifest.sign(self.signer).to_bytes()
+
+    def send_manifest(self) -> bool:
+        body = self.build_manifest()
+        url = f"{self.config.server_url}/api/v1/vehicles/{self.config.vin}/manifest"
+        try:
+            resp = self._http.request("POST", url, body=body, headers={"Content-Type": "application/json"})
+        except urllib3.exceptions.HTTPError as exc:
+            self.say(f"could not send the vehicle manifest: {exc}")
+            return False
+        if resp.status != 200:
+            self.say(f"server refused the vehicle manifest: HTTP {resp.status} {resp.data[:300]!r}")
+            return False
+        state = self.store.load()
+        state.ecu(self.config.primary_serial).last_install = None  # acknowledged
+        self.store.save(state)
+        self.say(f"reported: signed vehicle manifest ({len(body)} bytes, {1 + len(self.secondaries)} ECU report(s)) accepted")
+        return True
+
+    # -- verification -----------------------------------------------------------
+
+    def check(self) -> list[DirectedImage]:
+        state = self.store.load()
+        counters = {s: state.ecu(s).release_counter for s in self.config.ecu_serials}
+        primary = state.ecu(self.config.primary_serial)
+        try:
+            directed = self.verifier.verify(counters, self.config.ecu_serials)
+        except VerificationFailure as exc:
+            if exc.attack:
+                primary.attacks_detected = str(exc)
+                self.store.save(state)
+                self.say(f"REFUSED: {exc}")
+            else:
+                self.say(f"verification postponed: {exc}")
+            raise
+        if primary.attacks_detected:
+            primary.attacks_detected = ""
+            self.store.save(state)
+        installed = self._installed_sha256()
+        todo = [d for d in directed if installed.get(d.ecu_serial) != d.sha256]
+        self.say(
+            "verified director and image repository metadata (full verification): "
+            + (", ".join(f"{d.ecu_serial} -> {d.target.path}" for d in todo) if todo else "nothing to install")
+        )
+        return todo
+
+    def _installed_sha256(self) -> dict[str, str]:
+        state = self.store.load()
+        image = state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
+        result = {self.config.primary_serial: image.hashes.get("sha256", "")}
+        for sec in self.secondaries:
+            try:
+                result[sec.ecu_serial] = sec.installed_sha256()
+            except SecondaryError:
+                result[sec.ecu_serial] = ""
+        return result
+
+    # -- installing -------------------------------------------------------------
+
+    def install(self, item: DirectedImage) -> InstallOutcome:
+        if item.ecu_serial == self.config.primary_serial:
+            return self._install_primary(item)
+        return self._install_secondary(item)
+
+    def _download(self, item: DirectedImage) -> Path:
+        if item.target.length > self.config.max_image_size:
+            raise VerificationFailure(
+                f"{item.target.path}: {item.target.length} bytes exceeds max_image_size {self.config.max_image_size}"
+            )
+        path = self.verifier.download(item, self.downloads / item.sha256)
+        self.say(f"downloaded {item.target.path} ({item.target.length} bytes), length and sha256 verified")
+        return path
+
+    def _install_secondary(self, item: DirectedImage) -> InstallOutcome:
+        sec = next(s for s in self.secondaries if s.ecu_serial == item.ecu_serial)
+        try:
+            path = self._download(item)
+        except VerificationFailure as exc:
+            return self._refuse(item, exc)
+        assert self.verifier.director_targets is not None
+        targets_bytes = (self.config.path(Path("metadata")) / "director" / "targets.json").read_bytes()
+        try:
+            outcome = sec.install(SecondaryUpdate(item.target.path, targets_bytes, path))
+        except SecondaryError as exc:
+            outcome = InstallOutcome(item.target.path, "failed", str(exc))
+        self.say(f"secondary {sec.ecu_serial}: {outcome.result} {item.target.path}"
+                 + (f" ({outcome.detail})" if outcome.detail else ""))
+        if outcome.result == "installed":
+            state = self.store.load()
+            state.ecu(sec.ecu_serial).release_counter = item.custom.release_counter
+            self.store.save(state)
+            path.unlink(missing_ok=True)
+        return outcome
+
+    def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
+        state = self.store.load()
+        outcome = InstallOutcome(item.target.path, "refused", str(exc))
+        if exc.attack:
+            state.ecu(self.config.primary_serial).attacks_detected = str(exc)
+        if item.ecu_serial == self.config.primary_serial:
+            state.ecu(item.ecu_serial).last_install = outcome
+        self.store.save(state)
+        self.say(f"REFUSED {item.target.path} for {item.ecu_serial}: {exc}")
+        return outcome
+
+    def _install_primary(self, item: DirectedImage) -> InstallOutcome:
+        current = self.installer.state().boot_slot
+        state = self.store.load()
+        state.journal = Journal("download", item.target.path, item.target.length, item.sha256,
+                                item.custom.release_counter, other_slot(current), current)
+        self.store.save(state)
+        try:
+            self._download(item)
+        except VerificationFailure as exc:
+            state = self.store.load()
+            state.journal = None
+            self.store.save(state)
+            return self._refuse(item, exc)
+        return self._drive(self.store.load())
+
+    def _drive(self, state: AgentState) -> InstallOutcome:
+        """Run the journal from its current phase to an outcome."""
+        j = state.journal
+        assert j is not None
+        while True:
+            if j.phase == "download":
+                j.phase = "write"
+                state.slot_images[j.target_slot] = None  # about to be overwritten
+                self.store.save(state)
+            elif j.phase == "write":
+                try:
+                    with open(self.downloads / j.sha256, "rb") as image:
+                        self.installer.write(j.target_slot, image, j.length, j.sha256)
+                except (InstallError, OSError) as exc:
+                    return self._finish(state, "failed", f"writing slot {j.target_slot}: {exc}")
+                state.slot_images[j.target_slot] = j.image()
+                j.phase = "arm"
+                self.store.save(state)
+                self.say(f"wrote {j.filepath} to inactive slot {j.target_slot}, read-back sha256 verified")
+            elif j.phase == "arm":
+                self.installer.arm(j.target_slot)
+                j.phase = "reboot"
+                self.store.save(state)
+                self.say(f"bootloader armed: next boot tries slot {j.target_slot} (bootlimit {self.installer.bootlimit})")
+            elif j.phase == "reboot":
+                self._reboot()
+                j.phase = "trial"
+                self.store.save(state)
+            elif j.phase == "trial":
+                outcome = self._evaluate_trial(state)
+                if outcome is not None:
+                    return outcome
+                j.phase = "reboot"  # unhealthy: reboot, the bootloader counts the attempt
+                self.store.save(state)
+            else:
+                return self._finish(state, "failed", f"unknown journal phase {j.phase!r}")
+
+    def _reboot(self) -> None:
+        reboot = self.config.installer.reboot
+        if reboot == "simulate":
+            slot = simulate_bootloader(self.installer.env)
+            self.say(f"rebooted (simulated bootloader): booting slot {slot}")
+            return
+        self.say(f"rebooting: {' '.join(reboot)}")
+        subprocess.run(list(reboot), check=False)
+        # the machine is going down; the next start resumes from the journal
+        os._exit(0)
+
+    def _evaluate_trial(self, state: AgentState) -> InstallOutcome | None:
+        j = state.journal
+        assert j is not None
+        boot = self.installer.state()
+        if boot.boot_slot == j.target_slot and boot.upgrade_available:
+            result = run_health_checks(self.config.health_check.commands, j.target_slot,
+                                       self.installer.slots[j.target_slot], self.config.health_check.timeout)
+            if result.ok:
+                self.installer.commit()
+                self.say(f"health check passed on slot {j.target_slot}: committed {j.filepath}")
+                return self._finish(state, "installed")
+            j.health_failures.append(result.reason)
+            self.store.save(state)
+            self.say(f"health check FAILED on slot {j.target_slot} (boot {boot.bootcount}/{boot.bootlimit}): {result.reason}")
+            return None
+        if boot.boot_slot == j.target_slot:
+            return self._finish(state, "installed")  # committed just before a restart
+        reason = j.health_failures[-1] if j.health_failures else "the new slot did not boot"
+        self.say(f"bootloader fell back to slot {boot.boot_slot}: rolled back {j.filepath}")
+        return self._finish(state, "rolled_back", reason)
+
+    def _finish(self, state: AgentState, result: str, detail: str = "") -> InstallOutcome:
+        j = state.journal
+        assert j is not None
+        outcome = InstallOutcome(j.filepath, result, detail, j.method)
+        ecu = state.ecu(self.config.primary_serial)
+        ecu.last_install = outcome
+        if result == "installed":
+            ecu.release_counter = j.release_counter
+        state.journal = None
+        self.store.save(state)
+        (self.downloads / j.sha256).unlink(missing_ok=True)
+        return outcome
+
+    # -- restart ------------------------------------------------------------------
+
+    def recover(self, report: CycleReport | None = None) -> None:
+        """Take an interrupted install to its end (see module docstring)."""
+        state = self.store.load()
+        j = state.journal
+        if j is None:
+            return
+        self.say(f"resuming the install of {j.filepath} interrupted in phase '{j.phase}'")
+        if j.phase == "download":
+            state.journal = None  # re-verified and resumed by the next cycle
+            self.store.save(state)
+            return
+        if j.phase in ("reboot", "trial") and self.config.installer.reboot == "simulate":
+            j.phase = "reboot"  # a restart of the simulated device is a power cycle
+        elif j.phase == "reboot":
+            j.phase = "trial"  # the real machine has rebooted
+        outcome = self._drive(state)
+        if report is not None:
+            report.outcomes[self.config.primary_serial] = outcome

@@ -1,0 +1,116 @@
+"""A/B slot installation for the primary's own image.
+
+:class:`SlotInstaller` owns two slots (files or block devices) and a
+:class:`~client.bootenv.BootEnvironment`. Its operations are the steps of
+the install state machine in :mod:`client.agent`; each is idempotent and
+leaves the device bootable:
+
+* :meth:`write` streams an image into the *inactive* slot (never the one
+  running), fsyncs it and reads it back to check the hash;
+* :meth:`arm` tells the bootloader to try that slot: ``boot_slot=<new>``,
+  ``upgrade_available=1``, ``bootcount=0`` in one atomic env update;
+* :meth:`commit` ends the trial (``upgrade_available=0``) after a healthy boot;
+* if the trial is never committed, the bootloader's boot counter runs over
+  ``bootlimit`` and it boots the previous slot again (rollback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from client.bootenv import BootEnvironment, BootEnvironmentError
+
+SLOTS = ("a", "b")
+_CHUNK = 1024 * 1024
+
+
+class InstallError(Exception):
+    """Writing or switching a slot failed; names the slot and the problem."""
+
+
+@dataclass(frozen=True)
+class BootState:
+    boot_slot: str
+    upgrade_available: bool
+    bootcount: int
+    bootlimit: int
+
+
+def other_slot(slot: str) -> str:
+    return "b" if slot == "a" else "a"
+
+
+class SlotInstaller:
+    def __init__(self, slots: dict[str, Path], env: BootEnvironment, bootlimit: int) -> None:
+        self.slots = slots
+        self.env = env
+        self.bootlimit = bootlimit
+
+    def initialize(self) -> None:
+        """First start on a factory-fresh device: boot slot a, nothing on trial."""
+        if "boot_slot" not in self.env.read():
+            self.env.write({"boot_slot": "a", "upgrade_available": "0", "bootcount": "0",
+                            "bootlimit": str(self.bootlimit)})
+
+    def state(self) -> BootState:
+        env = self.env.read()
+        slot = env.get("boot_slot", "a")
+        if slot not in SLOTS:
+            raise BootEnvironmentError(f"boot_slot={slot!r} is neither 'a' nor 'b'")
+        try:
+            return BootState(slot, env.get("upgrade_available", "0") == "1",
+                             int(env.get("bootcount", "0")), int(env.get("bootlimit", str(self.bootlimit))))
+        except ValueError as exc:
+            raise BootEnvironmentError(f"boot environment has a non-numeric counter: {exc}") from exc
+
+    def write(self, slot: str, source: BinaryIO, length: int, sha256: str) -> None:
+        """Stream ``length`` bytes from ``source`` into ``slot`` and verify the read-back hash."""
+        path = self.slots[slot]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "r+b" if path.exists() and not path.is_file() else "wb") as out:
+                remaining = length
+                while remaining:
+                    chunk = source.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise InstallError(f"slot {slot}: source ended {remaining} bytes early")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            raise InstallError(f"slot {slot} ({path}): write failed: {exc.strerror}") from exc
+        actual = self.slot_sha256(slot, length)
+        if actual != sha256:
+            raise InstallError(f"slot {slot} ({path}): read-back sha256 {actual} differs from the image's {sha256}")
+
+    def slot_sha256(self, slot: str, length: int) -> str:
+        digest = hashlib.sha256()
+        with open(self.slots[slot], "rb") as f:
+            remaining = length
+            while remaining:
+                chunk = f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+        return digest.hexdigest()
+
+    def arm(self, slot: str) -> None:
+        self.env.write({"boot_slot": slot, "upgrade_available": "1", "bootcount": "0",
+                        "bootlimit": str(self.bootlimit)})
+
+    def is_armed(self, slot: str) -> bool:
+        s = self.state()
+        return s.boot_slot == slot and s.upgrade_available
+
+    def commit(self) -> None:
+        self.env.write({"upgrade_available": "0", "bootcount": "0"})
+
+    def abandon_trial(self, previous_slot: str) -> None:
+        """Go back to ``previous_slot`` at once (used when a trial cannot even start)."""
+        self.env.write({"boot_slot": previous_slot, "upgrade_available": "0", "bootcount": "0"})

@@ -1,0 +1,120 @@
+"""Provisioning a vehicle's agent (the factory step).
+
+``provision_vehicle`` creates, under the agent's state directory, the
+primary's ECU key, each local secondary's own key and trusted director
+root, the trusted roots of both repositories (``metadata/*/root.json``, the
+anchors of full verification), the agent configuration, and
+``registration.json``: the VIN, ECU serials, hardware ids and *public* keys
+that the fleet operator registers with the director
+(``uptake fleet add-vehicle --from-agent``). Private keys never leave the
+vehicle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api.metadata import Metadata, Root
+from tuf.api.serialization import DeserializationError
+
+from client.secondaries.local import provision_local_secondary
+from signing.atomic_file import write_atomic
+from signing.keys import generate_signer, load_public_key, public_key_to_dict, save_signer
+
+
+class ProvisioningError(Exception):
+    """Provisioning refused (bad root, existing state...); says why."""
+
+
+@dataclass(frozen=True)
+class EcuSpec:
+    serial: str
+    hardware_id: str
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _check_root(data: bytes, what: str) -> None:
+    try:
+        md = Metadata[Root].from_bytes(data)
+    except DeserializationError as exc:
+        raise ProvisioningError(f"{what} is not valid root metadata: {exc}") from exc
+    if not isinstance(md.signed, Root):
+        raise ProvisioningError(f"{what} is {md.signed.type} metadata, not root")
+    try:
+        md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+    except Exception as exc:
+        raise ProvisioningError(f"{what} is not signed by its own root keys: {exc}") from exc
+
+
+def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: EcuSpec,
+                      secondaries: Sequence[EcuSpec], image_root: bytes, director_root: bytes,
+                      password: bytes, health_check: Sequence[Sequence[str]] = (),
+                      secondary_health_check: Sequence[Sequence[str]] = (), bootlimit: int = 3) -> Path:
+    """Create a ready-to-run agent under ``state_dir``; returns the config path."""
+    if (state_dir / "agent.toml").exists():
+        raise ProvisioningError(f"{state_dir} already holds a provisioned agent")
+    _check_root(image_root, "image repository root")
+    _check_root(director_root, "director root")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_signer(generate_signer(), state_dir / "keys" / "primary.key", password)
+    write_atomic(state_dir / "metadata" / "image" / "root.json", image_root)
+    write_atomic(state_dir / "metadata" / "director" / "root.json", director_root)
+    ecus = [{"serial": primary.serial, "hardware_id": primary.hardware_id,
+             "public_key": public_key_to_dict(load_public_key(state_dir / "keys" / "primary.pub.json"))}]
+    lines = [
+        "# Uptake agent configuration (see client/agent.example.toml for every option)",
+        "[agent]",
+        f"vin = {_toml_value(vin)}",
+        f"server_url = {_toml_value(server_url)}",
+        f"state_dir = {_toml_value(str(state_dir.resolve()))}",
+        "poll_interval = 300",
+        "",
+        "[primary]",
+        f"ecu_serial = {_toml_value(primary.serial)}",
+        f"hardware_id = {_toml_value(primary.hardware_id)}",
+        'key = "keys/primary.key"',
+        "",
+        "[installer]",
+        'type = "file"',
+        'reboot = "simulate"',
+        f"bootlimit = {bootlimit}",
+        "",
+        "[health_check]",
+        f"commands = {_toml_value([list(c) for c in health_check])}",
+        "timeout = 60",
+    ]
+    for sec in secondaries:
+        directory = Path("secondaries") / sec.serial
+        pub = provision_local_secondary(state_dir / directory, director_root, password)
+        ecus.append({"serial": sec.serial, "hardware_id": sec.hardware_id,
+                     "public_key": public_key_to_dict(load_public_key(pub))})
+        lines += [
+            "",
+            "[[secondaries]]",
+            f"ecu_serial = {_toml_value(sec.serial)}",
+            f"hardware_id = {_toml_value(sec.hardware_id)}",
+            'transport = "local"',
+            f"directory = {_toml_value(str(directory))}",
+            f"options = {_toml_value({'health_check': [list(c) for c in secondary_health_check]})}",
+        ]
+    registration = {"vin": vin, "primary_ecu_serial": primary.serial, "ecus": ecus}
+    write_atomic(state_dir / "registration.json", json.dumps(registration, indent=2).encode() + b"\n")
+    config_path = state_dir / "agent.toml"
+    write_atomic(config_path, "\n".join(lines).encode() + b"\n")
+    return config_path

@@ -1,0 +1,44 @@
+"""What the primary needs from a secondary ECU, whatever the transport.
+
+The primary hands a secondary the director targets metadata it fully
+verified and the image file it downloaded and verified; the secondary does
+its own (partial) verification, installs, and signs its own version report
+with its own key, which the primary forwards unchanged in the vehicle
+manifest: the primary cannot forge what a secondary says.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from signing.manifest import InstallOutcome, SignedEnvelope
+
+
+class SecondaryError(Exception):
+    """A secondary could not be reached or answered nonsense; names the ECU and step."""
+
+
+@dataclass(frozen=True)
+class SecondaryUpdate:
+    filepath: str
+    director_targets: bytes  # signed director targets, exactly as fetched
+    image_path: Path
+
+
+class Secondary(ABC):
+    ecu_serial: str
+    hardware_id: str
+
+    @abstractmethod
+    def version_report(self) -> SignedEnvelope:
+        """A fresh signed ECU version report (its counter grows on every call)."""
+
+    @abstractmethod
+    def installed_sha256(self) -> str:
+        """SHA-256 of the image the ECU runs ('' if none)."""
+
+    @abstractmethod
+    def install(self, update: SecondaryUpdate) -> InstallOutcome:
+        """Verify and install; the outcome is also kept for the ECU's next report."""

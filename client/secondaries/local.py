@@ -1,0 +1,144 @@
+"""A secondary ECU whose storage the primary reaches directly (simulated MCU).
+
+It behaves like a real Uptane secondary with partial verification: its own
+key and trusted director root live in its directory, it keeps its own report
+counter and last accepted director targets version, writes the image to its
+inactive bank, checks length and hash, "boots" the new bank, runs its health
+check, and either commits or falls back to the old bank. Its version reports
+are signed with its key, not the primary's.
+
+Directory layout::
+
+    DIR/ecu.key, ecu.pub.json   the ECU key (encrypted with $UPTAKE_KEY_PASSWORD)
+    DIR/director-root.json      trusted director root (provisioned)
+    DIR/bank-a.bin, bank-b.bin  the two flash banks
+    DIR/bootenv.json            which bank boots, trial state
+    DIR/state.json              counters, installed images, last outcome
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tuf.api.metadata import Metadata, Root
+
+from client.bootenv import FileBootEnvironment, simulate_bootloader
+from client.health import run_health_checks
+from client.installer import InstallError, SlotInstaller, other_slot
+from client.partial_verification import PartialVerificationError, verify_director_targets
+from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
+from signing.atomic_file import write_atomic
+from signing.keys import KeyFileError, load_signer
+from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome, SignedEnvelope
+
+
+class LocalSecondary(Secondary):
+    def __init__(self, directory: Path, ecu_serial: str, hardware_id: str, vin: str, password: bytes,
+                 health_check: Sequence[Sequence[str]] = (), bootlimit: int = 1) -> None:
+        self.directory = directory
+        self.ecu_serial, self.hardware_id, self.vin = ecu_serial, hardware_id, vin
+        self._health_check = health_check
+        try:
+            self._signer = load_signer(directory / "ecu.key", password)
+            self._root = Metadata[Root].from_file(str(directory / "director-root.json"))
+        except (KeyFileError, OSError, ValueError) as exc:
+            raise SecondaryError(f"secondary {ecu_serial}: cannot load its key or trusted root: {exc}") from exc
+        self._banks = SlotInstaller(
+            {"a": directory / "bank-a.bin", "b": directory / "bank-b.bin"},
+            FileBootEnvironment(directory / "bootenv.json"), bootlimit,
+        )
+        self._banks.initialize()
+        self._state_path = directory / "state.json"
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self._state_path.read_bytes())
+            return state
+        except FileNotFoundError:
+            return {"report_counter": 0, "targets_version": 0, "banks": {}, "attacks": "", "last_install": None}
+        except (OSError, ValueError) as exc:
+            raise SecondaryError(f"secondary {self.ecu_serial}: state {self._state_path} unreadable: {exc}") from exc
+
+    def _save(self, state: dict[str, Any]) -> None:
+        write_atomic(self._state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def _installed(self, state: dict[str, Any]) -> ImageInfo:
+        raw = state["banks"].get(self._banks.state().boot_slot)
+        return ImageInfo.from_dict(raw, "bank") if raw else NO_IMAGE
+
+    def installed_sha256(self) -> str:
+        return self._installed(self._state()).hashes.get("sha256", "")
+
+    def version_report(self) -> SignedEnvelope:
+        state = self._state()
+        state["report_counter"] += 1
+        self._save(state)  # a counter is never signed twice
+        last = state["last_install"]
+        report = EcuVersionReport(
+            self.ecu_serial, self._installed(state), state["report_counter"], state["attacks"],
+            InstallOutcome.from_dict(last, "last_install") if last else None,
+        )
+        return report.sign(self._signer)
+
+    def install(self, update: SecondaryUpdate) -> InstallOutcome:
+        state = self._state()
+        try:
+            verified = verify_director_targets(
+                update.director_targets, self._root, vin=self.vin, ecu_serial=self.ecu_serial,
+                hardware_id=self.hardware_id, min_version=state["targets_version"],
+            )
+        except PartialVerificationError as exc:
+            return self._finish(state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc))
+        state["targets_version"] = verified.version
+        target = verified.target
+        if target is None or target.path != update.filepath:
+            return self._finish(state, InstallOutcome(update.filepath, "refused", "director lists no such image for this ECU"))
+        current = self._banks.state().boot_slot
+        new = other_slot(current)
+        state["banks"][new] = None
+        self._save(state)
+        try:
+            with open(update.image_path, "rb") as image:
+                digest = hashlib.file_digest(image, "sha256")
+                length = image.tell()
+            if digest.hexdigest() != target.hashes.get("sha256") or length != target.length:
+                raise PartialVerificationError(f"image {update.filepath} does not match the director's length/sha256")
+            with open(update.image_path, "rb") as image:
+                self._banks.write(new, image, target.length, target.hashes["sha256"])
+        except PartialVerificationError as exc:
+            return self._finish(state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc))
+        except (InstallError, OSError) as exc:
+            return self._finish(state, InstallOutcome(update.filepath, "failed", str(exc)))
+        state["banks"][new] = ImageInfo(target.path, target.length, dict(target.hashes)).to_dict()
+        self._save(state)
+        self._banks.arm(new)
+        reason = f"bootloader fell back to bank {current}"
+        while True:  # boot until the bank is healthy or the bootloader gives up on it
+            booted = simulate_bootloader(self._banks.env)
+            if booted != new:
+                return self._finish(state, InstallOutcome(update.filepath, "rolled_back", reason))
+            result = run_health_checks(self._health_check, booted, self._banks.slots[booted], 30)
+            if result.ok:
+                self._banks.commit()
+                return self._finish(state, InstallOutcome(update.filepath, "installed"))
+            reason = result.reason
+
+    def _finish(self, state: dict[str, Any], outcome: InstallOutcome, attack: str = "") -> InstallOutcome:
+        state["last_install"] = outcome.to_dict()
+        state["attacks"] = attack
+        self._save(state)
+        return outcome
+
+
+def provision_local_secondary(directory: Path, director_root: bytes, password: bytes) -> Path:
+    """Create the ECU key and trusted root of a new local secondary; returns its public key file."""
+    from signing.keys import generate_signer, public_key_path, save_signer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_signer(generate_signer(), directory / "ecu.key", password)
+    write_atomic(directory / "director-root.json", director_root)
+    return public_key_path(directory / "ecu.key")

@@ -1,0 +1,17 @@
+"""The Uptake server: image repository, director, fleet database, HTTP API.
+
+One aiohttp process (:mod:`server.app`) serves
+
+* the **image repository** (:mod:`server.image_repository`): TUF metadata
+  and firmware images, laid out as static files with consistent snapshots.
+  Release engineers sign new targets metadata offline
+  (:mod:`server.release`); the server only verifies it against root and
+  adds snapshot + timestamp with its online keys;
+* the **director** (:mod:`server.director`): per-vehicle targets, snapshot
+  and timestamp signed with online keys, regenerated only when what a
+  vehicle should install changes;
+* the **fleet** (:mod:`server.fleet`): vehicles, ECUs and their keys,
+  assignments, verified vehicle manifests and the security events they carry.
+
+Nothing here is imported by the in-vehicle agent (``client``).
+"""

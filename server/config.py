@@ -1,0 +1,112 @@
+"""Server configuration and the data directory layout.
+
+Everything the server keeps lives under one data directory::
+
+    DATA/
+      server.json            host, port, database URL (written by `server init`)
+      admin-token            bearer token for the admin API (0600)
+      keys/                  ONLINE keys only (encrypted): image snapshot and
+                             timestamp, director targets, snapshot, timestamp
+      image-repo/metadata/   N.root.json, N.targets.json, N.snapshot.json,
+                             timestamp.json (consistent snapshots)
+      image-repo/targets/    images as <dir>/<sha256>.<name>
+      image-repo/uploads/    images uploaded but not yet in signed targets
+      director/metadata/     N.root.json of the director (shared by vehicles)
+      uptake.db              SQLite fleet database (unless database_url says otherwise)
+
+The offline keys (image root and targets, director root) are written by
+`uptake server init` to a separate directory that the running server never
+reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from signing.atomic_file import write_atomic
+
+#: Environment variable with the password of the online keys.
+SERVER_PASSWORD_ENV = "UPTAKE_SERVER_KEY_PASSWORD"
+
+ONLINE_KEYS = (
+    "image-snapshot",
+    "image-timestamp",
+    "director-targets",
+    "director-snapshot",
+    "director-timestamp",
+)
+OFFLINE_KEYS = ("image-root", "image-targets", "director-root")
+
+
+class ConfigError(Exception):
+    """The server configuration or data directory is unusable (says why)."""
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'uptake.db'}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def image_dir(self) -> Path:
+        return self.data_dir / "image-repo"
+
+    @property
+    def director_dir(self) -> Path:
+        return self.data_dir / "director"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["data_dir"] = str(self.data_dir)
+        write_atomic(self.data_dir / "server.json", json.dumps(data, indent=2).encode() + b"\n")
+
+    @classmethod
+    def load(cls, data_dir: Path, **overrides: object) -> ServerConfig:
+        path = Path(data_dir) / "server.json"
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"{path} not found: run 'uptake server init --data-dir {data_dir}' first"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read server configuration ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a JSON object")
+        raw["data_dir"] = data_dir
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            config = cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        if not isinstance(config.port, int) or not 0 < config.port < 65536:
+            raise ConfigError(f"{path}: port must be an integer between 1 and 65535")
+        return config
+
+
+def server_password() -> bytes:
+    """The online keys' password from the environment."""
+    value = os.environ.get(SERVER_PASSWORD_ENV) or os.environ.get("UPTAKE_KEY_PASSWORD")
+    if not value:
+        raise ConfigError(
+            f"the online keys are encrypted: set {SERVER_PASSWORD_ENV} to their password"
+        )
+    return value.encode()

@@ -1,0 +1,298 @@
+"""The image repository: one global TUF repository of firmware images.
+
+Workflow:
+
+1. ``uptake server init`` signs root and an empty targets with OFFLINE
+   keys and calls :meth:`ImageRepository.initialize`.
+2. A release engineer uploads image bytes (:meth:`store_upload`, staged
+   under ``uploads/`` by their SHA-256) and then targets metadata that they
+   signed offline (:meth:`accept_targets`). The server checks that root's
+   targets keys signed it (threshold), that its version is the next one,
+   that every listed image is present with the stated length and hash, and
+   that every entry carries valid Uptane custom fields.
+3. The server then publishes a new snapshot and timestamp with its ONLINE
+   keys. Images move to ``targets/<dir>/<sha256>.<name>`` so that all files
+   but ``timestamp.json`` are immutable (consistent snapshots) and can be
+   cached by any web server or CDN.
+
+Writes are atomic and ordered (images, then targets, snapshot, timestamp
+last), so a crash at any point leaves the previously published state intact
+and served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from securesystemslib.signer import Signer
+from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from signing.atomic_file import atomic_writer, write_atomic
+from signing.metadata import MetadataFormatError, expiry, image_custom
+
+_SERIALIZER = JSONSerializer(compact=False)
+_PATH_RE = re.compile(r"^[A-Za-z0-9._+\-]+(/[A-Za-z0-9._+\-]+)*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: Re-sign online metadata when it expires sooner than this.
+_REFRESH_MARGIN = {"snapshot": timedelta(days=2), "timestamp": timedelta(hours=6)}
+#: Largest targets metadata accepted from a release engineer.
+MAX_TARGETS_BYTES = 5_000_000
+
+
+class ImageRepositoryError(Exception):
+    """A request to the image repository was refused; the message says why."""
+
+
+def _versioned(directory: Path, role: str) -> list[tuple[int, Path]]:
+    found = []
+    for p in directory.glob(f"*.{role}.json"):
+        head = p.name.split(".", 1)[0]
+        if head.isdigit():
+            found.append((int(head), p))
+    return sorted(found)
+
+
+def _to_bytes(md: Metadata) -> bytes:  # type: ignore[type-arg]
+    return md.to_bytes(_SERIALIZER)
+
+
+def consistent_target_name(target: TargetFile) -> str:
+    """Where a consistent-snapshot client fetches ``target`` (``dir/<hash>.<name>``)."""
+    first_hash = next(iter(target.hashes.values()))
+    dirname, sep, basename = target.path.rpartition("/")
+    return f"{dirname}{sep}{first_hash}.{basename}"
+
+
+class ImageRepository:
+    """The image repository stored under ``root_dir`` (see module docstring)."""
+
+    def __init__(self, root_dir: Path, snapshot_signer: Signer, timestamp_signer: Signer) -> None:
+        self.metadata_dir = root_dir / "metadata"
+        self.targets_dir = root_dir / "targets"
+        self.uploads_dir = root_dir / "uploads"
+        self._snapshot_signer = snapshot_signer
+        self._timestamp_signer = timestamp_signer
+        self._lock = threading.Lock()
+        self._load()
+
+    # -- setup ---------------------------------------------------------------
+
+    @classmethod
+    def initialize(
+        cls,
+        root_dir: Path,
+        root: Metadata[Root],
+        targets: Metadata[Targets],
+        snapshot_signer: Signer,
+        timestamp_signer: Signer,
+    ) -> ImageRepository:
+        """Create a repository from offline-signed root v1 and targets v1."""
+        metadata_dir = root_dir / "metadata"
+        if _versioned(metadata_dir, "root"):
+            raise ImageRepositoryError(f"{metadata_dir} already holds an image repository")
+        write_atomic(metadata_dir / "1.root.json", _to_bytes(root))
+        write_atomic(metadata_dir / f"{targets.signed.version}.targets.json", _to_bytes(targets))
+        snapshot = Metadata(Snapshot(expires=expiry("snapshot")))
+        timestamp = Metadata(Timestamp(expires=expiry("timestamp")))
+        repo = cls.__new__(cls)
+        repo.metadata_dir, repo.targets_dir = metadata_dir, root_dir / "targets"
+        repo.uploads_dir = root_dir / "uploads"
+        repo._snapshot_signer, repo._timestamp_signer = snapshot_signer, timestamp_signer
+        repo._lock = threading.Lock()
+        repo.root, repo.targets, repo.snapshot, repo.timestamp = root, targets, snapshot, timestamp
+        repo._publish_snapshot_and_timestamp(bump=False)
+        return repo
+
+    def _load(self) -> None:
+        roots = _versioned(self.metadata_dir, "root")
+        targets = _versioned(self.metadata_dir, "targets")
+        snapshots = _versioned(self.metadata_dir, "snapshot")
+        if not roots or not targets or not snapshots:
+            raise ImageRepositoryError(
+                f"{self.metadata_dir} holds no image repository: run 'uptake server init'"
+            )
+        self.root = Metadata[Root].from_file(str(roots[-1][1]))
+        self.targets = Metadata[Targets].from_file(str(targets[-1][1]))
+        self.snapshot = Metadata[Snapshot].from_file(str(snapshots[-1][1]))
+        self.timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
+
+    # -- publishing ----------------------------------------------------------
+
+    def _sign(self, md: Metadata, signer: Signer) -> None:  # type: ignore[type-arg]
+        md.signatures.clear()
+        md.sign(signer, append=True)
+
+    def _publish_snapshot_and_timestamp(self, bump: bool = True) -> None:
+        snap = self.snapshot.signed
+        snap.version += bump
+        snap.expires = expiry("snapshot")
+        snap.meta = {"targets.json": MetaFile(version=self.targets.signed.version)}
+        self._sign(self.snapshot, self._snapshot_signer)
+        write_atomic(self.metadata_dir / f"{snap.version}.snapshot.json", _to_bytes(self.snapshot))
+        self._publish_timestamp(bump)
+
+    def _publish_timestamp(self, bump: bool = True) -> None:
+        ts = self.timestamp.signed
+        ts.version += bump
+        ts.expires = expiry("timestamp")
+        ts.snapshot_meta = MetaFile(version=self.snapshot.signed.version)
+        self._sign(self.timestamp, self._timestamp_signer)
+        write_atomic(self.metadata_dir / "timestamp.json", _to_bytes(self.timestamp))
+
+    def refresh_online_metadata(self, now: datetime | None = None) -> bool:
+        """Re-sign snapshot/timestamp that are close to expiry. True if anything changed."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            if self.snapshot.signed.expires - now < _REFRESH_MARGIN["snapshot"]:
+                self._publish_snapshot_and_timestamp()
+                return True
+            if self.timestamp.signed.expires - now < _REFRESH_MARGIN["timestamp"]:
+                self._publish_timestamp()
+                return True
+        return False
+
+    # -- uploads -------------------------------------------------------------
+
+    async def store_upload(self, expected_sha256: str, chunks: AsyncIterator[bytes], max_length: int) -> int:
+        """Stage an image upload, checking its SHA-256 while streaming it to disk."""
+        if not _SHA256_RE.match(expected_sha256):
+            raise ImageRepositoryError("upload name must be the image's lowercase hex SHA-256")
+        digest = hashlib.sha256()
+        length = 0
+        target = self.uploads_dir / expected_sha256
+        with atomic_writer(target) as out:
+            async for chunk in chunks:
+                length += len(chunk)
+                if length > max_length:
+                    raise ImageRepositoryError(f"upload larger than the {max_length}-byte limit")
+                digest.update(chunk)
+                out.write(chunk)
+            if digest.hexdigest() != expected_sha256:
+                raise ImageRepositoryError(
+                    f"uploaded bytes have SHA-256 {digest.hexdigest()}, not {expected_sha256}"
+                )
+        return length
+
+    # -- targets from release engineers ---------------------------------------
+
+    def accept_targets(self, data: bytes) -> Metadata[Targets]:
+        """Verify and publish offline-signed targets metadata (see module docstring)."""
+        if len(data) > MAX_TARGETS_BYTES:
+            raise ImageRepositoryError(f"targets metadata larger than {MAX_TARGETS_BYTES} bytes")
+        try:
+            new = Metadata[Targets].from_bytes(data)
+        except DeserializationError as exc:
+            raise ImageRepositoryError(f"targets metadata is malformed: {exc}") from exc
+        if not isinstance(new.signed, Targets):
+            raise ImageRepositoryError(f"expected targets metadata, got {new.signed.type!r}")
+        with self._lock:
+            current = self.targets.signed
+            try:
+                self.root.signed.verify_delegate(Targets.type, new.signed_bytes, new.signatures)
+            except UnsignedMetadataError as exc:
+                raise ImageRepositoryError(
+                    f"targets metadata is not signed by a threshold of root's targets keys: {exc}"
+                ) from exc
+            if new.signed.version != current.version + 1:
+                raise ImageRepositoryError(
+                    f"targets version must be {current.version + 1} (current is {current.version}),"
+                    f" got {new.signed.version}"
+                )
+            if new.signed.is_expired():
+                raise ImageRepositoryError("targets metadata is already expired")
+            if new.signed.delegations is not None:
+                raise ImageRepositoryError("delegated targets are not supported by this repository")
+            moves = self._check_targets(new.signed.targets.values())
+            for src, dst in moves:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            write_atomic(self.metadata_dir / f"{new.signed.version}.targets.json", data)
+            self.targets = new
+            self._publish_snapshot_and_timestamp()
+            return new
+
+    def _check_targets(self, targets: Iterable[TargetFile]) -> list[tuple[Path, Path]]:
+        moves = []
+        for target in targets:
+            where = f"target {target.path!r}"
+            if not _PATH_RE.match(target.path) or ".." in target.path.split("/"):
+                raise ImageRepositoryError(f"{where}: path must be relative, without '..' or odd characters")
+            if list(target.hashes) != ["sha256"] or not _SHA256_RE.match(target.hashes["sha256"]):
+                raise ImageRepositoryError(f"{where}: hashes must be exactly one lowercase sha256")
+            try:
+                image_custom(target)
+            except MetadataFormatError as exc:
+                raise ImageRepositoryError(str(exc)) from exc
+            final = self.targets_dir / consistent_target_name(target)
+            if final.exists():
+                if final.stat().st_size != target.length:
+                    raise ImageRepositoryError(f"{where}: length differs from the published image")
+                continue
+            staged = self.uploads_dir / target.hashes["sha256"]
+            if not staged.exists():
+                raise ImageRepositoryError(f"{where}: image not uploaded (PUT it to /api/v1/image/uploads/<sha256> first)")
+            if staged.stat().st_size != target.length:
+                raise ImageRepositoryError(
+                    f"{where}: uploaded image is {staged.stat().st_size} bytes, metadata says {target.length}"
+                )
+            moves.append((staged, final))
+        return moves
+
+    def accept_root(self, data: bytes) -> Metadata[Root]:
+        """Rotate root: the new root must be signed by old AND new root key thresholds."""
+        try:
+            new = Metadata[Root].from_bytes(data)
+        except DeserializationError as exc:
+            raise ImageRepositoryError(f"root metadata is malformed: {exc}") from exc
+        if not isinstance(new.signed, Root):
+            raise ImageRepositoryError(f"expected root metadata, got {new.signed.type!r}")
+        with self._lock:
+            if new.signed.version != self.root.signed.version + 1:
+                raise ImageRepositoryError(f"root version must be {self.root.signed.version + 1}")
+            try:
+                self.root.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+                new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+            except UnsignedMetadataError as exc:
+                raise ImageRepositoryError(f"root metadata is not signed by old and new root keys: {exc}") from exc
+            write_atomic(self.metadata_dir / f"{new.signed.version}.root.json", data)
+            self.root = new
+            return new
+
+    def set_online_signers(self, snapshot_signer: Signer, timestamp_signer: Signer) -> None:
+        """Use rotated online keys and re-publish with them (key-compromise recovery)."""
+        with self._lock:
+            self._snapshot_signer, self._timestamp_signer = snapshot_signer, timestamp_signer
+            self._publish_snapshot_and_timestamp()
+
+    # -- reading -------------------------------------------------------------
+
+    def find_target(self, filepath: str) -> TargetFile | None:
+        return self.targets.signed.targets.get(filepath)
+
+    def targets_bytes(self) -> bytes:
+        return (self.metadata_dir / f"{self.targets.signed.version}.targets.json").read_bytes()
+
+    def metadata_path(self, filename: str) -> Path | None:
+        """Path of a servable metadata file, or None (never escapes the directory)."""
+        if "/" in filename or filename.startswith("."):
+            return None
+        path = self.metadata_dir / filename
+        return path if path.is_file() else None
+
+    def target_path(self, name: str) -> Path | None:
+        if not _PATH_RE.match(name) or ".." in name.split("/"):
+            return None
+        path = self.targets_dir / name
+        return path if path.is_file() else None
+
+
+__all__ = ["ImageRepository", "ImageRepositoryError", "RepositoryError", "consistent_target_name"]

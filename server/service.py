@@ -1,0 +1,138 @@
+"""Setting up and running the server process.
+
+``init_server`` is the key ceremony for a new deployment: it generates the
+online keys into ``DATA/keys`` and the offline keys (image root, image
+targets, director root) into a separate directory meant to leave the
+machine, and signs the first root and targets metadata with them.
+``open_server``/``run_server`` load only the online keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from securesystemslib.signer import CryptoSigner, Signer
+from sqlalchemy.engine import Engine
+from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.serialization.json import JSONSerializer
+
+from server.app import build_app
+from server.config import OFFLINE_KEYS, ONLINE_KEYS, ConfigError, ServerConfig
+from server.db import make_engine
+from server.director import DirectorRepository
+from server.image_repository import ImageRepository
+from signing.atomic_file import write_atomic
+from signing.keys import KeyFileError, generate_signer, load_signer, save_signer
+from signing.metadata import expiry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerComponents:
+    config: ServerConfig
+    engine: Engine
+    image_repo: ImageRepository
+    director: DirectorRepository
+    admin_token: str
+
+    def app(self) -> web.Application:
+        return build_app(self.config, self.engine, self.image_repo, self.director, self.admin_token)
+
+
+def _root(signers: dict[str, Signer], prefix: str) -> Metadata[Root]:
+    root = Root(expires=expiry("root"), consistent_snapshot=True)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.add_key(signers[f"{prefix}-{role}"].public_key, role)
+    md = Metadata(root)
+    md.sign(signers[f"{prefix}-root"])
+    return md
+
+
+def init_server(config: ServerConfig, offline_dir: Path, password: bytes,
+                offline_password: bytes, key_type: str = "ed25519") -> None:
+    """Create keys, the first metadata of both repositories, the database and the admin token."""
+    offline_dir = Path(offline_dir).resolve()
+    if offline_dir == config.data_dir or config.data_dir in offline_dir.parents:
+        raise ConfigError("the offline keys directory must be outside the server's data directory")
+    for directory in (config.data_dir, offline_dir):
+        if directory.exists() and any(directory.iterdir()):
+            raise ConfigError(f"{directory} is not empty: refusing to overwrite an existing deployment")
+    try:
+        _init(config, offline_dir, password, offline_password, key_type)
+    except BaseException:
+        # leave nothing half-made behind: a retry starts from scratch
+        for directory in (config.data_dir, offline_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _init(config: ServerConfig, offline_dir: Path, password: bytes,
+          offline_password: bytes, key_type: str) -> None:
+    signers: dict[str, Signer] = {}
+    for name in ONLINE_KEYS:
+        signer = generate_signer(key_type)
+        save_signer(signer, config.keys_dir / f"{name}.key", password)
+        signers[name] = signer
+    for name in OFFLINE_KEYS:
+        signer = generate_signer(key_type)
+        save_signer(signer, offline_dir / f"{name}.key", offline_password)
+        signers[name] = signer
+    # the director's root names director-{targets,snapshot,timestamp}
+    image_root = _root(signers, "image")
+    targets = Metadata(Targets(version=1, expires=expiry("targets")))
+    targets.sign(signers["image-targets"])
+    ImageRepository.initialize(
+        config.image_dir, image_root, targets, signers["image-snapshot"], signers["image-timestamp"]
+    )
+    director_root = _root(signers, "director")
+    DirectorRepository.initialize(config.director_dir, director_root)
+    # Trust anchors for release engineers and vehicle provisioning, kept offline.
+    serializer = JSONSerializer(compact=False)
+    write_atomic(offline_dir / "image-root.json", image_root.to_bytes(serializer))
+    write_atomic(offline_dir / "director-root.json", director_root.to_bytes(serializer))
+    make_engine(config.database_url).dispose()
+    write_atomic(config.admin_token_path, secrets.token_urlsafe(32).encode() + b"\n", mode=0o600)
+    config.save()
+
+
+def load_online_signers(config: ServerConfig, password: bytes) -> dict[str, CryptoSigner]:
+    signers = {}
+    for name in ONLINE_KEYS:
+        try:
+            signers[name] = load_signer(config.keys_dir / f"{name}.key", password)
+        except KeyFileError as exc:
+            raise ConfigError(str(exc)) from exc
+    return signers
+
+
+def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
+    signers = load_online_signers(config, password)
+    try:
+        token = config.admin_token_path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin token {config.admin_token_path}: {exc.strerror}") from exc
+    image_repo = ImageRepository(config.image_dir, signers["image-snapshot"], signers["image-timestamp"])
+    director = DirectorRepository(
+        config.director_dir, image_repo,
+        signers["director-targets"], signers["director-snapshot"], signers["director-timestamp"],
+    )
+    try:
+        engine = make_engine(config.database_url)
+    except Exception as exc:  # driver missing, server down, bad URL
+        raise ConfigError(f"cannot open database {config.database_url!r}: {exc}") from exc
+    return ServerComponents(config, engine, image_repo, director, token)
+
+
+def run_server(components: ServerComponents, print_url: bool = True) -> None:
+    config = components.config
+    web.run_app(
+        components.app(), host=config.host, port=config.port,
+        print=(lambda msg: print(msg, flush=True)) if print_url else None,
+        access_log=None,
+    )

@@ -1,0 +1,99 @@
+"""The ``uptake`` command.
+
+One click group whose subcommands live next to the code they drive
+(``server.cli``, ``client.cli``, ``hil.cli``...). They are imported lazily so
+that a vehicle with only ``uptake[client]`` installed can run ``uptake agent``
+without the server's dependencies, and gets a clear message (not a traceback)
+when it asks for a command whose extra is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+# command name -> ("module:attribute", extra that provides its dependencies)
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "server": ("server.cli:server", "server"),
+    "release": ("server.cli:release", "server"),
+    "fleet": ("server.cli:fleet", "server"),
+    "agent": ("client.cli:agent", "client"),
+    "delta": ("uptake.delta_cli:delta", "client"),
+    "hil": ("hil.cli:hil", "hil"),
+    "demo": ("uptake.demo:demo", "server,client"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: object, lazy: dict[str, tuple[str, str]], **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self._lazy:
+            return super().get_command(ctx, cmd_name)
+        target, extra = self._lazy[cmd_name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # Only a missing third-party dependency means "extra not installed".
+            if exc.name and exc.name.split(".")[0] in {"signing", "server", "client", "hil", "uptake"}:
+                raise
+            missing = exc.name
+
+            @click.command(cmd_name, help=f"(unavailable: install uptake[{extra}])")
+            def unavailable() -> None:
+                raise click.ClickException(
+                    f"'uptake {cmd_name}' needs the '{missing}' package: "
+                    f"install it with: pip install 'uptake[{extra}]'"
+                )
+
+            return unavailable
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy=_LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="uptake")
+def cli(verbose: int) -> None:
+    """Uptake: secure over-the-air updates for vehicles (Uptane on TUF).
+
+    \b
+    Quick start:
+      uptake demo                      run a whole update cycle on loopback
+      uptake server init/run           the image repository + director
+      uptake release publish IMAGE     publish firmware (signed offline)
+      uptake fleet add-vehicle/assign  register vehicles, direct updates
+      uptake agent run                 the in-vehicle agent (Uptane primary)
+      uptake delta create/apply        binary deltas between images
+      uptake hil run BENCH.toml        hardware-in-the-loop bench scenarios
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main() -> None:
+    cli(prog_name="uptake")
+
+
+if __name__ == "__main__":
+    main()
