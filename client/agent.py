@@ -66,9 +66,9 @@ def make_boot_environment(config: AgentConfig) -> BootEnvironment:
 
     path = config.path(config.installer.boot_env)
     if config.installer.type == "uboot":
-        return bootenv.UBootEnvironment(path)  # type: ignore[attr-defined, no-any-return]
+        return bootenv.UBootEnvironment(path)
     if config.installer.type == "grub":
-        return bootenv.GrubEnvironment(path)  # type: ignore[attr-defined, no-any-return]
+        return bootenv.GrubEnvironment(path)
     return FileBootEnvironment(path)
 
 
@@ -103,15 +103,18 @@ class Agent:
         report = CycleReport()
         self.recover(report)
         report.manifest_accepted = self.send_manifest()
+        attack = False
         try:
             directed = self.check()
         except VerificationFailure as exc:
             report.verification_error = str(exc)
+            attack = exc.attack
             directed = []
         report.directed = [f"{d.ecu_serial}:{d.target.path}" for d in directed]
         for item in directed:
             report.outcomes[item.ecu_serial] = self.install(item)
-        if report.outcomes:
+        if report.outcomes or attack:
+            # tell the server at once what happened (an outcome, or an attack seen)
             report.manifest_accepted = self.send_manifest()
         return report
 

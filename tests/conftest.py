@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.uptake_fixtures import ServerProcess, Vehicle
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def vehicle(tmp_path: Path, server: ServerProcess) -> Vehicle:
+    return Vehicle(tmp_path, server)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a module's tests that only read or are refused (faster)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("shared"))
+    yield srv
+    srv.stop()

@@ -1,0 +1,40 @@
+"""ruff over the whole tree and mypy --strict over signing/ and client/ (part of the test command)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
+    return found
+
+
+def test_ruff_is_clean() -> None:
+    proc = subprocess.run([_tool("ruff"), "check", "."], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_strict_is_clean_on_signing_and_client() -> None:
+    proc = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_server_and_client_do_not_import_each_other() -> None:
+    for package, forbidden in (("client", "server"), ("server", "client"), ("signing", "server"),
+                               ("signing", "client"), ("hil", "server")):
+        for source in (REPO / package).rglob("*.py"):
+            for line in source.read_text().splitlines():
+                stripped = line.strip()
+                assert not stripped.startswith((f"import {forbidden}", f"from {forbidden}.", f"from {forbidden} ")), \
+                    f"{source.relative_to(REPO)} imports {forbidden}: {stripped}"

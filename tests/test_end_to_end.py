@@ -1,0 +1,197 @@
+"""Publish → sign → direct → verify → install A/B → report → roll back, on a real server and agent."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from signing.keys import generate_signer, load_signer
+from tests.malicious_proxy import MaliciousProxy, resign
+from tests.uptake_fixtures import PASSWORD, SELFTEST, ServerProcess, Vehicle, sample
+
+
+def _install_v110(server: ServerProcess, vehicle: Vehicle) -> tuple[str, str]:
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    server.assign(vehicle.vin, vehicle.secondary, bms.filepath)
+    return gw.filepath, bms.filepath
+
+
+def test_update_installs_primary_and_secondary_and_reports(server: ServerProcess, vehicle: Vehicle) -> None:
+    gw, bms = _install_v110(server, vehicle)
+    report = vehicle.run_once().report
+    assert report["outcomes"][vehicle.primary]["result"] == "installed"
+    assert report["outcomes"][vehicle.secondary]["result"] == "installed"
+    assert report["manifest_accepted"]
+    # the primary booted the new slot, committed, and the slot holds exactly the image
+    env = vehicle.boot_env()
+    assert env["boot_slot"] == "b" and env["upgrade_available"] == "0"
+    assert (vehicle.state_dir / "slots" / "b.img").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()
+    assert vehicle.booted_image() == gw
+    record = server.vehicle(vehicle.vin)
+    installed = {e["serial"]: e["installed"]["filepath"] for e in record["ecus"]}
+    assert installed == {vehicle.primary: gw, vehicle.secondary: bms}
+    assert {a["status"] for a in record["assignments"]} == {"installed"}
+    assert record["security_events"] == []
+    # nothing left to do on the next poll
+    again = vehicle.run_once().report
+    assert again["directed"] == [] and again["outcomes"] == {}
+
+
+def test_failed_health_check_rolls_back_and_is_reported(server: ServerProcess, vehicle: Vehicle) -> None:
+    gw, _ = _install_v110(server, vehicle)
+    vehicle.run_once()
+    broken = server.publish(sample("rpi-gateway", "2.0.0"), "rpi-gateway", "2.0.0")
+    server.assign(vehicle.vin, vehicle.primary, broken.filepath)
+    outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+    assert outcome["result"] == "rolled_back"
+    assert "self-test" in outcome["detail"]
+    assert vehicle.booted_image() == gw  # old slot boots again
+    assert vehicle.boot_env()["upgrade_available"] == "0"
+    record = server.vehicle(vehicle.vin)
+    primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
+    assert primary["installed"]["filepath"] == gw
+    assert primary["last_install"]["result"] == "rolled_back"
+    failed = [a for a in record["assignments"] if a["filepath"] == broken.filepath]
+    assert failed[0]["status"] == "failed" and "self-test" in failed[0]["detail"]
+    # the director no longer asks for the broken image: no retry loop
+    assert vehicle.run_once().report["directed"] == []
+
+
+def test_agent_killed_during_health_check_resumes_after_restart(server: ServerProcess, tmp_path: Path) -> None:
+    marker = tmp_path / "hang-health-check"
+    hang = ["sh", "-c", f"test ! -e {marker} || sleep 60"]
+    vehicle = Vehicle(tmp_path, server, secondaries=False, health_check=[hang, SELFTEST])
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    marker.touch()
+    proc = vehicle.spawn()
+    deadline = time.monotonic() + 60
+    while (j := vehicle.state().journal) is None or j.phase != "trial":
+        assert time.monotonic() < deadline, "agent never reached the trial boot"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert vehicle.boot_env()["upgrade_available"] == "1"  # on trial, not committed
+    marker.unlink()
+    report = vehicle.run_once().report  # power back on: the trial boot is retried and passes
+    assert report["outcomes"][vehicle.primary]["result"] == "installed"
+    assert vehicle.state().journal is None
+    assert vehicle.booted_image() == gw.filepath
+    assert next(e for e in server.vehicle(vehicle.vin)["ecus"])["installed"]["filepath"] == gw.filepath
+
+
+def test_agent_killed_at_random_points_always_ends_consistent(server: ServerProcess, tmp_path: Path) -> None:
+    # a larger image so the kills land in download, write and trial phases
+    big = tmp_path / "gateway-big.elf"
+    big.write_bytes(sample("rpi-gateway", "1.1.0").read_bytes() + bytes(range(256)) * 64 * 1024)
+    vehicle = Vehicle(tmp_path, server, secondaries=False)
+    pub = server.publish(big, "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, pub.filepath)
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 1.8):
+        proc = vehicle.spawn()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = vehicle.state()
+        # whatever the instant: the booted slot holds a known image or is the factory slot a
+        booted = vehicle.boot_env()["boot_slot"]
+        assert booted in ("a", "b")
+        if booted == "b":
+            assert state.slot_images["b"] is not None
+    report = vehicle.run_once().report
+    assert vehicle.booted_image() == pub.filepath, report
+    assert vehicle.boot_env()["upgrade_available"] == "0"
+    assert vehicle.state().journal is None
+    record = server.vehicle(vehicle.vin)
+    assert record["ecus"][0]["installed"]["filepath"] == pub.filepath
+
+
+def test_tampered_image_is_refused_and_reported(server: ServerProcess, vehicle: Vehicle) -> None:
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    stored = next((server.data_dir / "image-repo" / "targets").rglob("*gateway.elf"))
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 0x01
+    stored.write_bytes(bytes(data))
+    outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+    assert outcome["result"] == "refused" and "hash" in outcome["detail"].lower()
+    assert vehicle.booted_image() == ""  # still the factory slot, untouched
+    _assert_attack_recorded(server, vehicle, "hash")
+
+
+def _assert_attack_recorded(server: ServerProcess, vehicle: Vehicle, needle: str) -> None:
+    state = vehicle.state()
+    assert needle.lower() in state.ecu(vehicle.primary).attacks_detected.lower()
+    record = server.vehicle(vehicle.vin)
+    primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
+    assert needle.lower() in primary["attacks_detected"].lower()
+    events = [e for e in record["security_events"] if e["kind"] == "attack_reported"]
+    assert events and needle.lower() in events[-1]["detail"].lower()
+
+
+@pytest.fixture
+def proxied(server: ServerProcess, tmp_path: Path) -> tuple[MaliciousProxy, Vehicle]:
+    proxy = MaliciousProxy(server.url)
+    yield proxy, Vehicle(tmp_path, server, server_url=proxy.url)  # type: ignore[misc]
+    proxy.close()
+
+
+def _online_signer(server: ServerProcess, name: str):  # type: ignore[no-untyped-def]
+    return load_signer(server.data_dir / "keys" / f"{name}.key", PASSWORD.encode())
+
+
+def test_director_target_hash_mismatch_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    proxy, vehicle = proxied
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    signer = _online_signer(server, "director-targets")
+
+    def other_hash(signed):  # type: ignore[no-untyped-def]
+        for target in signed.targets.values():
+            target.hashes["sha256"] = "0" * 64
+
+    proxy.rewrites.append(
+        lambda path, body: resign(body, [signer], other_hash)
+        if path.startswith("/director/") and path.endswith(".targets.json") else None
+    )
+    report = vehicle.run_once().report
+    assert "hash differs" in report["verification_error"]
+    assert vehicle.booted_image() == ""
+    _assert_attack_recorded(server, vehicle, "hash differs")
+
+
+def test_metadata_signed_by_unknown_key_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    proxy, vehicle = proxied
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    stranger = generate_signer()
+    proxy.rewrites.append(
+        lambda path, body: resign(body, [stranger], lambda s: None)
+        if path == "/image/metadata/timestamp.json" else None
+    )
+    report = vehicle.run_once().report
+    assert "UnsignedMetadataError" in report["verification_error"]
+    assert vehicle.booted_image() == ""
+    _assert_attack_recorded(server, vehicle, "timestamp")
+
+
+def test_expired_timestamp_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    proxy, vehicle = proxied
+    signer = _online_signer(server, "director-timestamp")
+
+    def expire(signed):  # type: ignore[no-untyped-def]
+        signed.expires = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
+
+    proxy.rewrites.append(
+        lambda path, body: resign(body, [signer], expire) if path.endswith("/metadata/timestamp.json")
+        and path.startswith("/director/") else None
+    )
+    report = vehicle.run_once().report
+    assert "ExpiredMetadataError" in report["verification_error"]
+    _assert_attack_recorded(server, vehicle, "expired")

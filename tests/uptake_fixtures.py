@@ -1,0 +1,173 @@
+"""Real Uptake deployments for tests: a server process on loopback and provisioned vehicles.
+
+Nothing here is a mock: :class:`ServerProcess` runs ``uptake server run`` as a
+child process on a free 127.0.0.1 port; :class:`Vehicle` provisions a real
+agent state directory and runs ``uptake agent run --once`` as a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+from client.provisioning import EcuSpec, provision_vehicle
+from client.state import AgentState, StateStore
+from server.api_client import AdminClient
+from server.config import ServerConfig
+from server.release import Published, publish_image
+from server.service import init_server
+from signing.keys import load_signer
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "firmware-samples"
+PASSWORD = "test-password"
+ENV = {**os.environ, "UPTAKE_KEY_PASSWORD": PASSWORD, "UPTAKE_SERVER_KEY_PASSWORD": PASSWORD}
+SELFTEST = [sys.executable, "-m", "uptake.firmware_info", "selftest", "{slot_path}"]
+
+
+def sample(hardware_id: str, version: str) -> Path:
+    name = "bms.bin" if hardware_id == "stm32f4-bms" else "gateway.elf"
+    return SAMPLES / hardware_id / version / name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    http = urllib3.PoolManager(retries=False, timeout=1.0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before serving {url}")
+        try:
+            if http.request("GET", url).status == 200:
+                return
+        except urllib3.exceptions.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not up after {timeout} s")
+
+
+class ServerProcess:
+    """An initialised data directory and ``uptake server run`` serving it."""
+
+    def __init__(self, tmp: Path, database_url: str = "") -> None:
+        self.data_dir = tmp / "server"
+        self.offline_dir = tmp / "offline-keys"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = ServerConfig(self.data_dir, "127.0.0.1", self.port, database_url)
+        init_server(self.config, self.offline_dir, PASSWORD.encode(), PASSWORD.encode())
+        self.log_path = tmp / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+        self.admin = AdminClient.from_token_file(self.url, self.config.admin_token_path)
+        self.targets_signer = load_signer(self.offline_dir / "image-targets.key", PASSWORD.encode())
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uptake", "server", "run", "--data-dir", str(self.data_dir)],
+            env=ENV, stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for_http(f"{self.url}/health", proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def publish(self, image: Path, hardware_id: str, version: str, **kwargs: Any) -> Published:
+        root = (self.offline_dir / "image-root.json").read_bytes()
+        return publish_image(self.admin, image, [hardware_id], version, [self.targets_signer], root, **kwargs)
+
+    def assign(self, vin: str, ecu: str, filepath: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.admin.request(
+            "POST", f"/api/v1/vehicles/{vin}/assignments", json_body={"ecu_serial": ecu, "filepath": filepath}
+        )
+        return result
+
+    def vehicle(self, vin: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.admin.request("GET", f"/api/v1/vehicles/{vin}")
+        return result
+
+
+@dataclass
+class AgentRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.stdout)
+        return result
+
+
+class Vehicle:
+    """A provisioned agent (primary ``GW-<n>`` + local secondary ``BMS-<n>``) registered with a server."""
+
+    def __init__(self, tmp: Path, server: ServerProcess, vin: str = "VIN0001", server_url: str | None = None,
+                 secondaries: bool = True, health_check: list[list[str]] | None = None) -> None:
+        self.vin = vin
+        self.primary = f"GW-{vin}"
+        self.secondary = f"BMS-{vin}"
+        self.state_dir = tmp / f"vehicle-{vin}"
+        checks = [SELFTEST] if health_check is None else health_check
+        self.config_path = provision_vehicle(
+            self.state_dir, vin=vin, server_url=server_url or server.url,
+            primary=EcuSpec(self.primary, "rpi-gateway"),
+            secondaries=[EcuSpec(self.secondary, "stm32f4-bms")] if secondaries else [],
+            image_root=(server.offline_dir / "image-root.json").read_bytes(),
+            director_root=(server.offline_dir / "director-root.json").read_bytes(),
+            password=PASSWORD.encode(), health_check=checks, secondary_health_check=checks,
+        )
+        registration = json.loads((self.state_dir / "registration.json").read_bytes())
+        server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "uptake", "agent", "run", "--config", str(self.config_path), "--once", "--json"]
+
+    def run_once(self, timeout: float = 120) -> AgentRun:
+        proc = subprocess.run(self.argv(), env=ENV, capture_output=True, timeout=timeout, check=False)
+        run = AgentRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        assert run.returncode == 0, f"agent failed: {run.stderr}"
+        return run
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def state(self) -> AgentState:
+        return StateStore(self.state_dir / "state.json").load()
+
+    def boot_env(self) -> dict[str, str]:
+        result: dict[str, str] = json.loads((self.state_dir / "bootenv.json").read_bytes())
+        return result
+
+    def booted_image(self) -> str:
+        image = self.state().slot_images.get(self.boot_env()["boot_slot"])
+        return image.filepath if image else ""
+
+    def secondary_state(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads((self.state_dir / "secondaries" / self.secondary / "state.json").read_bytes())
+        return result

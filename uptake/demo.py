@@ -1,0 +1,201 @@
+"""``uptake demo``: one whole update story on loopback, told step by step.
+
+1. Key ceremony: a new server data directory (online keys) and a separate
+   offline-keys directory (image root/targets, director root).
+2. Start ``uptake server run`` on 127.0.0.1 (a child process).
+3. Provision a vehicle: primary ``rpi-gateway`` ECU with A/B slots and one
+   ``stm32f4-bms`` secondary; register its ECU public keys with the director.
+4. Publish sample firmware 1.0.0, direct the vehicle to it, run the agent:
+   full verification, install into the inactive slot, health check, commit.
+5. The same with 1.1.0.
+6. Publish 2.0.0, whose power-on self-test fails: the agent installs it,
+   the health check fails on every trial boot, the bootloader falls back,
+   and the vehicle reports the rollback; the server marks it failed.
+
+Exits 0 only when every step happened as described.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+_REPO = Path(__file__).resolve().parent.parent
+_SAMPLES = _REPO / "firmware-samples"
+_IMAGES = {"rpi-gateway": "gateway.elf", "stm32f4-bms": "bms.bin"}
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _step(title: str) -> None:
+    click.echo("")
+    click.secho(f"== {title}", bold=True)
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise DemoFailed(what)
+    click.secho(f"   ok: {what}", fg="green")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    import urllib3
+
+    http = urllib3.PoolManager(retries=False, timeout=1.0)
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise DemoFailed(f"the server exited with status {proc.returncode}")
+        try:
+            if http.request("GET", f"{url}/health").status == 200:
+                return
+        except urllib3.exceptions.HTTPError:
+            time.sleep(0.1)
+    raise DemoFailed("the server did not come up within 20 s")
+
+
+def run_demo(workdir: Path) -> None:
+    from client.agent import Agent
+    from client.config import load_config
+    from client.provisioning import EcuSpec, provision_vehicle
+    from server.api_client import AdminClient
+    from server.config import ServerConfig
+    from server.release import publish_image
+    from server.service import init_server
+    from signing.keys import load_signer
+
+    if not _SAMPLES.is_dir():
+        raise DemoFailed(f"sample firmware not found at {_SAMPLES}: run the demo from a clone of the repository")
+    password = secrets.token_urlsafe(16)
+    env = {**os.environ, "UPTAKE_SERVER_KEY_PASSWORD": password, "UPTAKE_KEY_PASSWORD": password}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = ServerConfig(workdir / "server", "127.0.0.1", port)
+    offline = workdir / "offline-keys"
+
+    _step("1. Key ceremony")
+    init_server(config, offline, password.encode(), password.encode())
+    click.echo(f"   online keys (image snapshot/timestamp, director targets/snapshot/timestamp): {config.keys_dir}")
+    click.echo(f"   offline keys (image root/targets, director root), kept away from the server: {offline}")
+
+    _step(f"2. Server on {url}")
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "uptake", "server", "run", "--data-dir", str(config.data_dir)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_up(url, proc)
+        click.echo("   image repository at /image/, director at /director/<VIN>/, admin API at /api/v1/")
+        admin = AdminClient.from_token_file(url, config.admin_token_path)
+        targets_key = load_signer(offline / "image-targets.key", password.encode())
+        image_root = (offline / "image-root.json").read_bytes()
+
+        _step("3. Provision vehicle DEMO-VIN-0001 (primary GW-0001 + secondary BMS-0001)")
+        vehicle_dir = workdir / "vehicle"
+        selftest = [sys.executable, "-m", "uptake.firmware_info", "selftest", "{slot_path}"]
+        agent_config = provision_vehicle(
+            vehicle_dir, vin="DEMO-VIN-0001", server_url=url,
+            primary=EcuSpec("GW-0001", "rpi-gateway"), secondaries=[EcuSpec("BMS-0001", "stm32f4-bms")],
+            image_root=image_root, director_root=(offline / "director-root.json").read_bytes(),
+            password=password.encode(), health_check=[selftest], secondary_health_check=[selftest],
+        )
+        import json
+
+        admin.request("POST", "/api/v1/vehicles", json_body=json.loads((vehicle_dir / "registration.json").read_bytes()))
+        click.echo(f"   ECU keys generated on the vehicle, public keys registered; agent config {agent_config}")
+        os.environ["UPTAKE_KEY_PASSWORD"] = password
+        agent = Agent(load_config(agent_config), password.encode(), narrate=lambda m: click.echo(f"   [agent] {m}"))
+
+        def release(version: str) -> dict[str, str]:
+            paths = {}
+            for hw, name in _IMAGES.items():
+                pub = publish_image(admin, _SAMPLES / hw / version / name, [hw], version, [targets_key], image_root)
+                click.echo(f"   published {pub.filepath}: {pub.length} bytes, release counter {pub.release_counter},"
+                           f" signed with the offline targets key (targets v{pub.targets_version})")
+                paths[hw] = pub.filepath
+            admin.request("POST", "/api/v1/vehicles/DEMO-VIN-0001/assignments",
+                          json_body={"ecu_serial": "GW-0001", "filepath": paths["rpi-gateway"]})
+            admin.request("POST", "/api/v1/vehicles/DEMO-VIN-0001/assignments",
+                          json_body={"ecu_serial": "BMS-0001", "filepath": paths["stm32f4-bms"]})
+            click.echo("   director: GW-0001 and BMS-0001 assigned; per-vehicle targets re-signed")
+            return paths
+
+        def server_view() -> dict[str, dict[str, str]]:
+            rec = admin.request("GET", "/api/v1/vehicles/DEMO-VIN-0001")
+            return {e["serial"]: {"installed": e["installed"]["filepath"], "last": e["last_install"]["result"]}
+                    for e in rec["ecus"]}
+
+        for n, version in ((4, "1.0.0"), (5, "1.1.0")):
+            _step(f"{n}. Release {version} and update the vehicle")
+            paths = release(version)
+            report = agent.run_cycle()
+            _expect(report.outcomes.get("GW-0001") is not None and report.outcomes["GW-0001"].result == "installed",
+                    f"primary installed {paths['rpi-gateway']} and committed it after a healthy boot")
+            _expect(report.outcomes.get("BMS-0001") is not None and report.outcomes["BMS-0001"].result == "installed",
+                    f"secondary verified (partial verification) and installed {paths['stm32f4-bms']}")
+            view = server_view()
+            _expect(view["GW-0001"]["installed"] == paths["rpi-gateway"]
+                    and view["BMS-0001"]["installed"] == paths["stm32f4-bms"],
+                    "the server's record shows both ECUs on the new version (from the signed manifest)")
+
+        _step("6. Release 2.0.0, whose power-on self-test fails")
+        good = server_view()["GW-0001"]["installed"]
+        paths = release("2.0.0")
+        report = agent.run_cycle()
+        outcome = report.outcomes.get("GW-0001")
+        _expect(outcome is not None and outcome.result == "rolled_back",
+                f"primary rolled back automatically: {outcome.detail if outcome else ''}")
+        secondary = report.outcomes.get("BMS-0001")
+        _expect(secondary is not None and secondary.result == "rolled_back",
+                "secondary fell back to its previous bank")
+        view = server_view()
+        _expect(view["GW-0001"]["installed"] == good and view["GW-0001"]["last"] == "rolled_back",
+                f"the server's record shows GW-0001 back on {good}, last install rolled back")
+        rec = admin.request("GET", "/api/v1/vehicles/DEMO-VIN-0001")
+        failed = [a for a in rec["assignments"] if a["filepath"] == paths["rpi-gateway"]]
+        _expect(bool(failed) and failed[0]["status"] == "failed", "the assignment of 2.0.0 is marked failed")
+        again = agent.run_cycle()
+        _expect(not again.outcomes, "the next poll does not retry the broken release")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@click.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (server data, vehicle state) for inspection.")
+def demo(keep: bool) -> None:
+    """Run a whole update story on loopback: publish, direct, verify, install, report, roll back."""
+    workdir = Path(tempfile.mkdtemp(prefix="uptake-demo-"))
+    try:
+        run_demo(workdir)
+    except DemoFailed as exc:
+        click.secho(f"\nDEMO FAILED: {exc}\n(server log: {workdir / 'server.log'})", fg="red", err=True)
+        keep = True
+        sys.exit(1)
+    finally:
+        if keep:
+            click.echo(f"\nkept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    click.secho("\nDemo complete: every step verified.", bold=True, fg="green")
