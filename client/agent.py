@@ -34,9 +34,11 @@ from pathlib import Path
 import urllib3
 
 from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootloader
+from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
 from client.health import run_health_checks
 from client.installer import InstallError, SlotInstaller, other_slot
+from client.preconditions import unmet_precondition
 from client.secondaries import open_secondaries
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
 from client.state import AgentState, Journal, StateStore
@@ -59,6 +61,7 @@ class CycleReport:
     verification_error: str = ""
     directed: list[str] = field(default_factory=list)
     outcomes: dict[str, InstallOutcome] = field(default_factory=dict)
+    waiting: str = ""
 
 
 def make_boot_environment(config: AgentConfig) -> BootEnvironment:
@@ -111,9 +114,17 @@ class Agent:
             attack = exc.attack
             directed = []
         report.directed = [f"{d.ecu_serial}:{d.target.path}" for d in directed]
-        for item in directed:
-            report.outcomes[item.ecu_serial] = self.install(item)
-        if report.outcomes or attack:
+        waiting = unmet_precondition(self.config.preconditions) if directed else None
+        if waiting is not None:
+            self.say(f"update waits: precondition {waiting}")
+            report.waiting = waiting
+            for item in directed:
+                report.outcomes[item.ecu_serial] = self._postpone(item, waiting)
+            directed = []
+        for item in install_order(directed):  # ECUs that others require first
+            blocked = unmet_dependency(item, directed, report.outcomes)
+            report.outcomes[item.ecu_serial] = self._not_installed(item, blocked) if blocked else self.install(item)
+        if any(o.result != "postponed" for o in report.outcomes.values()) or attack or report.waiting:
             # tell the server at once what happened (an outcome, or an attack seen)
             report.manifest_accepted = self.send_manifest()
         return report
@@ -175,6 +186,8 @@ class Agent:
         primary = state.ecu(self.config.primary_serial)
         try:
             directed = self.verifier.verify(counters, self.config.ecu_serials)
+            check_bundle(directed, self._installed_sha256(), self.config.ecu_serials,
+                         self.config.path(Path("metadata")) / "image" / "targets.json")
         except VerificationFailure as exc:
             if exc.attack:
                 primary.attacks_detected = str(exc)
@@ -230,7 +243,7 @@ class Agent:
         assert self.verifier.director_targets is not None
         targets_bytes = (self.config.path(Path("metadata")) / "director" / "targets.json").read_bytes()
         try:
-            outcome = sec.install(SecondaryUpdate(item.target.path, targets_bytes, path))
+            outcome = sec.install(SecondaryUpdate(item.target.path, targets_bytes, path, self._director_roots()))
         except SecondaryError as exc:
             outcome = InstallOutcome(item.target.path, "failed", str(exc))
         self.say(f"secondary {sec.ecu_serial}: {outcome.result} {item.target.path}"
@@ -241,6 +254,29 @@ class Agent:
             self.store.save(state)
             path.unlink(missing_ok=True)
         return outcome
+
+    def _postpone(self, item: DirectedImage, why: str) -> InstallOutcome:
+        outcome = InstallOutcome(item.target.path, "postponed", f"waiting for precondition {why}")
+        if item.ecu_serial == self.config.primary_serial:
+            state = self.store.load()
+            state.ecu(item.ecu_serial).last_install = outcome
+            self.store.save(state)
+        return outcome
+
+    def _not_installed(self, item: DirectedImage, why: str) -> InstallOutcome:
+        outcome = InstallOutcome(item.target.path, "failed", why)
+        if item.ecu_serial == self.config.primary_serial:
+            state = self.store.load()
+            state.ecu(item.ecu_serial).last_install = outcome
+            self.store.save(state)
+        self.say(f"{item.ecu_serial}: {why}")
+        return outcome
+
+    def _director_roots(self) -> tuple[bytes, ...]:
+        """Director roots after v1 that the director Updater verified (for secondaries to follow rotations)."""
+        history = self.config.path(Path("metadata")) / "director" / "root_history"
+        versions = sorted(int(v) for p in history.glob("*.root.json") if (v := p.name.split(".", 1)[0]).isdigit())
+        return tuple((history / f"{v}.root.json").read_bytes() for v in versions if v > 1)
 
     def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
         state = self.store.load()

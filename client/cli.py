@@ -95,6 +95,7 @@ def _report_json(report: Any) -> dict[str, Any]:
         "verification_error": report.verification_error,
         "directed": report.directed,
         "outcomes": {k: v.to_dict() for k, v in report.outcomes.items()},
+        "waiting": report.waiting,
     }
 
 

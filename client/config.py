@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.preconditions import Precondition
+
 INSTALLER_TYPES = ("file", "uboot", "grub")
 SECONDARY_TRANSPORTS = ("local",)
 
@@ -63,6 +65,7 @@ class AgentConfig:
     installer: InstallerConfig = InstallerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
     secondaries: tuple[SecondaryConfig, ...] = ()
+    preconditions: tuple[Precondition, ...] = ()
     poll_interval: float = 300.0
     poll_jitter: float = 0.2
     #: Largest image the agent will download (endless-data defence on top of TUF lengths).
@@ -131,7 +134,7 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Path()) -> AgentConfig:
-    unknown = set(raw) - {"agent", "primary", "installer", "health_check", "secondaries"}
+    unknown = set(raw) - {"agent", "primary", "installer", "health_check", "secondaries", "preconditions"}
     if unknown:
         raise AgentConfigError(f"{source}: unknown table(s): {', '.join(sorted(unknown))}")
     agent = _Table(raw.get("agent"), "agent", source)
@@ -204,12 +207,29 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
         )
         t.check_unknown()
         secondaries.append(sec)
+    preconditions = []
+    raw_pre = raw.get("preconditions", [])
+    if not isinstance(raw_pre, list):
+        raise AgentConfigError(f"{source}: [[preconditions]] must be an array of tables")
+    for i, item in enumerate(raw_pre):
+        t = _Table(item, f"preconditions[{i}]", source)
+        name = t.get("name", str)
+        command = t.get("command", list, [])
+        hook = t.get("hook", str, "")
+        if bool(command) == bool(hook) or not all(isinstance(a, str) for a in command):
+            raise AgentConfigError(
+                f"{source}: preconditions[{i}] needs exactly one of command (a list of strings) or hook (\"module:function\")"
+            )
+        if hook and ":" not in hook:
+            raise AgentConfigError(f"{source}: preconditions[{i}].hook must look like \"package.module:function\"")
+        preconditions.append(Precondition(name, tuple(command), hook, t.positive("timeout", 10.0)))
+        t.check_unknown()
     serials = [serial] + [s.ecu_serial for s in secondaries]
     if len(set(serials)) != len(serials):
         raise AgentConfigError(f"{source}: ECU serials must be unique across primary and secondaries")
     return AgentConfig(
         vin=vin, server_url=server_url.rstrip("/"), state_dir=state_dir, primary_serial=serial,
         primary_hardware_id=hw, primary_key=key, installer=installer, health_check=health,
-        secondaries=tuple(secondaries), poll_interval=poll_interval, poll_jitter=float(jitter),
+        secondaries=tuple(secondaries), preconditions=tuple(preconditions), poll_interval=poll_interval, poll_jitter=float(jitter),
         max_image_size=max_image, source=Path(source),
     )

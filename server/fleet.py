@@ -13,8 +13,12 @@ manifest only when
 A refused manifest changes nothing but is recorded as a security event. An
 accepted one updates each ECU's installed image, attacks detected and last
 install outcome, and moves assignments along (pending → installed, or
-failed when the ECU reports it refused or rolled back that image), which may
-change what the director signs for the vehicle.
+failed when the ECU reports it refused or rolled back that image, or when an
+image it required failed, see :mod:`server.compatibility`), which may change
+what the director signs for the vehicle. A newly reported attack makes the
+director re-sign the vehicle's metadata, superseding any forged copy the
+vehicle was fed. Assignments that would leave the vehicle with an
+incompatible combination of images are refused (409).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from server.compatibility import check_assignment, fail_unmet_dependents
 from server.db import Assignment, Ecu, SecurityEvent, Vehicle, utcnow
 from server.director import DirectorRepository
 from server.image_repository import ImageRepository
 from signing.keys import KeyFileError, public_key_from_dict, public_key_to_dict
 from signing.manifest import (
+    FAILED_RESULTS,
     ManifestError,
     ManifestFormatError,
     parse_vehicle_manifest,
@@ -108,6 +114,9 @@ def assign(session: Session, director: DirectorRepository, image_repo: ImageRepo
                 409, f"refusing rollback: {filepath!r} has a lower release counter than the installed "
                 f"{ecu.installed_filepath!r}"
             )
+    problems = check_assignment(session, image_repo, vin, ecu_serial, filepath)
+    if problems:
+        raise FleetError(409, "incompatible combination of images: " + "; ".join(problems))
     for old in session.exec(
         select(Assignment).where(Assignment.ecu_serial == ecu_serial, col(Assignment.status).in_(("pending", "installed")))
     ):
@@ -189,7 +198,7 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
             if image.filepath == row.filepath:
                 row.status, row.detail, row.updated_at = "installed", "", now
             elif report.last_install and report.last_install.filepath == row.filepath and \
-                    report.last_install.result != "installed":
+                    report.last_install.result in FAILED_RESULTS:
                 row.status = "failed"
                 row.detail = f"{report.last_install.result}: {report.last_install.detail}"
                 row.updated_at = now
@@ -198,7 +207,9 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
     vehicle.manifests_accepted += 1
     session.add(vehicle)
     session.flush()
-    director.update_vehicle(session, vin)
+    fail_unmet_dependents(session, director.image_repo, vin)
+    # a new attack report: re-sign, so that forged metadata the vehicle may hold is superseded
+    director.update_vehicle(session, vin, force=bool(events))
     session.commit()
     return {"accepted": True, "vin": vin, "ecus": sorted(reports), "attacks_recorded": events}
 

@@ -33,7 +33,9 @@ _HASH_RE = re.compile(r"^[0-9a-f]{32,128}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 #: Outcomes an ECU can report for its last install attempt.
-INSTALL_RESULTS = ("installed", "rolled_back", "refused", "failed")
+INSTALL_RESULTS = ("installed", "rolled_back", "refused", "failed", "postponed")
+#: Outcomes that end an assignment as failed (``postponed`` keeps it pending).
+FAILED_RESULTS = ("rolled_back", "refused", "failed")
 
 
 class ManifestError(Exception):

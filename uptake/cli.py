@@ -10,6 +10,7 @@ when it asks for a command whose extra is missing.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 
@@ -69,8 +70,10 @@ class _LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="UPTAKE_LOG_FORMAT",
+              show_default=True, help="json: one JSON object per line (journald, log shippers).")
 @click.version_option(package_name="uptake")
-def cli(verbose: int) -> None:
+def cli(verbose: int, log_format: str) -> None:
     """Uptake: secure over-the-air updates for vehicles (Uptane on TUF).
 
     \b
@@ -83,12 +86,27 @@ def cli(verbose: int) -> None:
       uptake delta create/apply        binary deltas between images
       uptake hil run BENCH.toml        hardware-in-the-loop bench scenarios
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
+
+
+class _JsonFormatter(logging.Formatter):
+    """Structured logs: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def main() -> None:

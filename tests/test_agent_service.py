@@ -1,0 +1,115 @@
+"""The agent as a service: preconditions (R156), configuration errors, SIGTERM, status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.config import AgentConfigError, load_config, parse_config
+from tests.uptake_fixtures import ENV, ServerProcess, Vehicle, sample
+
+
+def test_install_waits_while_a_precondition_fails(server: ServerProcess, vehicle: Vehicle, tmp_path: Path) -> None:
+    battery_ok = tmp_path / "battery-ok"
+    with open(vehicle.config_path, "a") as f:
+        f.write(
+            "\n[[preconditions]]\nname = \"battery\"\n"
+            f"command = [\"sh\", \"-c\", \"test -e {battery_ok} || {{ echo 'battery at 12 %, need 30 %'; exit 1; }}\"]\n"
+        )
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    report = vehicle.run_once().report
+    assert report["waiting"] == "battery: battery at 12 %, need 30 %"
+    assert report["outcomes"][vehicle.primary]["result"] == "postponed"
+    assert not (vehicle.state_dir / "slots" / "b.img").exists()  # nothing written while waiting
+    record = server.vehicle(vehicle.vin)
+    assert record["assignments"][0]["status"] == "pending"
+    primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
+    assert primary["last_install"]["result"] == "postponed" and "battery" in primary["last_install"]["detail"]
+    battery_ok.touch()
+    report = vehicle.run_once().report
+    assert report["waiting"] == ""
+    assert report["outcomes"][vehicle.primary]["result"] == "installed"
+
+
+def test_precondition_hook_that_raises_blocks_the_install() -> None:
+    from client.preconditions import Precondition, unmet_precondition
+
+    assert unmet_precondition([Precondition("consent", hook="json:loads")]) is not None  # raises TypeError
+    assert unmet_precondition([Precondition("true", command=("true",))]) is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[agent]\n", "agent.state_dir is required"),
+        ('[agent]\nstate_dir="s"\nserver_url="ftp://x"\nvin="V"\n', "must start with http"),
+        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\npoll_interval=-1\n[primary]\necu_serial="E"\nhardware_id="h"\n',
+         "agent.poll_interval must be > 0"),
+        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
+         '[installer]\ntype="lilo"\n', "installer.type must be one of"),
+        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\nbogus=1\n',
+         "unknown key(s) in [primary]: bogus"),
+        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
+         '[[preconditions]]\nname="x"\n', "needs exactly one of command"),
+        ("not = [toml", "not valid TOML"),
+    ],
+)
+def test_bad_configuration_names_file_and_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+    with pytest.raises(AgentConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "uptake", "agent", "run", "--once", "--config", str(path)],
+                          env=ENV, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" in proc.stderr
+
+
+def test_example_configuration_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "client" / "agent.example.toml"
+    config = load_config(example)
+    assert config.preconditions and config.health_check.commands
+    assert parse_config({"agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
+                         "primary": {"ecu_serial": "E", "hardware_id": "h"}}).poll_interval == 300
+
+
+def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(server: ServerProcess, vehicle: Vehicle) -> None:
+    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 0.5")
+    vehicle.config_path.write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "uptake", "-v", "agent", "run", "--config", str(vehicle.config_path)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while server.vehicle(vehicle.vin)["manifests_accepted"] < 2:
+            assert time.monotonic() < deadline, "the agent did not poll twice"
+            time.sleep(0.2)
+        gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+        server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+        while vehicle.booted_image() != gw.filepath:
+            assert time.monotonic() < deadline + 30, "the running agent did not install the new assignment"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+    assert vehicle.state().journal is None
+
+
+def test_status_reports_slots_and_boot_state(server: ServerProcess, vehicle: Vehicle) -> None:
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    vehicle.run_once()
+    proc = subprocess.run([sys.executable, "-m", "uptake", "agent", "status", "--json", "--config", str(vehicle.config_path)],
+                          env=ENV, capture_output=True, text=True, check=True)
+    status = json.loads(proc.stdout)
+    assert status["boot"]["boot_slot"] == "b"
+    assert status["slot_images"]["b"]["filepath"] == gw.filepath
+    assert status["journal"] is None
