@@ -162,7 +162,8 @@ def _run_tool(command: Sequence[str]) -> str:
 
 def _verify_written(env: BootEnvironment, values: Mapping[str, str], where: str) -> None:
     current = env.read()
-    lost = {k: v for k, v in values.items() if current.get(k) != v}
+    # An empty value deletes a U-Boot variable: absent reads back as "".
+    lost = {k: v for k, v in values.items() if current.get(k, "") != v}
     if lost:
         raise BootEnvironmentError(f"{where}: variables not stored after writing: {sorted(lost)}")
 

@@ -97,7 +97,7 @@ def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(server: ServerPro
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
     assert vehicle.state().journal is None

@@ -35,7 +35,7 @@ def _assert_bootable(vehicle: Vehicle) -> None:
     image = state.slot_images.get(slot)
     if image is None:
         # only the factory state (nothing ever installed) boots an unrecorded slot
-        assert not any(state.slot_images.values()) or env["upgrade_available"] == "0" and slot == "a", (env, state)
+        assert not any(state.slot_images.values()) or (env["upgrade_available"] == "0" and slot == "a"), (env, state)
         return
     assert _slot_sha256(vehicle, slot, image.length) == image.hashes["sha256"], f"slot {slot} is not the image the state claims"
 
