@@ -161,8 +161,11 @@ class Vehicle:
         return StateStore(self.state_dir / "state.json").load()
 
     def boot_env(self) -> dict[str, str]:
-        result: dict[str, str] = json.loads((self.state_dir / "bootenv.json").read_bytes())
-        return result
+        """The bootloader variables, through whatever environment the agent is configured with."""
+        from client.agent import make_boot_environment
+        from client.config import load_config
+
+        return make_boot_environment(load_config(self.config_path)).read()
 
     def booted_image(self) -> str:
         image = self.state().slot_images.get(self.boot_env()["boot_slot"])
