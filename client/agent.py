@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import urllib3
+from tuf.api.metadata import TargetFile
 
 from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootloader
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
+from client.fetcher import ResumableFetcher
 from client.health import run_health_checks
 from client.installer import InstallError, SlotInstaller, other_slot
 from client.preconditions import unmet_precondition
@@ -43,6 +45,7 @@ from client.secondaries import open_secondaries
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
 from client.state import AgentState, Journal, StateStore
 from client.verification import DirectedImage, FullVerifier, VerificationFailure
+from signing.encryption import EncryptionFormatError, load_encryption_key
 from signing.keys import load_signer
 from signing.manifest import NO_IMAGE, EcuVersionReport, InstallOutcome, VehicleManifest
 
@@ -91,7 +94,13 @@ class Agent:
         )
         self.installer.initialize()
         self.secondaries: list[Secondary] = open_secondaries(config, password)
-        self.verifier = FullVerifier(config.path(Path("metadata")), config.server_url, config.vin)
+        self.verifier = FullVerifier(config.path(Path("metadata")), config.server_url, config.vin,
+                                     ResumableFetcher(config.download))
+        if config.path(config.encryption_key).exists():
+            try:
+                self.verifier.decryption_key = load_encryption_key(config.path(config.encryption_key), password)
+            except EncryptionFormatError as exc:
+                raise AgentError(f"primary ECU encryption key: {exc}") from exc
         self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=60), retries=False)
         self.downloads = config.path(Path("downloads"))
 
@@ -292,17 +301,52 @@ class Agent:
     def _install_primary(self, item: DirectedImage) -> InstallOutcome:
         current = self.installer.state().boot_slot
         state = self.store.load()
-        state.journal = Journal("download", item.target.path, item.target.length, item.sha256,
-                                item.custom.release_counter, other_slot(current), current)
+        installed = state.slot_images.get(current)
+        delta = self.verifier.find_delta(item, installed.hashes.get("sha256", "") if installed else "")
+        journal = Journal("download", item.target.path, item.target.length, item.sha256,
+                          item.custom.release_counter, other_slot(current), current)
+        if delta is not None:
+            journal.method = "delta"
+            journal.delta_filepath, journal.delta_length = delta.path, delta.length
+            journal.delta_sha256 = delta.hashes["sha256"]
+        state.journal = journal
         self.store.save(state)
         try:
-            self._download(item)
+            if delta is not None:
+                try:
+                    self.verifier.download_target(delta, self._delta_file(journal))
+                    self.say(f"downloaded delta {delta.path} ({delta.length} bytes instead of "
+                             f"{item.target.length}), length and sha256 verified")
+                except VerificationFailure as exc:
+                    if exc.attack:  # a delta that fails its signed hashes was tampered with
+                        state.ecu(self.config.primary_serial).attacks_detected = str(exc)
+                    self._abandon_delta(state, f"download: {exc}")
+                    self._download(item)
+            else:
+                self._download(item)
         except VerificationFailure as exc:
             state = self.store.load()
             state.journal = None
             self.store.save(state)
             return self._refuse(item, exc)
         return self._drive(self.store.load())
+
+    def _delta_file(self, j: Journal) -> Path:
+        return self.downloads / f"{j.delta_sha256}.delta"
+
+    def _abandon_delta(self, state: AgentState, reason: str) -> None:
+        """Fall back to the full image for the install in the journal."""
+        j = state.journal
+        assert j is not None
+        j.method, j.delta_failure = "full", reason
+        self.store.save(state)
+        self._delta_file(j).unlink(missing_ok=True)
+        self.say(f"delta for {j.filepath} refused ({reason}): falling back to the full image")
+
+    def _download_full_for_journal(self, j: Journal) -> None:
+        # the journal holds the length and sha256 from verified metadata: enough to verify the bytes
+        self.verifier.download_target(TargetFile(j.length, {"sha256": j.sha256}, j.filepath), self.downloads / j.sha256)
+        self.say(f"downloaded {j.filepath} ({j.length} bytes), length and sha256 verified")
 
     def _drive(self, state: AgentState) -> InstallOutcome:
         """Run the journal from its current phase to an outcome."""
@@ -313,10 +357,27 @@ class Agent:
                 j.phase = "write"
                 state.slot_images[j.target_slot] = None  # about to be overwritten
                 self.store.save(state)
+            elif j.phase == "write" and j.method == "delta":
+                try:
+                    method = self.installer.write_delta(j.target_slot, j.from_slot, self._delta_file(j),
+                                                        j.length, j.sha256)
+                except InstallError as exc:
+                    self._abandon_delta(state, str(exc))
+                    continue
+                self._delta_file(j).unlink(missing_ok=True)
+                state.slot_images[j.target_slot] = j.image()
+                j.phase = "arm"
+                self.store.save(state)
+                self.say(f"applied delta ({method}) from slot {j.from_slot} into inactive slot {j.target_slot}: "
+                         f"{j.filepath}, sha256 verified")
             elif j.phase == "write":
                 try:
+                    if not (self.downloads / j.sha256).exists():
+                        self._download_full_for_journal(j)
                     with open(self.downloads / j.sha256, "rb") as image:
                         self.installer.write(j.target_slot, image, j.length, j.sha256)
+                except VerificationFailure as exc:
+                    return self._finish(state, "refused", f"full image after a failed delta: {exc}")
                 except (InstallError, OSError) as exc:
                     return self._finish(state, "failed", f"writing slot {j.target_slot}: {exc}")
                 state.slot_images[j.target_slot] = j.image()
@@ -376,6 +437,8 @@ class Agent:
     def _finish(self, state: AgentState, result: str, detail: str = "") -> InstallOutcome:
         j = state.journal
         assert j is not None
+        if not detail and j.delta_failure:
+            detail = f"delta refused ({j.delta_failure}); installed from the full image"
         outcome = InstallOutcome(j.filepath, result, detail, j.method)
         ecu = state.ecu(self.config.primary_serial)
         ecu.last_install = outcome
@@ -384,6 +447,8 @@ class Agent:
         state.journal = None
         self.store.save(state)
         (self.downloads / j.sha256).unlink(missing_ok=True)
+        if j.delta_sha256:
+            self._delta_file(j).unlink(missing_ok=True)
         return outcome
 
     # -- restart ------------------------------------------------------------------

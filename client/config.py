@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.fetcher import FetcherConfig
 from client.preconditions import Precondition
 
 INSTALLER_TYPES = ("file", "uboot", "grub")
-SECONDARY_TRANSPORTS = ("local",)
+SECONDARY_TRANSPORTS = ("local", "uds")
 
 
 class AgentConfigError(Exception):
@@ -62,10 +63,13 @@ class AgentConfig:
     primary_serial: str
     primary_hardware_id: str
     primary_key: Path
+    #: X25519 key for images the director encrypts for this ECU (signing.encryption); optional
+    encryption_key: Path = Path("keys/encryption.key")
     installer: InstallerConfig = InstallerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
     secondaries: tuple[SecondaryConfig, ...] = ()
     preconditions: tuple[Precondition, ...] = ()
+    download: FetcherConfig = field(default_factory=FetcherConfig)
     poll_interval: float = 300.0
     poll_jitter: float = 0.2
     #: Largest image the agent will download (endless-data defence on top of TUF lengths).
@@ -134,7 +138,7 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Path()) -> AgentConfig:
-    unknown = set(raw) - {"agent", "primary", "installer", "health_check", "secondaries", "preconditions"}
+    unknown = set(raw) - {"agent", "primary", "installer", "health_check", "secondaries", "preconditions", "download"}
     if unknown:
         raise AgentConfigError(f"{source}: unknown table(s): {', '.join(sorted(unknown))}")
     agent = _Table(raw.get("agent"), "agent", source)
@@ -156,6 +160,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     serial = primary.get("ecu_serial", str)
     hw = primary.get("hardware_id", str)
     key = Path(primary.get("key", str, f"keys/{serial}.key"))
+    encryption_key = Path(primary.get("encryption_key", str, "keys/encryption.key"))
     primary.check_unknown()
 
     inst = _Table(raw.get("installer", {}), "installer", source)
@@ -224,12 +229,30 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
             raise AgentConfigError(f"{source}: preconditions[{i}].hook must look like \"package.module:function\"")
         preconditions.append(Precondition(name, tuple(command), hook, t.positive("timeout", 10.0)))
         t.check_unknown()
+    dl = _Table(raw.get("download", {}), "download", source)
+    defaults = FetcherConfig()
+    max_rate = dl.get("max_rate", (int, float), 0)
+    min_rate = dl.get("min_rate", (int, float), defaults.min_rate)
+    try:
+        download = FetcherConfig(
+            connect_timeout=dl.positive("connect_timeout", defaults.connect_timeout),
+            read_timeout=dl.positive("read_timeout", defaults.read_timeout),
+            max_attempts=dl.get("max_attempts", int, defaults.max_attempts),
+            backoff_initial=dl.positive("backoff_initial", defaults.backoff_initial),
+            backoff_max=dl.positive("backoff_max", defaults.backoff_max),
+            min_rate=float(min_rate),
+            rate_window=dl.positive("rate_window", defaults.rate_window),
+            max_rate=float(max_rate) if max_rate else None,
+        )
+    except ValueError as exc:
+        raise AgentConfigError(f"{source}: [download] {exc}") from exc
+    dl.check_unknown()
     serials = [serial] + [s.ecu_serial for s in secondaries]
     if len(set(serials)) != len(serials):
         raise AgentConfigError(f"{source}: ECU serials must be unique across primary and secondaries")
     return AgentConfig(
         vin=vin, server_url=server_url.rstrip("/"), state_dir=state_dir, primary_serial=serial,
-        primary_hardware_id=hw, primary_key=key, installer=installer, health_check=health,
-        secondaries=tuple(secondaries), preconditions=tuple(preconditions), poll_interval=poll_interval, poll_jitter=float(jitter),
+        primary_hardware_id=hw, primary_key=key, encryption_key=encryption_key, installer=installer, health_check=health,
+        secondaries=tuple(secondaries), preconditions=tuple(preconditions), download=download, poll_interval=poll_interval, poll_jitter=float(jitter),
         max_image_size=max_image, source=Path(source),
     )

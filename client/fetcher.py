@@ -325,7 +325,7 @@ class _Transfer:
                 yield 0, b""
             self.validator = None
             length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            total = int(length) if length and length.isascii() and length.isdigit() else None
         else:
             raise DownloadError(f"{self.url}: unexpected HTTP status {status}")
 

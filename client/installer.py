@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from client.bootenv import BootEnvironment, BootEnvironmentError
+from client.delta_apply import DeltaError, apply_delta
 
 SLOTS = ("a", "b")
 _CHUNK = 1024 * 1024
@@ -87,6 +88,30 @@ class SlotInstaller:
         actual = self.slot_sha256(slot, length)
         if actual != sha256:
             raise InstallError(f"slot {slot} ({path}): read-back sha256 {actual} differs from the image's {sha256}")
+
+    def write_delta(self, slot: str, base_slot: str, patch: Path, length: int, sha256: str) -> str:
+        """Apply ``patch`` to the image in ``base_slot``, streaming the result into ``slot``.
+
+        Memory stays bounded whatever the image size (see :mod:`client.delta_apply`);
+        the result is checked against the delta's header while writing and
+        against ``sha256`` by read-back. Returns the delta method used.
+        """
+        if slot == base_slot:
+            raise InstallError(f"slot {slot}: a delta cannot overwrite its own base")
+        path = self.slots[slot]
+        try:
+            with open(self.slots[base_slot], "rb") as old, open(patch, "rb") as delta, \
+                    open(path, "r+b" if path.exists() and not path.is_file() else "wb") as out:
+                applied = apply_delta(old, delta, out, old_is_slot=True)
+                out.flush()
+                os.fsync(out.fileno())
+        except DeltaError as exc:
+            raise InstallError(f"slot {slot}: delta {patch.name}: {exc}") from exc
+        except OSError as exc:
+            raise InstallError(f"slot {slot} ({path}): delta write failed: {exc.strerror}") from exc
+        if applied.result_length != length or self.slot_sha256(slot, length) != sha256:
+            raise InstallError(f"slot {slot}: the delta produced an image other than {sha256[:16]}…")
+        return applied.method
 
     def slot_sha256(self, slot: str, length: int) -> str:
         digest = hashlib.sha256()

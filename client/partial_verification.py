@@ -11,10 +11,17 @@ accepts an image from the primary:
    serial with this ECU's hardware id;
 4. (by the caller, after transfer) the image has exactly the length and
    hashes that entry names.
+
+When the director's online keys are rotated (:mod:`server.rotation`), the
+primary hands the secondary the newer director roots it verified, and the
+secondary moves its trusted root along them with :func:`follow_root_chain`
+(each version signed by the previous one's root keys and its own, as TUF's
+client does) before it checks the director targets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tuf.api.exceptions import UnsignedMetadataError
@@ -26,6 +33,31 @@ from signing.metadata import MetadataFormatError, director_ecus, director_vin
 
 class PartialVerificationError(Exception):
     """Director metadata failed partial verification (always evidence of an attack)."""
+
+
+def follow_root_chain(trusted: Metadata[Root], newer_roots: Sequence[bytes]) -> Metadata[Root]:
+    """The newest root reachable from ``trusted`` through ``newer_roots``, one version at a time."""
+    candidates: dict[int, Metadata[Root]] = {}
+    for data in newer_roots:
+        try:
+            md = Metadata[Root].from_bytes(data)
+        except DeserializationError as exc:
+            raise PartialVerificationError(f"director root metadata is malformed: {exc}") from exc
+        if not isinstance(md.signed, Root):
+            raise PartialVerificationError(f"expected director root metadata, got {md.signed.type!r}")
+        candidates[md.signed.version] = md
+    current = trusted
+    while (new := candidates.get(current.signed.version + 1)) is not None:
+        try:
+            current.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+            new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+        except UnsignedMetadataError as exc:
+            raise PartialVerificationError(
+                f"director root v{new.signed.version} is not signed by the v{current.signed.version} and "
+                f"v{new.signed.version} root keys: {exc}"
+            ) from exc
+        current = new
+    return current
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Provisioning a vehicle's agent (the factory step).
 
 ``provision_vehicle`` creates, under the agent's state directory, the
-primary's ECU key, each local secondary's own key and trusted director
+primary's ECU key and its X25519 encryption key (for images the director
+encrypts to it, :mod:`signing.encryption`), each local secondary's own key and trusted director
 root, the trusted roots of both repositories (``metadata/*/root.json``, the
 anchors of full verification), the agent configuration, and
 ``registration.json``: the VIN, ECU serials, hardware ids and *public* keys
+(signing keys, and the primary's ``encryption_key``)
 that the fleet operator registers with the director
 (``uptake fleet add-vehicle --from-agent``). Private keys never leave the
 vehicle.
@@ -22,6 +24,7 @@ from tuf.api.serialization import DeserializationError
 
 from client.secondaries.local import provision_local_secondary
 from signing.atomic_file import write_atomic
+from signing.encryption import generate_encryption_key, public_key_hex, save_encryption_key
 from signing.keys import generate_signer, load_public_key, public_key_to_dict, save_signer
 
 
@@ -73,10 +76,13 @@ def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: Ec
     _check_root(director_root, "director root")
     state_dir.mkdir(parents=True, exist_ok=True)
     save_signer(generate_signer(), state_dir / "keys" / "primary.key", password)
+    encryption_key = generate_encryption_key()  # images the director encrypts for the primary
+    save_encryption_key(encryption_key, state_dir / "keys" / "encryption.key", password)
     write_atomic(state_dir / "metadata" / "image" / "root.json", image_root)
     write_atomic(state_dir / "metadata" / "director" / "root.json", director_root)
     ecus = [{"serial": primary.serial, "hardware_id": primary.hardware_id,
-             "public_key": public_key_to_dict(load_public_key(state_dir / "keys" / "primary.pub.json"))}]
+             "public_key": public_key_to_dict(load_public_key(state_dir / "keys" / "primary.pub.json")),
+             "encryption_key": public_key_hex(encryption_key)}]
     lines = [
         "# Uptake agent configuration (see client/agent.example.toml for every option)",
         "[agent]",

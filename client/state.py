@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from signing.atomic_file import write_atomic
-from signing.manifest import ImageInfo, InstallOutcome
+from signing.manifest import ImageInfo, InstallOutcome, ManifestError
 
 #: Install phases, in order.
 PHASES = ("download", "write", "arm", "reboot", "trial")
@@ -69,8 +69,13 @@ class Journal:
     release_counter: int
     target_slot: str
     from_slot: str
-    method: str = "full"
+    method: str = "full"  # "delta" while a delta is used, "full" otherwise
     health_failures: list[str] = field(default_factory=list)
+    #: the delta chosen (its target path and sha256), and why it was abandoned if it was
+    delta_filepath: str = ""
+    delta_length: int = 0
+    delta_sha256: str = ""
+    delta_failure: str = ""
 
     def image(self) -> ImageInfo:
         return ImageInfo(self.filepath, self.length, {"sha256": self.sha256})
@@ -118,7 +123,7 @@ class StateStore:
                 },
                 journal=Journal(**journal) if journal else None,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, ManifestError) as exc:
             raise StateError(f"agent state {self.path} is corrupt: {exc!r}") from exc
 
     def save(self, state: AgentState) -> None:

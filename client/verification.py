@@ -14,7 +14,10 @@ updaters through root rotation):
    the image must be there with the same length and hashes, its
    ``hardwareIds`` must include the hardware id the director names, the ECU
    serial must be one of this vehicle's ECUs with that hardware id, and its
-   release counter must not be below what that ECU has installed.
+   release counter must not be below what that ECU has installed. A target
+   the director encrypted for one ECU (:mod:`client.decryption`) is
+   cross-checked by the plaintext length and sha256 it promises, and its
+   ciphertext is verified before and the plaintext after decryption.
 
 Anything that fails raises :class:`VerificationFailure`, whose ``attack``
 flag says whether it is evidence of an attack (to be reported in the next
@@ -24,21 +27,34 @@ manifest's ``attacks_detected``) or just a network problem.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib import parse
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tuf.api.exceptions import (
     DownloadError,
     DownloadLengthMismatchError,
+    LengthOrHashMismatchError,
     RepositoryError,
     SlowRetrievalError,
 )
 from tuf.api.metadata import Metadata, TargetFile, Targets
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+from tuf.ngclient import Updater, UpdaterConfig
 
+from client.decryption import (
+    DecryptionFailure,
+    EncryptedDelivery,
+    encrypted_delivery,
+    fetch_and_decrypt,
+)
+from client.fetcher import ResumableFetcher
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
+    delta_custom,
+    delta_target_path,
     director_ecus,
     director_vin,
     image_custom,
@@ -63,6 +79,8 @@ class DirectedImage:
     hardware_id: str
     target: TargetFile  # the image repository's entry (same length and hashes as the director's)
     custom: ImageCustom
+    #: set when the director sends this image encrypted to the ECU (client.decryption)
+    encrypted: EncryptedDelivery | None = None
 
     @property
     def sha256(self) -> str:
@@ -81,12 +99,14 @@ class FullVerifier:
     """Verifies director and image metadata for one vehicle (see module docstring)."""
 
     def __init__(self, metadata_dir: Path, server_url: str, vin: str,
-                 fetcher: FetcherInterface | None = None) -> None:
+                 fetcher: ResumableFetcher | None = None) -> None:
         self.metadata_dir = metadata_dir
         self.server_url = server_url.rstrip("/")
         self.vin = vin
-        self.fetcher = fetcher
+        self.fetcher = fetcher or ResumableFetcher()
         self.image_updater: Updater | None = None
+        #: this ECU's X25519 key, for images the director encrypts to it
+        self.decryption_key: X25519PrivateKey | None = None
         self.director_targets: Metadata[Targets] | None = None
 
     def _updater(self, repo: str, metadata_url: str, targets_url: str | None) -> Updater:
@@ -140,6 +160,12 @@ class FullVerifier:
             raise _classify(exc, "image") from exc
         if itarget is None:
             raise VerificationFailure(f"director target {path!r} is not in the image repository")
+        try:
+            encrypted = encrypted_delivery(dtarget, wanted)
+        except DecryptionFailure as exc:
+            raise VerificationFailure(str(exc)) from exc
+        if encrypted is not None:
+            dtarget = encrypted.plaintext  # the director's promise about the plaintext, cross-checked below
         if dtarget.length != itarget.length:
             raise VerificationFailure(
                 f"director target {path!r}: length {dtarget.length} differs from the image repository's {itarget.length}"
@@ -173,19 +199,86 @@ class FullVerifier:
                 raise VerificationFailure(
                     f"rollback: {path!r} has release counter {custom.release_counter}, ECU {serial} has {installed}"
                 )
-            result.append(DirectedImage(serial, hw, itarget, custom))
+            result.append(DirectedImage(serial, hw, itarget, custom, encrypted))
         return result
 
     def download(self, item: DirectedImage, destination: Path) -> Path:
-        """Download and verify (length + hashes) one directed image into ``destination``."""
+        """Download and verify (length + hashes) one directed image into ``destination``.
+
+        The bytes go to ``destination.part`` first, resumable across failures
+        and restarts (Range requests), capped at the signed length; only a
+        file whose length and hashes match the verified metadata is renamed
+        to ``destination``.
+        """
         assert self.image_updater is not None, "verify() first"
+        target = item.target
         destination.parent.mkdir(parents=True, exist_ok=True)
-        cached = self.image_updater.find_cached_target(item.target, str(destination))
-        if cached:
+        if self.image_updater.find_cached_target(target, str(destination)):
             return destination
+        if item.encrypted is not None:
+            return self._download_encrypted(item.encrypted, destination)
+        return self._fetch_verified(target, destination)
+
+    def _fetch_verified(self, target: TargetFile, destination: Path) -> Path:
+        partial = destination.with_name(destination.name + ".part")
         try:
-            self.image_updater.download_target(item.target, str(destination))
-        except (RepositoryError, DownloadError) as exc:
-            destination.unlink(missing_ok=True)
+            self.fetcher.download_to(self._target_url(target), partial, target.length)
+        except DownloadError as exc:
             raise _classify(exc, "image") from exc
+        try:
+            with open(partial, "rb") as f:
+                target.verify_length_and_hashes(f)
+        except LengthOrHashMismatchError as exc:
+            partial.unlink(missing_ok=True)  # never resume from bytes that failed verification
+            raise VerificationFailure(f"image {target.path!r}: {exc}") from exc
+        os.replace(partial, destination)
         return destination
+
+    def find_delta(self, item: DirectedImage, installed_sha256: str) -> TargetFile | None:
+        """The verified delta from ``installed_sha256`` to ``item``'s image, if the repository has one.
+
+        The delta target comes from the image repository's delegated ``deltas``
+        role (TUF-verified); it is used only if it names exactly this base and
+        exactly the image the director and the offline-signed targets name.
+        Any problem means "no delta": the full image is always the fallback.
+        """
+        assert self.image_updater is not None, "verify() first"
+        if not installed_sha256 or item.encrypted is not None:
+            return None
+        try:
+            delta = self.image_updater.get_targetinfo(delta_target_path(installed_sha256, item.sha256))
+            if delta is None:
+                return None
+            custom = delta_custom(delta)
+        except (RepositoryError, DownloadError, OSError, MetadataFormatError) as exc:
+            log.warning("ignoring deltas for %s: %s", item.target.path, exc)
+            return None
+        if (custom.base_sha256, custom.result_sha256, custom.result_length) != \
+                (installed_sha256, item.sha256, item.target.length):
+            log.warning("delta %s does not join the installed image to %s: ignored", delta.path, item.target.path)
+            return None
+        return delta
+
+    def download_target(self, target: TargetFile, destination: Path) -> Path:
+        """Download ``target`` (a delta from :meth:`find_delta`, or an image whose length and
+        hashes were verified earlier, as a resumed install has them) and check length and hashes."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        return self._fetch_verified(target, destination)
+
+    def _download_encrypted(self, delivery: EncryptedDelivery, destination: Path) -> Path:
+        dirname, sep, basename = delivery.ciphertext.path.rpartition("/")
+        name = f"{dirname}{sep}{delivery.ciphertext.hashes['sha256']}.{basename}"
+        url = f"{self.server_url}/director/{self.vin}/targets/{parse.quote(name)}"
+        try:
+            fetch_and_decrypt(self.fetcher, url, delivery, self.decryption_key, destination)
+        except DownloadError as exc:
+            raise _classify(exc, "director") from exc
+        except DecryptionFailure as exc:
+            raise VerificationFailure(str(exc)) from exc
+        return destination
+
+    def _target_url(self, target: TargetFile) -> str:
+        # consistent snapshots: images are served as <dir>/<sha256>.<name>
+        dirname, sep, basename = target.path.rpartition("/")
+        name = f"{dirname}{sep}{target.hashes['sha256']}.{basename}"
+        return f"{self.server_url}/image/targets/{parse.quote(name)}"

@@ -6,6 +6,7 @@ Public, read-only (what vehicles and CDNs fetch)::
     GET  /image/metadata/{file}            N.root.json, N.targets.json, N.snapshot.json, timestamp.json
     GET  /image/targets/{path}             images, as <dir>/<sha256>.<name> (Range supported)
     GET  /director/{vin}/metadata/{file}   the vehicle's director repository
+    GET  /director/{vin}/targets/{path}    images encrypted per ECU, SERIAL/<dir>/<sha256>.<name>
 
 Vehicles (authenticated by their signatures)::
 
@@ -14,9 +15,11 @@ Vehicles (authenticated by their signatures)::
 Administration (``Authorization: Bearer <DATA/admin-token>``)::
 
     POST /api/v1/vehicles                  register a vehicle and its ECU keys
+                                           (optional per ECU "encryption_key", and "encrypt_images")
     GET  /api/v1/vehicles/{vin}            what the server knows of a vehicle
     POST /api/v1/vehicles/{vin}/assignments {"ecu_serial", "filepath"}
     GET  /api/v1/images                    published images
+    GET  /api/v1/deltas                    published deltas and delta jobs
     PUT  /api/v1/image/uploads/{sha256}    stage image bytes before publishing
     POST /api/v1/image/targets             offline-signed image targets metadata
 
@@ -40,6 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from server.config import ServerConfig
+from server.deltas import DeltaPublisher
 from server.director import DirectorRepository
 from server.fleet import (
     EcuRegistration,
@@ -62,6 +66,7 @@ ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 IMAGE_REPO: web.AppKey[ImageRepository] = web.AppKey("image_repo", ImageRepository)
 DIRECTOR: web.AppKey[DirectorRepository] = web.AppKey("director", DirectorRepository)
 ADMIN_TOKEN: web.AppKey[str] = web.AppKey("admin_token", str)
+DELTAS: web.AppKey[DeltaPublisher] = web.AppKey("deltas", DeltaPublisher)
 
 
 class ApiError(Exception):
@@ -94,7 +99,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 def _require_admin(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip()
-    if not token or not hmac.compare_digest(token, request.app[ADMIN_TOKEN]):
+    # compare bytes: compare_digest refuses non-ASCII str, and the header is the client's choice
+    if not token or not hmac.compare_digest(token.encode(errors="replace"), request.app[ADMIN_TOKEN].encode()):
         raise ApiError(401, "missing or wrong admin token (Authorization: Bearer <DATA/admin-token>)")
 
 
@@ -105,12 +111,22 @@ def _vin(request: web.Request) -> str:
     return vin
 
 
-async def _json_body(request: web.Request, limit: int = 1024 * 1024) -> Any:
+async def _read_body(request: web.Request, limit: int, what: str = "request body") -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (declared or streamed)."""
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
+        raise ApiError(413, f"{what} larger than {limit} bytes")
+    # content.read(n) returns what has arrived so far, not n bytes: read to the end
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"{what} larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: web.Request, limit: int = 1024 * 1024) -> Any:
+    body = await _read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -159,6 +175,14 @@ async def image_target(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
+async def director_target(request: web.Request) -> web.StreamResponse:
+    vin = _vin(request)
+    path = request.app[DIRECTOR].encrypted_image_path(vin, request.match_info["path"])
+    if path is None:
+        raise ApiError(404, f"no encrypted image {request.match_info['path']!r} for vehicle {vin}")
+    return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
 async def director_metadata(request: web.Request) -> web.Response:
     vin, filename = _vin(request), request.match_info["file"]
     director = request.app[DIRECTOR]
@@ -173,11 +197,7 @@ async def director_metadata(request: web.Request) -> web.Response:
 
 async def upload_manifest(request: web.Request) -> web.Response:
     vin = _vin(request)
-    if request.content_length is not None and request.content_length > 1024 * 1024:
-        raise ApiError(413, "manifest larger than 1 MiB")
-    body = await request.content.read(1024 * 1024 + 1)
-    if len(body) > 1024 * 1024:
-        raise ApiError(413, "manifest larger than 1 MiB")
+    body = await _read_body(request, 1024 * 1024, "manifest")
     director, engine = request.app[DIRECTOR], request.app[ENGINE]
 
     def run() -> Any:
@@ -186,6 +206,7 @@ async def upload_manifest(request: web.Request) -> web.Response:
 
     result = await asyncio.to_thread(run)
     director.invalidate(vin)
+    request.app[DELTAS].on_vehicle(vin)
     return web.json_response(result)
 
 
@@ -211,9 +232,15 @@ async def add_vehicle(request: web.Request) -> web.Response:
         hw = _field(e, "hardware_id", str, where)
         if not _SERIAL_RE.match(hw):
             raise ApiError(400, f"{where}.hardware_id must be 1-128 letters, digits, '.', '_' or '-'")
-        ecus.append(EcuRegistration(serial, hw, _field(e, "public_key", dict, where)))
+        enc = e.get("encryption_key", "")
+        if not isinstance(enc, str):
+            raise ApiError(400, f"{where}.encryption_key must be a string (X25519 public key, hex)")
+        ecus.append(EcuRegistration(serial, hw, _field(e, "public_key", dict, where), encryption_key=enc))
+    encrypt = body.get("encrypt_images", False)
+    if not isinstance(encrypt, bool):
+        raise ApiError(400, "encrypt_images must be true or false")
     director = request.app[DIRECTOR]
-    await _in_session(request, lambda s: register_vehicle(s, director, vin, primary, ecus))
+    await _in_session(request, lambda s: register_vehicle(s, director, vin, primary, ecus, encrypt_images=encrypt))
     director.invalidate(vin)
     return web.json_response({"registered": vin}, status=201)
 
@@ -234,6 +261,7 @@ async def add_assignment(request: web.Request) -> web.Response:
         request, lambda s: assign(s, director, image_repo, vin, serial, filepath).model_dump(mode="json")
     )
     director.invalidate(vin)
+    request.app[DELTAS].on_vehicle(vin)
     return web.json_response(row, status=201)
 
 
@@ -264,12 +292,23 @@ async def upload_image(request: web.Request) -> web.Response:
 
 async def publish_targets(request: web.Request) -> web.Response:
     _require_admin(request)
-    if request.content_length is not None and request.content_length > 5_000_000:
-        raise ApiError(413, "targets metadata larger than 5 MB")
-    data = await request.content.read(5_000_001)
+    data = await _read_body(request, 5_000_000, "targets metadata")
     image_repo = request.app[IMAGE_REPO]
+    before = set(image_repo.targets.signed.targets)
     md = await asyncio.to_thread(image_repo.accept_targets, data)
+    request.app[DELTAS].on_published(sorted(set(md.signed.targets) - before))
     return web.json_response({"targets_version": md.signed.version, "targets": sorted(md.signed.targets)}, status=201)
+
+
+async def list_deltas(request: web.Request) -> web.Response:
+    _require_admin(request)
+    repo = request.app[IMAGE_REPO]
+    published = []
+    if repo.deltas is not None:
+        for path, target in sorted(repo.deltas.signed.targets.items()):
+            published.append({"filepath": path, "length": target.length, "custom": target.custom})
+    jobs = [job.to_dict() for job in request.app[DELTAS].jobs.values()]
+    return web.json_response({"published": published, "jobs": jobs})
 
 
 async def _refresh_online_metadata(app: web.Application) -> None:
@@ -283,19 +322,22 @@ async def _refresh_online_metadata(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> Any:
-    task = asyncio.create_task(_refresh_online_metadata(app))
+    tasks = [asyncio.create_task(_refresh_online_metadata(app)), asyncio.create_task(app[DELTAS].run())]
     yield
-    task.cancel()
+    for task in tasks:
+        task.cancel()
 
 
 def build_app(config: ServerConfig, engine: Engine, image_repo: ImageRepository,
               director: DirectorRepository, admin_token: str) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_UPLOAD_BYTES)
     app[ENGINE], app[IMAGE_REPO], app[DIRECTOR], app[ADMIN_TOKEN] = engine, image_repo, director, admin_token
+    app[DELTAS] = DeltaPublisher(image_repo, engine, config.data_dir / "delta-work")
     app.router.add_get("/health", health)
     app.router.add_get("/image/metadata/{file}", image_metadata)
     app.router.add_get("/image/targets/{path:.+}", image_target)
     app.router.add_get("/director/{vin}/metadata/{file}", director_metadata)
+    app.router.add_get("/director/{vin}/targets/{path:.+}", director_target)
     app.router.add_post("/api/v1/vehicles/{vin}/manifest", upload_manifest)
     app.router.add_post("/api/v1/vehicles", add_vehicle)
     app.router.add_get("/api/v1/vehicles/{vin}", get_vehicle)
@@ -303,5 +345,6 @@ def build_app(config: ServerConfig, engine: Engine, image_repo: ImageRepository,
     app.router.add_get("/api/v1/images", list_images)
     app.router.add_put("/api/v1/image/uploads/{sha256}", upload_image)
     app.router.add_post("/api/v1/image/targets", publish_targets)
+    app.router.add_get("/api/v1/deltas", list_deltas)
     app.cleanup_ctx.append(_background)
     return app

@@ -84,6 +84,52 @@ def server_run(data_dir: Path, host: str | None, port: int | None, database_url:
     run_server(components)
 
 
+@server.command("rotate-keys")
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR")
+@click.option("--offline-keys-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Directory with the offline root key (REPO-root.key) and the trusted REPO-root.json to refresh.")
+@click.option("--repository", type=click.Choice(["director", "image"]), required=True)
+@click.option("--roles", default="", help="Comma-separated online roles to rotate (default: all of them: "
+              "director targets,snapshot,timestamp; image snapshot,timestamp).")
+@click.option("--root-key", "root_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Root key file(s) to sign with, for root thresholds > 1 (default OFFLINE/REPO-root.key).")
+@click.option("--key-type", type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]), default="ed25519", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def server_rotate_keys(data_dir: Path, offline_keys_dir: Path, repository: str, roles: str,
+                       root_keys: tuple[Path, ...], key_type: str, as_json: bool) -> None:
+    """Replace a repository's ONLINE keys after a compromise (run with the server STOPPED).
+
+    \b
+    1. stop 'uptake server run' (nothing signed with the old keys is served meanwhile);
+    2. uptake server rotate-keys --data-dir D --offline-keys-dir K --repository director
+       generates new online keys into D/keys, signs root vN+1 naming them with
+       the OFFLINE root key, stores it where vehicles fetch it, and re-signs
+       the repository's metadata (every vehicle's, for the director);
+    3. start 'uptake server run' again.
+    Vehicles follow the root rotation on their next poll and from then on
+    refuse metadata signed with the old keys. If the command is interrupted,
+    run it again: it finishes the rotation it started.
+    Online keys use $UPTAKE_SERVER_KEY_PASSWORD; the root key $UPTAKE_KEY_PASSWORD.
+    """
+    from server.rotation import RotationError, rotate_online_keys
+
+    try:
+        config = ServerConfig.load(data_dir)
+        online = _password(SERVER_PASSWORD_ENV, "the server's online keys")
+        offline = _password(PASSWORD_ENV, f"the offline {repository} root key")
+        result = rotate_online_keys(
+            config, offline_keys_dir, repository, [r.strip() for r in roles.split(",") if r.strip()],
+            online, offline, root_keys=root_keys, key_type=key_type,
+        )
+    except (ConfigError, RotationError, KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _emit(result.__dict__, as_json,
+          f"{'Finished' if result.resumed else 'Rotated'} {repository} {', '.join(result.roles)} keys: "
+          f"root v{result.root_version}"
+          + (f", director metadata of {result.vehicles_resigned} vehicle(s) re-signed" if repository == "director" else "")
+          + f"\nStart the server again: uptake server run --data-dir {data_dir}")
+
+
 # -- release ----------------------------------------------------------------------------
 
 _server_opt = click.option("--server", "server_url", default=_DEFAULT_SERVER, envvar="UPTAKE_SERVER", show_default=True,
@@ -121,6 +167,9 @@ def release() -> None:
 @click.option("--release-counter", type=click.IntRange(0), default=None,
               help="Anti-rollback counter; default: one above the highest published for these hardware ids.")
 @click.option("--filepath", default=None, help="Target name; default HARDWARE_ID/VERSION/FILENAME.")
+@click.option("--requires", "requires", multiple=True, metavar="HARDWARE_ID=SPEC",
+              help="What the image needs of the vehicle's other ECUs, e.g. 'stm32f4-bms=>=1.1.0,<2' (repeatable): "
+                   "the director never directs, and vehicles never install, a combination that breaks it.")
 @click.option("--keys-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Directory with image-targets.key and the trusted image-root.json.")
 @click.option("--targets-key", "targets_keys", multiple=True, type=click.Path(path_type=Path),
@@ -129,11 +178,17 @@ def release() -> None:
 @_token_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release_publish(image: Path, hardware_ids: tuple[str, ...], version: str, release_counter: int | None,
-                    filepath: str | None, keys_dir: Path, targets_keys: tuple[Path, ...], server_url: str,
-                    token_file: Path | None, as_json: bool) -> None:
+                    filepath: str | None, requires: tuple[str, ...], keys_dir: Path, targets_keys: tuple[Path, ...],
+                    server_url: str, token_file: Path | None, as_json: bool) -> None:
     """Sign IMAGE into the image repository's targets and publish it."""
     from server.release import TRUSTED_ROOT_NAME, PublishError, publish_image
 
+    needs = {}
+    for item in requires:
+        hw, sep, spec = item.partition("=")
+        if not sep or not hw or not spec:
+            raise click.BadParameter(f"{item!r} is not HARDWARE_ID=SPEC (e.g. stm32f4-bms=>=1.1.0)", param_hint="--requires")
+        needs[hw] = spec
     password = _password(PASSWORD_ENV, "the offline targets key")
     try:
         signers = [load_signer(p, password) for p in (targets_keys or (keys_dir / "image-targets.key",))]
@@ -142,7 +197,8 @@ def release_publish(image: Path, hardware_ids: tuple[str, ...], version: str, re
         raise click.ClickException(str(exc)) from exc
     try:
         published = publish_image(_client(server_url, token_file), image, list(hardware_ids), version, signers,
-                                  trusted_root, release_counter=release_counter, filepath=filepath)
+                                  trusted_root, release_counter=release_counter, filepath=filepath,
+                                  requires=needs or None)
     except PublishError as exc:
         raise click.ClickException(str(exc)) from exc
     _emit(published.__dict__, as_json,
@@ -167,14 +223,19 @@ def fleet() -> None:
 @fleet.command("add-vehicle")
 @click.option("--from-agent", "registration", type=click.File("rb"), required=True,
               help="registration.json written by 'uptake agent init' (VIN, ECU serials, hardware ids, public keys).")
+@click.option("--encrypt-images", is_flag=True,
+              help="Deliver this vehicle's images encrypted to each ECU's registered encryption key "
+                   "(server-wide: \"encrypt_images\": true in DATA/server.json).")
 @_server_opt
 @_token_opt
-def fleet_add_vehicle(registration: Any, server_url: str, token_file: Path | None) -> None:
+def fleet_add_vehicle(registration: Any, encrypt_images: bool, server_url: str, token_file: Path | None) -> None:
     """Register a vehicle and its ECUs' public keys with the director."""
     try:
         body = json.load(registration)
     except ValueError as exc:
         raise click.ClickException(f"{registration.name}: not valid JSON ({exc})") from exc
+    if encrypt_images and isinstance(body, dict):
+        body["encrypt_images"] = True
     try:
         _client(server_url, token_file).request("POST", "/api/v1/vehicles", json_body=body)
     except ApiClientError as exc:

@@ -12,6 +12,7 @@ Everything the server keeps lives under one data directory::
       image-repo/targets/    images as <dir>/<sha256>.<name>
       image-repo/uploads/    images uploaded but not yet in signed targets
       director/metadata/     N.root.json of the director (shared by vehicles)
+      director/encrypted/    per-ECU encrypted image copies, VIN/SERIAL/... (when encrypting)
       uptake.db              SQLite fleet database (unless database_url says otherwise)
 
 The offline keys (image root and targets, director root) are written by
@@ -37,6 +38,7 @@ ONLINE_KEYS = (
     "director-targets",
     "director-snapshot",
     "director-timestamp",
+    "image-deltas",
 )
 OFFLINE_KEYS = ("image-root", "image-targets", "director-root")
 
@@ -51,6 +53,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     database_url: str = ""
+    #: Deliver every vehicle's images encrypted per ECU (:mod:`server.encrypted_images`);
+    #: also settable per vehicle at registration ("encrypt_images": true).
+    encrypt_images: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -99,6 +104,12 @@ class ServerConfig:
             raise ConfigError(f"{path}: {exc}") from exc
         if not isinstance(config.port, int) or not 0 < config.port < 65536:
             raise ConfigError(f"{path}: port must be an integer between 1 and 65535")
+        if not isinstance(config.host, str) or not config.host:
+            raise ConfigError(f"{path}: host must be a non-empty string")
+        if not isinstance(config.database_url, str):
+            raise ConfigError(f"{path}: database_url must be a string")
+        if not isinstance(config.encrypt_images, bool):
+            raise ConfigError(f"{path}: encrypt_images must be true or false")
         return config
 
 

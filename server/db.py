@@ -75,6 +75,21 @@ class SecurityEvent(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow)
 
 
+class EcuEncryptionKey(SQLModel, table=True):
+    """An ECU's X25519 public key for per-ECU image encryption (:mod:`signing.encryption`)."""
+
+    ecu_serial: str = Field(primary_key=True, max_length=128)
+    vin: str = Field(index=True, max_length=128)
+    public_key: str = Field(max_length=64)  # raw key, hex
+
+
+class VehicleEncryption(SQLModel, table=True):
+    """Vehicles whose images the director delivers encrypted per ECU (besides the global option)."""
+
+    vin: str = Field(primary_key=True, max_length=128)
+    encrypt_images: bool = True
+
+
 class DirectorMetadata(SQLModel, table=True):
     """Signed director metadata of one vehicle, one row per role and version."""
 

@@ -12,10 +12,14 @@ run (length and hashes copied from the image repository, custom
 ``ecuIdentifiers`` naming the ECU serial and hardware id), and carry the VIN
 even when the list is empty. New metadata is signed only when that list
 changes or the metadata nears expiry: an idle poll costs one indexed read.
+
+For vehicles whose images are encrypted, the entry names instead a copy of
+the image encrypted to that ECU's key (:mod:`server.encrypted_images`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,11 +30,21 @@ from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from server.db import Assignment, DirectorMetadata, Ecu, Vehicle, as_utc
+from server.db import (
+    Assignment,
+    DirectorMetadata,
+    Ecu,
+    EcuEncryptionKey,
+    Vehicle,
+    VehicleEncryption,
+    as_utc,
+)
+from server.encrypted_images import EncryptedImages
 from server.image_repository import ImageRepository, _versioned
 from signing.atomic_file import write_atomic
 from signing.metadata import DIRECTOR_TARGETS_EXPIRY, director_custom, expiry, set_director_vin
 
+log = logging.getLogger(__name__)
 _SERIALIZER = JSONSerializer(compact=False)
 _KEEP_VERSIONS = 4
 #: Re-sign when metadata expires sooner than this.
@@ -52,8 +66,12 @@ class DirectorRepository:
         targets_signer: Signer,
         snapshot_signer: Signer,
         timestamp_signer: Signer,
+        *,
+        encrypt_images: bool = False,
     ) -> None:
         self.metadata_dir = director_dir / "metadata"
+        self._encrypt_all = encrypt_images
+        self._encrypted = EncryptedImages(director_dir / "encrypted", image_repo.targets_dir)
         roots = _versioned(self.metadata_dir, "root")
         if not roots:
             raise FileNotFoundError(f"no director root in {self.metadata_dir}: run 'uptake server init'")
@@ -63,6 +81,10 @@ class DirectorRepository:
         self._lock = threading.Lock()
         # vin -> (timestamp bytes, expires): the idle-poll cache
         self._timestamp_cache: dict[str, tuple[bytes, datetime]] = {}
+
+    @property
+    def image_repo(self) -> ImageRepository:
+        return self._image_repo
 
     @staticmethod
     def initialize(director_dir: Path, root: Metadata[Root]) -> None:
@@ -83,6 +105,16 @@ class DirectorRepository:
 
     # -- desired state -------------------------------------------------------
 
+    def encrypts(self, session: Session, vin: str) -> bool:
+        """Whether ``vin``'s images are delivered encrypted per ECU (:mod:`server.encrypted_images`)."""
+        if self._encrypt_all:
+            return True
+        row = session.get(VehicleEncryption, vin)
+        return row is not None and row.encrypt_images
+
+    def encrypted_image_path(self, vin: str, name: str) -> Path | None:
+        return self._encrypted.path(vin, name)
+
     def _desired_targets(self, session: Session, vin: str) -> dict[str, TargetFile]:
         ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
         rows = session.exec(
@@ -93,11 +125,25 @@ class DirectorRepository:
             ecu = ecus.get(row.ecu_serial)
             if ecu is not None:
                 wanted.setdefault(row.filepath, {})[ecu.serial] = ecu.hardware_id
+        encryption_keys = {
+            k.ecu_serial: k.public_key
+            for k in session.exec(select(EcuEncryptionKey).where(EcuEncryptionKey.vin == vin))
+        } if self.encrypts(session, vin) else None
         targets: dict[str, TargetFile] = {}
         for filepath, ecu_map in sorted(wanted.items()):
             image = self._image_repo.find_target(filepath)
             if image is None:
                 continue  # unpublished meanwhile: never direct to an unknown image
+            if encryption_keys is not None:
+                # one encrypted copy per ECU; never plaintext to a vehicle that gets ciphertext
+                serial = next((s for s in sorted(ecu_map) if s in encryption_keys), None)
+                if serial is not None:
+                    try:
+                        targets[filepath] = self._encrypted.director_target(
+                            vin, serial, ecu_map[serial], encryption_keys[serial], image)
+                    except (OSError, ValueError) as exc:  # stored image missing or altered
+                        log.error("not directing %s to %s: cannot make its encrypted copy: %s", filepath, serial, exc)
+                continue
             targets[filepath] = TargetFile(
                 image.length, dict(image.hashes), filepath, {"custom": director_custom(ecu_map)}
             )
@@ -195,7 +241,9 @@ class DirectorRepository:
         head, _, rest = filename.partition(".")
         if filename == "timestamp.json":
             return self._timestamp(session, vin)
-        if not head.isdigit() or rest not in ("root.json", "targets.json", "snapshot.json"):
+        # ASCII digits that fit the database's 64-bit integers ("²".isdigit() is True too)
+        if not (head.isascii() and head.isdigit() and len(head) <= 18) or \
+                rest not in ("root.json", "targets.json", "snapshot.json"):
             return None
         version = int(head)
         if rest == "root.json":

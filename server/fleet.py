@@ -30,9 +30,18 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from server.compatibility import check_assignment, fail_unmet_dependents
-from server.db import Assignment, Ecu, SecurityEvent, Vehicle, utcnow
+from server.db import (
+    Assignment,
+    Ecu,
+    EcuEncryptionKey,
+    SecurityEvent,
+    Vehicle,
+    VehicleEncryption,
+    utcnow,
+)
 from server.director import DirectorRepository
 from server.image_repository import ImageRepository
+from signing.encryption import EncryptionFormatError, parse_public_key
 from signing.keys import KeyFileError, public_key_from_dict, public_key_to_dict
 from signing.manifest import (
     FAILED_RESULTS,
@@ -57,10 +66,12 @@ class EcuRegistration:
     hardware_id: str
     public_key: dict[str, Any]
     is_primary: bool = False
+    #: X25519 public key (hex) for per-ECU image encryption; "" when the ECU cannot decrypt
+    encryption_key: str = ""
 
 
 def register_vehicle(session: Session, director: DirectorRepository, vin: str,
-                     primary_serial: str, ecus: list[EcuRegistration]) -> None:
+                     primary_serial: str, ecus: list[EcuRegistration], *, encrypt_images: bool = False) -> None:
     """Add a vehicle and its ECUs, and sign its first (empty) director metadata."""
     if session.get(Vehicle, vin) is not None:
         raise FleetError(409, f"vehicle {vin} is already registered")
@@ -81,6 +92,14 @@ def register_vehicle(session: Session, director: DirectorRepository, vin: str,
             serial=e.serial, vin=vin, hardware_id=e.hardware_id,
             public_key=json.dumps(public_key_to_dict(key)), is_primary=e.serial == primary_serial,
         ))
+        if e.encryption_key:
+            try:
+                parse_public_key(e.encryption_key, where=f"ecus.{e.serial}.encryption_key")
+            except EncryptionFormatError as exc:
+                raise FleetError(400, str(exc)) from exc
+            session.add(EcuEncryptionKey(ecu_serial=e.serial, vin=vin, public_key=e.encryption_key))
+    if encrypt_images:
+        session.add(VehicleEncryption(vin=vin, encrypt_images=True))
     session.flush()
     director.update_vehicle(session, vin, force=True)
 
@@ -114,6 +133,15 @@ def assign(session: Session, director: DirectorRepository, image_repo: ImageRepo
                 409, f"refusing rollback: {filepath!r} has a lower release counter than the installed "
                 f"{ecu.installed_filepath!r}"
             )
+    if director.encrypts(session, vin):
+        if session.get(EcuEncryptionKey, ecu_serial) is None:
+            raise FleetError(409, f"vehicle {vin} gets its images encrypted, and ECU {ecu_serial} registered "
+                                  "no encryption key")
+        if session.exec(select(Assignment).where(
+                Assignment.vin == vin, Assignment.filepath == filepath, Assignment.ecu_serial != ecu_serial,
+                col(Assignment.status).in_(("pending", "installed")))).first() is not None:
+            raise FleetError(409, f"{filepath!r} is already directed to another ECU of {vin}: encrypted "
+                                  "copies are per ECU, one image path per vehicle")
     problems = check_assignment(session, image_repo, vin, ecu_serial, filepath)
     if problems:
         raise FleetError(409, "incompatible combination of images: " + "; ".join(problems))

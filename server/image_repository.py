@@ -11,7 +11,12 @@ Workflow:
    that every listed image is present with the stated length and hash, and
    that every entry carries valid Uptane custom fields.
 3. The server then publishes a new snapshot and timestamp with its ONLINE
-   keys. Images move to ``targets/<dir>/<sha256>.<name>`` so that all files
+   keys.
+4. Deltas between images (:mod:`server.deltas`) are targets of the
+   ``deltas`` role, which the offline targets delegate ``deltas/*`` to and
+   whose key is online: the server adds them (:meth:`add_delta`) without
+   the release engineers' keys, and a vehicle uses one only to produce
+   exactly an image the offline-signed targets name. Images move to ``targets/<dir>/<sha256>.<name>`` so that all files
    but ``timestamp.json`` are immutable (consistent snapshots) and can be
    cached by any web server or CDN.
 
@@ -30,14 +35,32 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from securesystemslib.signer import Signer
+from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.serialization import DeserializationError
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import DeserializationError, SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from signing.atomic_file import atomic_writer, write_atomic
-from signing.metadata import MetadataFormatError, expiry, image_custom
+from signing.metadata import (
+    DELTAS_PATH_PATTERN,
+    DELTAS_ROLE,
+    DeltaCustom,
+    MetadataFormatError,
+    delta_target_path,
+    expiry,
+    image_custom,
+)
 
 _SERIALIZER = JSONSerializer(compact=False)
 _PATH_RE = re.compile(r"^[A-Za-z0-9._+\-]+(/[A-Za-z0-9._+\-]+)*$")
@@ -46,6 +69,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REFRESH_MARGIN = {"snapshot": timedelta(days=2), "timestamp": timedelta(hours=6)}
 #: Largest targets metadata accepted from a release engineer.
 MAX_TARGETS_BYTES = 5_000_000
+#: Lifetime of the online-signed deltas role metadata.
+_DELTAS_EXPIRY = timedelta(days=30)
 
 
 class ImageRepositoryError(Exception):
@@ -61,8 +86,22 @@ def _versioned(directory: Path, role: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _existing_file(path: Path) -> Path | None:
+    """``path`` if it is a regular file; None also for names the OS refuses (too long...)."""
+    try:
+        return path if path.is_file() else None
+    except OSError:
+        return None
+
+
 def _to_bytes(md: Metadata) -> bytes:  # type: ignore[type-arg]
     return md.to_bytes(_SERIALIZER)
+
+
+def deltas_delegation(deltas_key: Key) -> Delegations:
+    """The delegation the offline targets role makes to the server's online deltas key."""
+    role = DelegatedRole(DELTAS_ROLE, [deltas_key.keyid], 1, True, paths=[DELTAS_PATH_PATTERN])
+    return Delegations(keys={deltas_key.keyid: deltas_key}, roles={DELTAS_ROLE: role})
 
 
 def consistent_target_name(target: TargetFile) -> str:
@@ -75,12 +114,14 @@ def consistent_target_name(target: TargetFile) -> str:
 class ImageRepository:
     """The image repository stored under ``root_dir`` (see module docstring)."""
 
-    def __init__(self, root_dir: Path, snapshot_signer: Signer, timestamp_signer: Signer) -> None:
+    def __init__(self, root_dir: Path, snapshot_signer: Signer, timestamp_signer: Signer,
+                 deltas_signer: Signer | None = None) -> None:
         self.metadata_dir = root_dir / "metadata"
         self.targets_dir = root_dir / "targets"
         self.uploads_dir = root_dir / "uploads"
         self._snapshot_signer = snapshot_signer
         self._timestamp_signer = timestamp_signer
+        self._deltas_signer = deltas_signer
         self._lock = threading.Lock()
         self._load()
 
@@ -94,6 +135,7 @@ class ImageRepository:
         targets: Metadata[Targets],
         snapshot_signer: Signer,
         timestamp_signer: Signer,
+        deltas_signer: Signer | None = None,
     ) -> ImageRepository:
         """Create a repository from offline-signed root v1 and targets v1."""
         metadata_dir = root_dir / "metadata"
@@ -107,8 +149,11 @@ class ImageRepository:
         repo.metadata_dir, repo.targets_dir = metadata_dir, root_dir / "targets"
         repo.uploads_dir = root_dir / "uploads"
         repo._snapshot_signer, repo._timestamp_signer = snapshot_signer, timestamp_signer
+        repo._deltas_signer = deltas_signer
         repo._lock = threading.Lock()
         repo.root, repo.targets, repo.snapshot, repo.timestamp = root, targets, snapshot, timestamp
+        repo.deltas = None
+        repo._ensure_deltas_metadata()
         repo._publish_snapshot_and_timestamp(bump=False)
         return repo
 
@@ -124,6 +169,21 @@ class ImageRepository:
         self.targets = Metadata[Targets].from_file(str(targets[-1][1]))
         self.snapshot = Metadata[Snapshot].from_file(str(snapshots[-1][1]))
         self.timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
+        deltas = _versioned(self.metadata_dir, DELTAS_ROLE)
+        self.deltas: Metadata[Targets] | None = (
+            Metadata[Targets].from_file(str(deltas[-1][1])) if deltas else None
+        )
+
+    def _delegates_deltas(self) -> bool:
+        delegations = self.targets.signed.delegations
+        return bool(delegations and delegations.roles and DELTAS_ROLE in delegations.roles)
+
+    def _ensure_deltas_metadata(self) -> None:
+        """Create the (empty) deltas role metadata once targets delegate to it."""
+        if self.deltas is None and self._delegates_deltas() and self._deltas_signer is not None:
+            self.deltas = Metadata(Targets(version=1, expires=(datetime.now(UTC) + _DELTAS_EXPIRY).replace(microsecond=0)))
+            self._sign(self.deltas, self._deltas_signer)
+            write_atomic(self.metadata_dir / f"1.{DELTAS_ROLE}.json", _to_bytes(self.deltas))
 
     # -- publishing ----------------------------------------------------------
 
@@ -136,6 +196,8 @@ class ImageRepository:
         snap.version += bump
         snap.expires = expiry("snapshot")
         snap.meta = {"targets.json": MetaFile(version=self.targets.signed.version)}
+        if self.deltas is not None and self._delegates_deltas():
+            snap.meta[f"{DELTAS_ROLE}.json"] = MetaFile(version=self.deltas.signed.version)
         self._sign(self.snapshot, self._snapshot_signer)
         write_atomic(self.metadata_dir / f"{snap.version}.snapshot.json", _to_bytes(self.snapshot))
         self._publish_timestamp(bump)
@@ -152,6 +214,10 @@ class ImageRepository:
         """Re-sign snapshot/timestamp that are close to expiry. True if anything changed."""
         now = now or datetime.now(UTC)
         with self._lock:
+            if self.deltas is not None and self._deltas_signer is not None and \
+                    self.deltas.signed.expires - now < _REFRESH_MARGIN["snapshot"]:
+                self._publish_deltas()
+                return True
             if self.snapshot.signed.expires - now < _REFRESH_MARGIN["snapshot"]:
                 self._publish_snapshot_and_timestamp()
                 return True
@@ -190,8 +256,9 @@ class ImageRepository:
             raise ImageRepositoryError(f"targets metadata larger than {MAX_TARGETS_BYTES} bytes")
         try:
             new = Metadata[Targets].from_bytes(data)
-        except DeserializationError as exc:
-            raise ImageRepositoryError(f"targets metadata is malformed: {exc}") from exc
+            _ = new.signed_bytes  # what signatures cover must have a canonical form (no floats)
+        except (DeserializationError, SerializationError) as exc:
+            raise ImageRepositoryError(f"targets metadata is malformed: {exc.__cause__ or exc}") from exc
         if not isinstance(new.signed, Targets):
             raise ImageRepositoryError(f"expected targets metadata, got {new.signed.type!r}")
         with self._lock:
@@ -209,16 +276,67 @@ class ImageRepository:
                 )
             if new.signed.is_expired():
                 raise ImageRepositoryError("targets metadata is already expired")
-            if new.signed.delegations is not None:
-                raise ImageRepositoryError("delegated targets are not supported by this repository")
+            self._check_delegations(new.signed)
             moves = self._check_targets(new.signed.targets.values())
             for src, dst in moves:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
             write_atomic(self.metadata_dir / f"{new.signed.version}.targets.json", data)
             self.targets = new
+            self._ensure_deltas_metadata()
             self._publish_snapshot_and_timestamp()
             return new
+
+    def _check_delegations(self, targets: Targets) -> None:
+        delegations = targets.delegations
+        if delegations is None:
+            return
+        roles = delegations.roles or {}
+        if set(roles) != {DELTAS_ROLE} or roles[DELTAS_ROLE].paths != [DELTAS_PATH_PATTERN]:
+            raise ImageRepositoryError(
+                f"the only delegation this repository serves is {DELTAS_ROLE!r} for {DELTAS_PATH_PATTERN!r}"
+            )
+
+    # -- deltas (online role) ----------------------------------------------------
+
+    def has_delta(self, base_sha256: str, result_sha256: str) -> bool:
+        return self.deltas is not None and \
+            delta_target_path(base_sha256, result_sha256) in self.deltas.signed.targets
+
+    def find_by_sha256(self, sha256: str) -> TargetFile | None:
+        """The published full image with this SHA-256, if any."""
+        for target in self.targets.signed.targets.values():
+            if target.hashes.get("sha256") == sha256:
+                return target
+        return None
+
+    def image_file(self, target: TargetFile) -> Path:
+        return self.targets_dir / consistent_target_name(target)
+
+    def add_delta(self, delta_file: Path, custom: DeltaCustom) -> TargetFile:
+        """Publish ``delta_file`` as a target of the deltas role (moves the file)."""
+        if self._deltas_signer is None or not self._delegates_deltas():
+            raise ImageRepositoryError("this repository's targets do not delegate deltas to an online key")
+        path = delta_target_path(custom.base_sha256, custom.result_sha256)
+        target = TargetFile.from_file(path, str(delta_file), ["sha256"])
+        target.unrecognized_fields["custom"] = custom.to_custom()
+        final = self.targets_dir / consistent_target_name(target)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(delta_file, final)
+        with self._lock:
+            assert self.deltas is not None
+            self.deltas.signed.targets[path] = target
+            self._publish_deltas()
+        return target
+
+    def _publish_deltas(self) -> None:
+        assert self.deltas is not None and self._deltas_signer is not None
+        signed = self.deltas.signed
+        signed.version += 1
+        signed.expires = (datetime.now(UTC) + _DELTAS_EXPIRY).replace(microsecond=0)
+        self._sign(self.deltas, self._deltas_signer)
+        write_atomic(self.metadata_dir / f"{signed.version}.{DELTAS_ROLE}.json", _to_bytes(self.deltas))
+        self._publish_snapshot_and_timestamp()
 
     def _check_targets(self, targets: Iterable[TargetFile]) -> list[tuple[Path, Path]]:
         moves = []
@@ -251,8 +369,9 @@ class ImageRepository:
         """Rotate root: the new root must be signed by old AND new root key thresholds."""
         try:
             new = Metadata[Root].from_bytes(data)
-        except DeserializationError as exc:
-            raise ImageRepositoryError(f"root metadata is malformed: {exc}") from exc
+            _ = new.signed_bytes  # what signatures cover must have a canonical form (no floats)
+        except (DeserializationError, SerializationError) as exc:
+            raise ImageRepositoryError(f"root metadata is malformed: {exc.__cause__ or exc}") from exc
         if not isinstance(new.signed, Root):
             raise ImageRepositoryError(f"expected root metadata, got {new.signed.type!r}")
         with self._lock:
@@ -285,14 +404,12 @@ class ImageRepository:
         """Path of a servable metadata file, or None (never escapes the directory)."""
         if "/" in filename or filename.startswith("."):
             return None
-        path = self.metadata_dir / filename
-        return path if path.is_file() else None
+        return _existing_file(self.metadata_dir / filename)
 
     def target_path(self, name: str) -> Path | None:
         if not _PATH_RE.match(name) or ".." in name.split("/"):
             return None
-        path = self.targets_dir / name
-        return path if path.is_file() else None
+        return _existing_file(self.targets_dir / name)
 
 
 __all__ = ["ImageRepository", "ImageRepositoryError", "RepositoryError", "consistent_target_name"]

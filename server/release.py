@@ -8,7 +8,8 @@ live, and talks to the server over HTTP:
    copy of root (``image-root.json`` beside the offline keys), so nobody can
    slip an entry into what gets re-signed;
 2. add the new image's entry (length, sha256, ``hardwareIds``, release
-   counter, version), bump the version, sign with the targets key(s);
+   counter, version, optional ``requires`` of other ECUs), bump the
+   version, sign with the targets key(s);
 3. upload the image bytes, then the signed metadata; the server checks the
    signatures against root and publishes snapshot + timestamp.
 """
@@ -26,7 +27,7 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import Updater
 
 from server.api_client import AdminClient, ApiClientError
-from signing.metadata import ImageCustom, expiry, image_custom
+from signing.metadata import ImageCustom, MetadataFormatError, expiry, image_custom, parse_requires
 
 #: Name of the release engineer's trusted copy of the image repository root.
 TRUSTED_ROOT_NAME = "image-root.json"
@@ -58,7 +59,7 @@ def fetch_verified_targets(server_url: str, trusted_root: bytes) -> Metadata[Tar
 
 def publish_image(client: AdminClient, image: Path, hardware_ids: list[str], version: str,
                   signers: list[Signer], trusted_root: bytes, *, release_counter: int | None = None,
-                  filepath: str | None = None) -> Published:
+                  filepath: str | None = None, requires: dict[str, str] | None = None) -> Published:
     """Publish ``image`` (see module docstring) and return what was published."""
     if not image.is_file():
         raise PublishError(f"{image}: no such file")
@@ -82,7 +83,13 @@ def publish_image(client: AdminClient, image: Path, hardware_ids: list[str], ver
         raise PublishError(
             f"release counter {release_counter} is below the highest already published ({max(counters)})"
         )
-    target.unrecognized_fields["custom"] = ImageCustom(tuple(hardware_ids), release_counter, version).to_custom()
+    try:
+        needs = parse_requires(requires, f"image {filepath!r}") if requires else ()
+    except MetadataFormatError as exc:
+        raise PublishError(str(exc)) from exc
+    target.unrecognized_fields["custom"] = ImageCustom(
+        tuple(hardware_ids), release_counter, version, requires=needs
+    ).to_custom()
     targets.targets[filepath] = target
     targets.version += 1
     targets.expires = expiry("targets")

@@ -25,7 +25,7 @@ from server.app import build_app
 from server.config import OFFLINE_KEYS, ONLINE_KEYS, ConfigError, ServerConfig
 from server.db import make_engine
 from server.director import DirectorRepository
-from server.image_repository import ImageRepository
+from server.image_repository import ImageRepository, deltas_delegation
 from signing.atomic_file import write_atomic
 from signing.keys import KeyFileError, generate_signer, load_signer, save_signer
 from signing.metadata import expiry
@@ -86,9 +86,12 @@ def _init(config: ServerConfig, offline_dir: Path, password: bytes,
     # the director's root names director-{targets,snapshot,timestamp}
     image_root = _root(signers, "image")
     targets = Metadata(Targets(version=1, expires=expiry("targets")))
+    # deltas/* is delegated to an online key so the server can publish deltas itself
+    targets.signed.delegations = deltas_delegation(signers["image-deltas"].public_key)
     targets.sign(signers["image-targets"])
     ImageRepository.initialize(
-        config.image_dir, image_root, targets, signers["image-snapshot"], signers["image-timestamp"]
+        config.image_dir, image_root, targets, signers["image-snapshot"], signers["image-timestamp"],
+        signers["image-deltas"],
     )
     director_root = _root(signers, "director")
     DirectorRepository.initialize(config.director_dir, director_root)
@@ -117,10 +120,13 @@ def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
         token = config.admin_token_path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read admin token {config.admin_token_path}: {exc.strerror}") from exc
-    image_repo = ImageRepository(config.image_dir, signers["image-snapshot"], signers["image-timestamp"])
+    image_repo = ImageRepository(
+        config.image_dir, signers["image-snapshot"], signers["image-timestamp"], signers["image-deltas"]
+    )
     director = DirectorRepository(
         config.director_dir, image_repo,
         signers["director-targets"], signers["director-snapshot"], signers["director-timestamp"],
+        encrypt_images=config.encrypt_images,
     )
     try:
         engine = make_engine(config.database_url)

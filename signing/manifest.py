@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
+from securesystemslib.exceptions import FormatError, UnverifiedSignatureError, VerificationError
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature, Signer
 
@@ -261,6 +261,10 @@ class SignedEnvelope:
         prefix = f"{where}." if where else ""
         d = _obj(data, where or "document")
         signed = _obj(d.get("signed"), f"{prefix}signed")
+        try:
+            _canonical(signed)  # what verify() will hash: floats, for one, have no canonical form
+        except FormatError as exc:
+            raise ManifestFormatError(f"{prefix}signed", f"has no canonical JSON form ({exc})") from exc
         sigs_raw = d.get("signatures")
         if not isinstance(sigs_raw, list) or not sigs_raw or len(sigs_raw) > 16:
             raise ManifestFormatError(f"{prefix}signatures", "must be a list of 1 to 16 signatures")

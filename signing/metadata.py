@@ -7,7 +7,17 @@ agent (which verifies) cannot disagree:
 Image repository targets (one entry per firmware image)::
 
     "custom": {"hardwareIds": ["stm32f4-bms"], "releaseCounter": 3,
-               "version": "1.1.0"}
+               "version": "1.1.0",
+               "requires": {"rpi-gateway": ">=1.1.0,<2"}}
+
+``requires`` (optional) is what the image needs of the *other* ECUs of the
+same vehicle: every ECU with that hardware id must run an image whose
+``version`` satisfies all the comma-separated clauses (``>=``, ``>``,
+``<=``, ``<``, ``==``, ``!=`` against dotted decimal versions, 1 to 4
+numbers). It is signed with the offline targets key like the rest, so a
+compromised director cannot drop half of a bundle: the server refuses to
+direct an incompatible combination and the agent refuses to install one
+(:func:`unmet_requirements`, used by both).
 
 Director repository targets (one entry per image to install)::
 
@@ -24,6 +34,8 @@ Every parser raises :class:`MetadataFormatError` naming the target and field.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +50,8 @@ HARDWARE_ID = "hardwareId"
 VIN = "vin"
 #: Optional image-target field linking a delta to the full images it joins.
 DELTA = "delta"
+#: Optional image-target field: what the image needs of the vehicle's other ECUs.
+REQUIRES = "requires"
 
 #: Top-level roles of both repositories.
 TOP_LEVEL_ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -64,6 +78,63 @@ def expiry(role: str, now: datetime | None = None) -> datetime:
     return (now + DEFAULT_EXPIRY[role]).replace(microsecond=0)
 
 
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}$")
+_CLAUSE_RE = re.compile(r"^(>=|<=|==|!=|>|<)(.+)$")
+_HARDWARE_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+_MAX_REQUIREMENTS = 32
+_COMPARE = {
+    ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+}
+
+
+def version_key(version: str) -> tuple[int, ...] | None:
+    """``"1.10.2"`` -> ``(1, 10, 2, 0)``, or None when not a dotted decimal version."""
+    if not _VERSION_RE.match(version):
+        return None
+    numbers = tuple(int(n) for n in version.split("."))
+    return numbers + (0,) * (4 - len(numbers))
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One ``requires`` entry: ECUs of ``hardware_id`` must run a version matching ``spec``."""
+
+    hardware_id: str
+    spec: str
+    clauses: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def allows(self, version: str) -> bool:
+        key = version_key(version)
+        return key is not None and all(_COMPARE[op](key, bound) for op, bound in self.clauses)
+
+
+def parse_requires(value: Any, where: str) -> tuple[Requirement, ...]:
+    """Parse a ``requires`` object strictly; raise :class:`MetadataFormatError` naming the entry."""
+    if not isinstance(value, dict) or not value or len(value) > _MAX_REQUIREMENTS:
+        raise MetadataFormatError(
+            f"{where}: custom.{REQUIRES} must be an object of 1 to {_MAX_REQUIREMENTS} hardware id -> version spec"
+        )
+    result = []
+    for hw, spec in sorted(value.items()):
+        entry = f"{where}: custom.{REQUIRES}.{hw}"
+        if not _HARDWARE_ID_RE.match(hw):
+            raise MetadataFormatError(f"{entry}: not a valid hardware id")
+        if not isinstance(spec, str) or not spec or len(spec) > 256:
+            raise MetadataFormatError(f"{entry}: must be a version spec such as \">=1.1.0,<2\"")
+        clauses = []
+        for clause in spec.split(","):
+            match = _CLAUSE_RE.match(clause.strip())
+            bound = version_key(match.group(2)) if match else None
+            if match is None or bound is None:
+                raise MetadataFormatError(
+                    f"{entry}: {clause.strip()!r} is not OPERATOR VERSION (>=, >, <=, <, ==, != and a dotted decimal version)"
+                )
+            clauses.append((match.group(1), bound))
+        result.append(Requirement(hw, spec, tuple(clauses)))
+    return tuple(result)
+
+
 @dataclass(frozen=True)
 class ImageCustom:
     """The Uptane fields of an image repository target."""
@@ -72,6 +143,7 @@ class ImageCustom:
     release_counter: int
     version: str
     delta: dict[str, Any] | None = None
+    requires: tuple[Requirement, ...] = ()
 
     def to_custom(self) -> dict[str, Any]:
         custom: dict[str, Any] = {
@@ -81,7 +153,42 @@ class ImageCustom:
         }
         if self.delta is not None:
             custom[DELTA] = self.delta
+        if self.requires:
+            custom[REQUIRES] = {r.hardware_id: r.spec for r in self.requires}
         return custom
+
+
+@dataclass(frozen=True)
+class EcuImage:
+    """What one ECU of a vehicle runs, or would run after an update (for :func:`unmet_requirements`)."""
+
+    ecu_serial: str
+    hardware_id: str
+    filepath: str  # "" when nothing known is installed
+    image: ImageCustom | None  # None: not an image of the repository (factory image, nothing)
+
+
+def unmet_requirements(ecus: Iterable[EcuImage]) -> list[str]:
+    """Every ``requires`` of an image in ``ecus`` that the other ECUs of ``ecus`` do not meet.
+
+    ``ecus`` is the whole vehicle after the update (installed images overlaid
+    with directed ones). An empty list means the combination is compatible.
+    """
+    vehicle = list(ecus)
+    problems = []
+    for ecu in vehicle:
+        for req in ecu.image.requires if ecu.image else ():
+            others = [e for e in vehicle if e.hardware_id == req.hardware_id]
+            if not others:
+                problems.append(f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
+                                f"and this vehicle has no {req.hardware_id} ECU")
+            for other in others:
+                if other.image is None or not req.allows(other.image.version):
+                    runs = f"{other.filepath} ({other.image.version})" if other.image else \
+                        (f"{other.filepath} (not in the image repository)" if other.filepath else "no known image")
+                    problems.append(f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
+                                    f"but {other.ecu_serial} would run {runs}")
+    return problems
 
 
 def _custom_of(target: TargetFile) -> dict[str, Any]:
@@ -111,7 +218,8 @@ def image_custom(target: TargetFile) -> ImageCustom:
     delta = custom.get(DELTA)
     if delta is not None and not isinstance(delta, dict):
         raise MetadataFormatError(f"{where}: custom.{DELTA} must be an object")
-    return ImageCustom(tuple(hw_ids), counter, version, delta)
+    requires = parse_requires(custom[REQUIRES], where) if REQUIRES in custom else ()
+    return ImageCustom(tuple(hw_ids), counter, version, delta, requires)
 
 
 def director_custom(ecus: dict[str, str]) -> dict[str, Any]:
@@ -149,3 +257,64 @@ def director_vin(targets: Targets) -> str:
     if not isinstance(vin, str):
         raise MetadataFormatError("director targets metadata: signed.custom.vin is missing")
     return vin
+
+
+# -- deltas --------------------------------------------------------------------------
+#
+# Deltas are targets of their own, signed by the image repository's online
+# "deltas" role, which the offline targets role delegates ``deltas/*`` to.
+# A delta's custom names the exact images it joins; the agent uses one only
+# when its installed image is the base and the result is the very image the
+# offline-signed targets (and the director) name, so a compromised deltas
+# key cannot make a vehicle install anything else.
+
+#: The delegated role that signs delta targets, and the paths it may sign.
+DELTAS_ROLE = "deltas"
+DELTAS_PATH_PATTERN = "deltas/*"
+
+
+def delta_target_path(base_sha256: str, result_sha256: str) -> str:
+    """The target path of the delta from one image to another (both by SHA-256)."""
+    return f"deltas/{base_sha256}-{result_sha256}"
+
+
+@dataclass(frozen=True)
+class DeltaCustom:
+    """What a delta target joins: base and result images (length + sha256) and the method."""
+
+    base_sha256: str
+    base_length: int
+    result_sha256: str
+    result_length: int
+    method: str
+
+    def to_custom(self) -> dict[str, Any]:
+        return {DELTA: {
+            "base": {"sha256": self.base_sha256, "length": self.base_length},
+            "result": {"sha256": self.result_sha256, "length": self.result_length},
+            "method": self.method,
+        }}
+
+
+def delta_custom(target: TargetFile) -> DeltaCustom:
+    """Parse the custom of a delta target, raising :class:`MetadataFormatError` naming the field."""
+    where = f"delta target {target.path!r}: custom.{DELTA}"
+    delta = _custom_of(target).get(DELTA)
+    if not isinstance(delta, dict):
+        raise MetadataFormatError(f"{where} must be an object")
+    ends = {}
+    for end in ("base", "result"):
+        info = delta.get(end)
+        sha = info.get("sha256") if isinstance(info, dict) else None
+        length = info.get("length") if isinstance(info, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise MetadataFormatError(f"{where}.{end}.sha256 must be a lowercase hex SHA-256")
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise MetadataFormatError(f"{where}.{end}.length must be an integer >= 0")
+        ends[end] = (sha, length)
+    method = delta.get("method")
+    if not isinstance(method, str) or not method:
+        raise MetadataFormatError(f"{where}.method must be a non-empty string")
+    if target.path != delta_target_path(ends["base"][0], ends["result"][0]):
+        raise MetadataFormatError(f"{where}: path does not match the base and result it names")
+    return DeltaCustom(ends["base"][0], ends["base"][1], ends["result"][0], ends["result"][1], method)

@@ -168,7 +168,7 @@ class Vehicle:
         return make_boot_environment(load_config(self.config_path)).read()
 
     def booted_image(self) -> str:
-        image = self.state().slot_images.get(self.boot_env()["boot_slot"])
+        image = self.state().slot_images.get(self.boot_env().get("boot_slot", "a"))
         return image.filepath if image else ""
 
     def secondary_state(self) -> dict[str, Any]:

@@ -22,6 +22,10 @@ def open_secondaries(config: AgentConfig, password: bytes) -> list[Secondary]:
                 config.path(sec.directory), sec.ecu_serial, sec.hardware_id, config.vin, password,
                 health_check=[list(c) for c in health], bootlimit=int(sec.options.get("bootlimit", 1)),
             ))
+        elif sec.transport == "uds":
+            from client.secondaries.uds_secondary import UdsSecondary
+
+            result.append(UdsSecondary(sec.ecu_serial, sec.hardware_id, sec.options))
         else:  # validated by the config loader
             raise SecondaryError(f"secondary {sec.ecu_serial}: unsupported transport {sec.transport!r}")
     return result

@@ -25,6 +25,8 @@ class SecondaryUpdate:
     filepath: str
     director_targets: bytes  # signed director targets, exactly as fetched
     image_path: Path
+    #: director roots newer than version 1, as the primary verified them (key rotation)
+    director_roots: tuple[bytes, ...] = ()
 
 
 class Secondary(ABC):

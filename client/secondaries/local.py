@@ -10,7 +10,7 @@ are signed with its key, not the primary's.
 Directory layout::
 
     DIR/ecu.key, ecu.pub.json   the ECU key (encrypted with $UPTAKE_KEY_PASSWORD)
-    DIR/director-root.json      trusted director root (provisioned)
+    DIR/director-root.json      trusted director root (provisioned; follows key rotations)
     DIR/bank-a.bin, bank-b.bin  the two flash banks
     DIR/bootenv.json            which bank boots, trial state
     DIR/state.json              counters, installed images, last outcome
@@ -25,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import Metadata, Root
+from tuf.api.serialization.json import JSONSerializer
 
 from client.bootenv import FileBootEnvironment, simulate_bootloader
 from client.health import run_health_checks
 from client.installer import InstallError, SlotInstaller, other_slot
-from client.partial_verification import PartialVerificationError, verify_director_targets
+from client.partial_verification import (
+    PartialVerificationError,
+    follow_root_chain,
+    verify_director_targets,
+)
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
 from signing.atomic_file import write_atomic
 from signing.keys import KeyFileError, load_signer
@@ -87,6 +92,7 @@ class LocalSecondary(Secondary):
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
         state = self._state()
         try:
+            self._follow_director_roots(update.director_roots)
             verified = verify_director_targets(
                 update.director_targets, self._root, vin=self.vin, ecu_serial=self.ecu_serial,
                 hardware_id=self.hardware_id, min_version=state["targets_version"],
@@ -126,6 +132,12 @@ class LocalSecondary(Secondary):
                 self._banks.commit()
                 return self._finish(state, InstallOutcome(update.filepath, "installed"))
             reason = result.reason
+
+    def _follow_director_roots(self, roots: tuple[bytes, ...]) -> None:
+        newest = follow_root_chain(self._root, roots)
+        if newest is not self._root:
+            write_atomic(self.directory / "director-root.json", newest.to_bytes(JSONSerializer(compact=False)))
+            self._root = newest
 
     def _finish(self, state: dict[str, Any], outcome: InstallOutcome, attack: str = "") -> InstallOutcome:
         state["last_install"] = outcome.to_dict()

@@ -1,0 +1,127 @@
+"""Delta updates end to end: the server makes and signs deltas, the agent applies them or falls back."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.delta.create import create_delta
+from signing.keys import load_signer
+from tests.malicious_proxy import MaliciousProxy, resign
+from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, sample
+
+PAD = random.Random(7).randbytes(256 * 1024)
+
+
+def _image(tmp_path: Path, version: str, tweak: int = 0) -> Path:
+    """A gateway image with a large, mostly shared payload, as real releases have."""
+    pad = bytearray(PAD)
+    for i in range(tweak):
+        pad[i * 4099 % len(pad)] ^= 0x5A
+    path = tmp_path / f"gateway-{version}.elf"
+    path.write_bytes(sample("rpi-gateway", "1.0.0" if version == "1.0.0" else "1.1.0").read_bytes() + bytes(pad))
+    return path
+
+
+def _wait_for_delta(server: ServerProcess, result_sha256: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = server.admin.request("GET", "/api/v1/deltas")
+        for delta in listing["published"]:
+            if delta["custom"]["delta"]["result"]["sha256"] == result_sha256:
+                return dict(delta)
+        failed = [j for j in listing["jobs"] if j["status"] in ("failed", "not_worth_it")]
+        assert not failed, failed
+        time.sleep(0.2)
+    raise AssertionError("the server did not publish the delta within 60 s")
+
+
+def _vehicle_on_v1(server: ServerProcess, tmp_path: Path, server_url: str | None = None) -> Vehicle:
+    vehicle = Vehicle(tmp_path, server, secondaries=False, server_url=server_url)
+    v1 = server.publish(_image(tmp_path, "1.0.0"), "rpi-gateway", "1.0.0")
+    server.assign(vehicle.vin, vehicle.primary, v1.filepath)
+    assert vehicle.run_once().report["outcomes"][vehicle.primary]["method"] == "full"
+    return vehicle
+
+
+def test_delta_update_installs_a_byte_identical_image(server: ServerProcess, tmp_path: Path) -> None:
+    vehicle = _vehicle_on_v1(server, tmp_path)
+    v2_file = _image(tmp_path, "1.1.0", tweak=40)
+    v2 = server.publish(v2_file, "rpi-gateway", "1.1.0")
+    delta = _wait_for_delta(server, v2.sha256)  # made at publish time, from what the fleet runs
+    assert delta["length"] < v2.length / 10
+    server.assign(vehicle.vin, vehicle.primary, v2.filepath)
+    outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+    assert outcome == {"filepath": v2.filepath, "result": "installed", "detail": "", "method": "delta"}
+    slot = vehicle.boot_env()["boot_slot"]
+    assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == v2_file.read_bytes()
+    primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
+    assert primary["installed"]["sha256"] == v2.sha256 and primary["last_install"]["method"] == "delta"
+
+
+def _deltas_key(server: ServerProcess):  # type: ignore[no-untyped-def]
+    return load_signer(server.data_dir / "keys" / "image-deltas.key", PASSWORD.encode())
+
+
+def _serve_forged_delta(proxy: MaliciousProxy, server: ServerProcess, forged: bytes) -> None:
+    """A compromised deltas key: sign an entry for ``forged`` under the real delta's path."""
+    from tuf.api.metadata import TargetFile
+
+    signer = _deltas_key(server)
+    forged_target: dict[str, TargetFile] = {}
+
+    def mutate(signed: Any) -> None:
+        for path, target in signed.targets.items():
+            new = TargetFile.from_data(path, forged, ["sha256"])
+            new.unrecognized_fields["custom"] = target.custom
+            signed.targets[path] = new
+            forged_target["t"] = new
+
+    def rewrite(path: str, body: bytes) -> bytes | None:
+        if path.startswith("/image/metadata/") and path.endswith(".deltas.json"):
+            return resign(body, [signer], mutate)
+        if "t" in forged_target and path.startswith("/image/targets/deltas/") and \
+                forged_target["t"].hashes["sha256"] in path:
+            return forged
+        return None
+
+    proxy.rewrites.append(rewrite)
+
+
+@pytest.mark.parametrize("attack", ["corrupted", "wrong_base", "wrong_result"])
+def test_bad_delta_is_refused_and_the_full_image_installed(server: ServerProcess, tmp_path: Path, attack: str) -> None:
+    proxy = MaliciousProxy(server.url)
+    try:
+        vehicle = _vehicle_on_v1(server, tmp_path, server_url=proxy.url)
+        v2_file = _image(tmp_path, "1.1.0", tweak=40)
+        v2 = server.publish(v2_file, "rpi-gateway", "1.1.0")
+        _wait_for_delta(server, v2.sha256)
+        if attack == "corrupted":
+            stored = next((server.data_dir / "image-repo" / "targets" / "deltas").iterdir())
+            data = bytearray(stored.read_bytes())
+            data[-10] ^= 0xFF
+            stored.write_bytes(bytes(data))
+            expected = "hash"
+        else:
+            other = _image(tmp_path, "other", tweak=400)
+            if attack == "wrong_base":  # a real delta, but from another image
+                create_delta(other, v2_file, tmp_path / "forged.delta")
+                expected = "base"
+            else:  # from the right base, but to another image
+                create_delta(_image(tmp_path, "1.0.0"), other, tmp_path / "forged.delta")
+                expected = "other than"
+            _serve_forged_delta(proxy, server, (tmp_path / "forged.delta").read_bytes())
+        server.assign(vehicle.vin, vehicle.primary, v2.filepath)
+        outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+        assert outcome["result"] == "installed" and outcome["method"] == "full", outcome
+        assert "delta refused" in outcome["detail"] and expected in outcome["detail"], outcome
+        slot = vehicle.boot_env()["boot_slot"]
+        assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == v2_file.read_bytes()
+        primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
+        assert primary["last_install"]["method"] == "full" and "delta refused" in primary["last_install"]["detail"]
+    finally:
+        proxy.close()
