@@ -38,7 +38,7 @@ from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootlo
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
 from client.fetcher import ResumableFetcher
-from client.health import run_health_checks
+from client.health import run_command, run_health_checks
 from client.installer import InstallError, SlotInstaller, other_slot
 from client.preconditions import unmet_precondition
 from client.secondaries import open_secondaries
@@ -302,7 +302,8 @@ class Agent:
         current = self.installer.state().boot_slot
         state = self.store.load()
         installed = state.slot_images.get(current)
-        delta = self.verifier.find_delta(item, installed.hashes.get("sha256", "") if installed else "")
+        delta = None if self.config.installer.type == "command" else \
+            self.verifier.find_delta(item, installed.hashes.get("sha256", "") if installed else "")
         journal = Journal("download", item.target.path, item.target.length, item.sha256,
                           item.custom.release_counter, other_slot(current), current)
         if delta is not None:
@@ -370,6 +371,8 @@ class Agent:
                 self.store.save(state)
                 self.say(f"applied delta ({method}) from slot {j.from_slot} into inactive slot {j.target_slot}: "
                          f"{j.filepath}, sha256 verified")
+            elif j.phase == "write" and self.config.installer.type == "command":
+                return self._install_with_command(state)
             elif j.phase == "write":
                 try:
                     if not (self.downloads / j.sha256).exists():
@@ -401,6 +404,39 @@ class Agent:
                 self.store.save(state)
             else:
                 return self._finish(state, "failed", f"unknown journal phase {j.phase!r}")
+
+    def _install_with_command(self, state: AgentState) -> InstallOutcome:
+        """Installer type "command": the command installs, the health checks decide.
+
+        The command must be idempotent: after a restart it runs again.
+        """
+        j = state.journal
+        assert j is not None
+        cfg = self.config.installer
+        image = self.downloads / j.sha256
+        if not image.exists():
+            try:
+                self._download_full_for_journal(j)
+            except VerificationFailure as exc:
+                return self._finish(state, "refused", str(exc))
+        values = {"{image}": str(image), "{filepath}": j.filepath, "{sha256}": j.sha256}
+        argv = [values.get(a, a) for a in cfg.install_command]
+        result = run_command(argv, cfg.command_timeout, "install command")
+        if not result.ok:
+            return self._finish(state, "failed", result.reason)
+        self.say(f"installed {j.filepath} with {argv[0]}")
+        health = run_health_checks(self.config.health_check.commands, "a", image, self.config.health_check.timeout)
+        if not health.ok:
+            if cfg.rollback_command:
+                undo = run_command([values.get(a, a) for a in cfg.rollback_command], cfg.command_timeout,
+                                   "rollback command")
+                if not undo.ok:
+                    return self._finish(state, "failed", f"{health.reason}; {undo.reason}")
+            self.say(f"health check FAILED after installing {j.filepath}: {health.reason}")
+            return self._finish(state, "rolled_back", health.reason)
+        state.slot_images[self.installer.state().boot_slot] = j.image()
+        self.say(f"health check passed: committed {j.filepath}")
+        return self._finish(state, "installed")
 
     def _reboot(self) -> None:
         reboot = self.config.installer.reboot

@@ -16,7 +16,7 @@ from typing import Any
 from client.fetcher import FetcherConfig
 from client.preconditions import Precondition
 
-INSTALLER_TYPES = ("file", "uboot", "grub")
+INSTALLER_TYPES = ("file", "uboot", "grub", "command")
 SECONDARY_TRANSPORTS = ("local", "uds")
 
 
@@ -35,6 +35,11 @@ class InstallerConfig:
     #: "simulate" plays the bootloader in-process (development, tests, demo);
     #: otherwise the command that reboots the machine, e.g. ["systemctl", "reboot"].
     reboot: str | tuple[str, ...] = "simulate"
+    #: type "command": installs with this command ({image}, {filepath}, {sha256} substituted),
+    #: then runs the health checks; on failure runs rollback_command (if any).
+    install_command: tuple[str, ...] = ()
+    rollback_command: tuple[str, ...] = ()
+    command_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,13 @@ class _Table:
             raise AgentConfigError(f"{self.source}: unknown key(s) in [{self.where}]: {', '.join(sorted(unknown))}")
 
 
+def _command(table: _Table, key: str) -> tuple[str, ...]:
+    argv = table.get(key, list, [])
+    if not all(isinstance(a, str) for a in argv):
+        raise AgentConfigError(f"{table.source}: {table.where}.{key} must be a list of strings")
+    return tuple(argv)
+
+
 def load_config(path: Path) -> AgentConfig:
     """Read and validate the agent configuration at ``path``."""
     source = str(path)
@@ -184,7 +196,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
         boot_env=Path(inst.get("boot_env", str, "bootenv.json")),
         bootlimit=bootlimit,
         reboot=reboot,
+        install_command=_command(inst, "install_command"),
+        rollback_command=_command(inst, "rollback_command"),
+        command_timeout=inst.positive("command_timeout", 600.0),
     )
+    if itype == "command" and not installer.install_command:
+        raise AgentConfigError(f"{source}: installer.install_command is required with type = \"command\"")
     inst.check_unknown()
 
     hc = _Table(raw.get("health_check", {}), "health_check", source)

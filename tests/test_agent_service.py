@@ -113,3 +113,33 @@ def test_status_reports_slots_and_boot_state(server: ServerProcess, vehicle: Veh
     assert status["boot"]["boot_slot"] == "b"
     assert status["slot_images"]["b"]["filepath"] == gw.filepath
     assert status["journal"] is None
+
+
+def test_command_installer_installs_and_rolls_back_with_the_users_commands(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    from tests.uptake_fixtures import SELFTEST
+
+    target = tmp_path / "custom-target"
+    target.mkdir()
+    vehicle = Vehicle(tmp_path, server, secondaries=False,
+                      health_check=[[a.replace("{slot_path}", str(target / "firmware")) for a in SELFTEST]])
+    text = vehicle.config_path.read_text().replace(
+        'type = "file"',
+        'type = "command"\n'
+        f'install_command = ["sh", "-c", "cp \\"$0\\" {target}/firmware.new && mv {target}/firmware.new {target}/firmware && cp {target}/firmware {target}/last-good.tmp", "{{image}}"]\n'
+        f'rollback_command = ["sh", "-c", "cp {target}/last-good {target}/firmware"]',
+    )
+    vehicle.config_path.write_text(text)
+    good = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, good.filepath)
+    assert vehicle.run_once().report["outcomes"][vehicle.primary]["result"] == "installed"
+    assert (target / "firmware").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()
+    (target / "last-good.tmp").rename(target / "last-good")
+    broken = server.publish(sample("rpi-gateway", "2.0.0"), "rpi-gateway", "2.0.0")
+    server.assign(vehicle.vin, vehicle.primary, broken.filepath)
+    outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+    assert outcome["result"] == "rolled_back" and "self-test" in outcome["detail"]
+    assert (target / "firmware").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()  # rollback ran
+    record = server.vehicle(vehicle.vin)
+    assert record["ecus"][0]["installed"]["filepath"] == good.filepath
