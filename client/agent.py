@@ -22,11 +22,14 @@ and the next start takes it from there.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +154,10 @@ class Agent:
     # -- reporting --------------------------------------------------------------
 
     def build_manifest(self) -> bytes:
+        return self._build_manifest()[0]
+
+    def _build_manifest(self) -> tuple[bytes, str]:
+        """The signed manifest and a digest of what it says (reports without their counters)."""
         state = self.store.load()
         primary = state.ecu(self.config.primary_serial)
         primary.report_counter += 1
@@ -168,10 +175,21 @@ class Agent:
             except SecondaryError as exc:
                 self.say(f"secondary {sec.ecu_serial} did not report: {exc}")
         manifest = VehicleManifest(self.config.vin, self.config.primary_serial, reports)
-        return manifest.sign(self.signer).to_bytes()
+        content = {s: {k: v for k, v in e.signed.items() if k != "report_counter"} for s, e in reports.items()}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return manifest.sign(self.signer).to_bytes(), digest
 
     def send_manifest(self) -> bool:
-        body = self.build_manifest()
+        """Report to the server, unless it already knows all this and the heartbeat is not due.
+
+        Verifying a manifest's signatures is the expensive part of a poll for
+        the server, so an idle vehicle sends one only every ``manifest_heartbeat``.
+        """
+        body, digest = self._build_manifest()
+        state = self.store.load()
+        if digest == state.manifest_digest and time.time() - state.manifest_sent_at < self.config.manifest_heartbeat:
+            log.debug("vehicle state unchanged since the last manifest: not sending one")
+            return True
         url = f"{self.config.server_url}/api/v1/vehicles/{self.config.vin}/manifest"
         try:
             resp = self._http.request("POST", url, body=body, headers={"Content-Type": "application/json"})
@@ -183,6 +201,7 @@ class Agent:
             return False
         state = self.store.load()
         state.ecu(self.config.primary_serial).last_install = None  # acknowledged
+        state.manifest_digest, state.manifest_sent_at = digest, time.time()
         self.store.save(state)
         self.say(f"reported: signed vehicle manifest ({len(body)} bytes, {1 + len(self.secondaries)} ECU report(s)) accepted")
         return True

@@ -77,6 +77,8 @@ class AgentConfig:
     download: FetcherConfig = field(default_factory=FetcherConfig)
     poll_interval: float = 300.0
     poll_jitter: float = 0.2
+    #: Send the (signed, costly to verify) manifest when something changed, else at most this often.
+    manifest_heartbeat: float = 3600.0
     #: Largest image the agent will download (endless-data defence on top of TUF lengths).
     max_image_size: int = 4 * 1024**3
     source: Path | None = None
@@ -166,6 +168,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     if not 0 <= jitter <= 1:
         raise AgentConfigError(f"{source}: agent.poll_jitter must be between 0 and 1")
     max_image = agent.get("max_image_size", int, 4 * 1024**3)
+    heartbeat = agent.positive("manifest_heartbeat", 3600.0)
     agent.check_unknown()
 
     primary = _Table(raw.get("primary"), "primary", source)
@@ -271,5 +274,5 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
         vin=vin, server_url=server_url.rstrip("/"), state_dir=state_dir, primary_serial=serial,
         primary_hardware_id=hw, primary_key=key, encryption_key=encryption_key, installer=installer, health_check=health,
         secondaries=tuple(secondaries), preconditions=tuple(preconditions), download=download, poll_interval=poll_interval, poll_jitter=float(jitter),
-        max_image_size=max_image, source=Path(source),
+        max_image_size=max_image, manifest_heartbeat=heartbeat, source=Path(source),
     )

@@ -86,6 +86,9 @@ class AgentState:
     ecus: dict[str, EcuState] = field(default_factory=dict)
     slot_images: dict[str, ImageInfo | None] = field(default_factory=dict)
     journal: Journal | None = None
+    #: what the server last acknowledged (reports without their counters) and when
+    manifest_digest: str = ""
+    manifest_sent_at: float = 0.0
 
     def ecu(self, serial: str) -> EcuState:
         return self.ecus.setdefault(serial, EcuState())
@@ -96,6 +99,8 @@ class AgentState:
             "ecus": {s: e.to_dict() for s, e in sorted(self.ecus.items())},
             "slot_images": {s: (i.to_dict() if i else None) for s, i in sorted(self.slot_images.items())},
             "journal": None if self.journal is None else self.journal.__dict__,
+            "manifest_digest": self.manifest_digest,
+            "manifest_sent_at": self.manifest_sent_at,
         }
 
 
@@ -122,6 +127,8 @@ class StateStore:
                     for s, i in d["slot_images"].items()
                 },
                 journal=Journal(**journal) if journal else None,
+                manifest_digest=str(d.get("manifest_digest", "")),
+                manifest_sent_at=float(d.get("manifest_sent_at", 0.0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError, ManifestError) as exc:
             raise StateError(f"agent state {self.path} is corrupt: {exc!r}") from exc

@@ -81,7 +81,7 @@ def test_example_configuration_is_valid() -> None:
 
 
 def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(server: ServerProcess, vehicle: Vehicle) -> None:
-    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 0.5")
+    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 0.5\nmanifest_heartbeat = 0.5")
     vehicle.config_path.write_text(text)
     proc = subprocess.Popen([sys.executable, "-m", "uptake", "-v", "agent", "run", "--config", str(vehicle.config_path)],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -143,3 +143,24 @@ def test_command_installer_installs_and_rolls_back_with_the_users_commands(
     assert (target / "firmware").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()  # rollback ran
     record = server.vehicle(vehicle.vin)
     assert record["ecus"][0]["installed"]["filepath"] == good.filepath
+
+
+def test_idle_polls_do_not_resend_an_unchanged_manifest(server: ServerProcess, vehicle: Vehicle) -> None:
+    vehicle.run_once()
+    accepted = server.vehicle(vehicle.vin)["manifests_accepted"]
+    for _ in range(3):
+        vehicle.run_once()
+    # nothing changed: the server verified no new signatures, yet the vehicle kept polling metadata
+    assert server.vehicle(vehicle.vin)["manifests_accepted"] == accepted
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    vehicle.run_once()  # a change (the install) is reported at once
+    record = server.vehicle(vehicle.vin)
+    assert record["manifests_accepted"] > accepted
+    assert record["ecus"][0]["installed"]["filepath"] == gw.filepath or record["ecus"][1]["installed"]["filepath"] == gw.filepath
+    # and an unchanged vehicle still reports at the heartbeat
+    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 300\nmanifest_heartbeat = 0.01")
+    vehicle.config_path.write_text(text)
+    before = server.vehicle(vehicle.vin)["manifests_accepted"]
+    vehicle.run_once()
+    assert server.vehicle(vehicle.vin)["manifests_accepted"] == before + 1

@@ -41,6 +41,7 @@ def _assert_bootable(vehicle: Vehicle) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("UPTAKE_POWER_LOSS_SEED", "20261121")))
     slow_check = ["sh", "-c", "sleep 0.2"]
