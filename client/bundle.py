@@ -51,7 +51,7 @@ def _installed_images(image_targets: Path, installed_sha256: Mapping[str, str],
                 custom = image_custom(target)
             except MetadataFormatError:
                 continue
-            if hw in custom.hardware_ids and custom.delta is None:
+            if hw in custom.hardware_ids:
                 found[serial] = (path, custom)
                 break
     return found

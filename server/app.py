@@ -274,7 +274,6 @@ async def list_images(request: web.Request) -> web.Response:
         images.append({
             "filepath": path, "hardware_ids": list(custom.hardware_ids), "version": custom.version,
             "release_counter": custom.release_counter, "length": target.length, "sha256": target.hashes["sha256"],
-            "delta": custom.delta,
         })
     return web.json_response(images)
 

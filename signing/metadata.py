@@ -48,7 +48,7 @@ VERSION = "version"
 ECU_IDENTIFIERS = "ecuIdentifiers"
 HARDWARE_ID = "hardwareId"
 VIN = "vin"
-#: Optional image-target field linking a delta to the full images it joins.
+#: Field of a delta target (deltas role) naming the images it joins.
 DELTA = "delta"
 #: Optional image-target field: what the image needs of the vehicle's other ECUs.
 REQUIRES = "requires"
@@ -142,7 +142,6 @@ class ImageCustom:
     hardware_ids: tuple[str, ...]
     release_counter: int
     version: str
-    delta: dict[str, Any] | None = None
     requires: tuple[Requirement, ...] = ()
 
     def to_custom(self) -> dict[str, Any]:
@@ -151,8 +150,6 @@ class ImageCustom:
             RELEASE_COUNTER: self.release_counter,
             VERSION: self.version,
         }
-        if self.delta is not None:
-            custom[DELTA] = self.delta
         if self.requires:
             custom[REQUIRES] = {r.hardware_id: r.spec for r in self.requires}
         return custom
@@ -215,11 +212,8 @@ def image_custom(target: TargetFile) -> ImageCustom:
     version = custom.get(VERSION)
     if not isinstance(version, str) or not version:
         raise MetadataFormatError(f"{where}: custom.{VERSION} must be a non-empty string")
-    delta = custom.get(DELTA)
-    if delta is not None and not isinstance(delta, dict):
-        raise MetadataFormatError(f"{where}: custom.{DELTA} must be an object")
     requires = parse_requires(custom[REQUIRES], where) if REQUIRES in custom else ()
-    return ImageCustom(tuple(hw_ids), counter, version, delta, requires)
+    return ImageCustom(tuple(hw_ids), counter, version, requires)
 
 
 def director_custom(ecus: dict[str, str]) -> dict[str, Any]:
