@@ -1,0 +1,64 @@
+"""Fuzz configuration parsing: agent TOML (client.config) and server JSON (server.config).
+
+Only ``AgentConfigError`` / ``ConfigError`` may escape, and a configuration
+that loads has fields of the documented types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from client.config import AgentConfig, AgentConfigError, load_config, parse_config
+from server.config import ConfigError, ServerConfig
+from tests.fuzz import fuzz_settings
+from tests.fuzz.strategies import edited, json_values
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "client" / "agent.example.toml"
+EXAMPLE_TEXT = EXAMPLE.read_text()
+def _check(config: AgentConfig) -> None:
+    assert isinstance(config.vin, str) and isinstance(config.server_url, str)
+    assert config.server_url.startswith(("http://", "https://"))
+    assert all(isinstance(s, str) for s in config.ecu_serials)
+
+
+def test_example_parses() -> None:
+    _check(load_config(EXAMPLE))
+
+
+@fuzz_settings
+@given(edited(tomllib.loads(EXAMPLE_TEXT), max_edits=3))
+def test_edited_agent_config(raw: Any) -> None:
+    assume(isinstance(raw, dict))  # load_config always passes the parsed TOML document, a dict
+    with contextlib.suppress(AgentConfigError):
+        _check(parse_config(raw, "fuzz.toml", Path("/var/lib/uptake")))
+
+
+@fuzz_settings
+@given(st.text(max_size=300) | st.builds(lambda cut, junk: EXAMPLE_TEXT[:cut] + junk + EXAMPLE_TEXT[cut:],
+                                          st.integers(0, len(EXAMPLE_TEXT)), st.text(max_size=20)))
+def test_agent_config_text(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with contextlib.suppress(AgentConfigError):
+        _check(load_config(path))
+
+
+@fuzz_settings
+@given(st.binary(max_size=128) | json_values.map(lambda v: json.dumps(v).encode())
+       | edited({"host": "127.0.0.1", "port": 8443, "database_url": "", "encrypt_images": False})
+       .map(lambda v: json.dumps(v).encode()))
+def test_server_config(tmp_path: Path, data: bytes) -> None:
+    (tmp_path / "server.json").write_bytes(data)
+    try:
+        config = ServerConfig.load(tmp_path)
+    except ConfigError:
+        return
+    assert isinstance(config.host, str) and isinstance(config.database_url, str)
+    assert isinstance(config.port, int) and 0 < config.port < 65536

@@ -1,0 +1,171 @@
+"""Fuzz every HTTP handler of a running server (``uptake server run`` on loopback).
+
+The routes are read from ``server/app.py`` itself, so a handler added later
+is fuzzed too. Each example sends one request, with parameters that are
+sometimes real (a registered VIN, existing metadata names, a published
+image) and sometimes generated, with no, a wrong or the right admin token,
+and a body that is random bytes, random JSON, or a valid body for that route
+with parts replaced (manifests re-signed with the vehicle's real keys so
+they get past the signature check into manifest processing).
+
+Every answer must be below 500, and every error a JSON body
+``{"error": {"status": ..., "message": ...}}``; the server log must never
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import urllib3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.agent import Agent
+from client.config import load_config
+from signing.keys import load_signer
+from signing.manifest import SignedEnvelope
+from tests.fuzz import EXAMPLES, fuzz_settings
+from tests.fuzz.strategies import edited, json_values
+from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, sample
+
+APP = Path(__file__).resolve().parents[2] / "server" / "app.py"
+ROUTES = sorted(set(re.findall(r'add_(get|post|put|delete|patch)\("([^"]+)"', APP.read_text())))
+_PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
+
+
+@dataclass
+class Target:
+    server: ServerProcess
+    vehicle: Vehicle
+    token: str
+    manifest: dict[str, Any]
+    primary_key: Any
+    image_path: str
+    http: urllib3.PoolManager
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    tmp = tmp_path_factory.mktemp("http-fuzz")
+    server = ServerProcess(tmp)
+    vehicle = Vehicle(tmp, server, secondaries=False)
+    image = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, image.filepath)
+    manifest = json.loads(Agent(load_config(vehicle.config_path), PASSWORD.encode()).build_manifest())
+    yield Target(server, vehicle, server.config.admin_token_path.read_text().strip(), manifest,
+                 load_signer(vehicle.state_dir / "keys" / "primary.key", PASSWORD.encode()), image.filepath,
+                 urllib3.PoolManager(retries=False, timeout=30.0))
+    log = server.log()
+    server.stop()
+    assert "Traceback" not in log, log[-5000:]
+
+
+def _param_values(t: Target, name: str) -> st.SearchStrategy[str]:
+    real = {
+        "vin": [t.vehicle.vin, "NOPE", "a" * 129],
+        "file": ["1.root.json", "2.root.json", "timestamp.json", "1.targets.json", "1.snapshot.json",
+                 "0.root.json", "99999999999999999999.targets.json", ".hidden", "root.json",
+                 "9" * 300 + ".root.json", "\u00b2.targets.json", "\u0663.root.json"],
+        "path": [t.image_path, "rpi-gateway/1.1.0/gateway.elf", "../server.json", "a/../../b", "x" * 300],
+        "sha256": ["0" * 64, "A" * 64, "zz"],
+    }.get(name, ["x"])
+    # mostly known-interesting values (2:1), so the generated requests get past the routing
+    return st.one_of(st.sampled_from(real), st.sampled_from(real), st.text(min_size=1, max_size=40))
+
+
+_counter = itertools.count(10**6)
+
+
+def _resigned_manifest(t: Target, signed: Any) -> bytes:
+    """An edited manifest, re-signed inside and out with the vehicle's real primary key."""
+    signed = copy.deepcopy(signed)
+    try:
+        for report in signed["ecu_version_reports"].values():
+            if isinstance(report["signed"].get("report_counter"), int):
+                report["signed"]["report_counter"] = next(_counter)
+            report["signatures"] = SignedEnvelope.create(report["signed"], t.primary_key).to_dict()["signatures"]
+        return SignedEnvelope.create(signed, t.primary_key).to_bytes()
+    except Exception:  # the edit made it unsignable (a float, a non-dict): send it as it is
+        return json.dumps({"signed": signed, "signatures": []}).encode()
+
+
+_REGISTRATION = {"vin": "VINFUZZ", "primary_ecu_serial": "GW-FUZZ",
+                 "ecus": [{"serial": "GW-FUZZ", "hardware_id": "rpi-gateway",
+                           "public_key": {"keytype": "ed25519", "scheme": "ed25519",
+                                          "keyval": {"public": "ab" * 32}}}]}
+
+
+@st.composite
+def requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes | None, dict[str, str]]:
+    method, route = draw(st.sampled_from(ROUTES))
+    if draw(st.integers(0, 9)) == 0:
+        method = draw(st.sampled_from(["get", "post", "put", "delete", "patch"]))
+    path = _PARAM.sub(lambda m: quote(draw(_param_values(t, m.group(1))), safe="/" if m.group(1) == "path" else ""),
+                      route)
+    headers = {"Content-Type": draw(st.sampled_from(["application/json", "application/octet-stream", "text/plain"]))}
+    auth = draw(st.sampled_from(["none", "wrong", "right"]))
+    if auth != "none":
+        # legal header characters (obs-text included): malformed HTTP is refused by aiohttp's parser
+        wrong = draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                             max_size=20))
+        headers["Authorization"] = f"Bearer {t.token if auth == 'right' else wrong}"
+    kind = draw(st.sampled_from(["none", "bytes", "json", "valid-ish"]))
+    body: bytes | None = None
+    if kind == "bytes":
+        body = draw(st.binary(max_size=512))
+    elif kind == "json":
+        body = json.dumps(draw(json_values)).encode()
+    elif kind == "valid-ish":
+        if route.endswith("/manifest"):
+            body = _resigned_manifest(t, draw(edited(t.manifest["signed"], max_edits=3)))
+        elif route == "/api/v1/vehicles":
+            body = json.dumps(draw(edited(_REGISTRATION, max_edits=2))).encode()
+        elif route.endswith("/assignments"):
+            body = json.dumps(draw(edited({"ecu_serial": t.vehicle.primary, "filepath": t.image_path}))).encode()
+        else:
+            body = json.dumps(draw(edited({"signed": {"_type": "targets", "version": 2}, "signatures": []}))).encode()
+    return method.upper(), path, body, headers
+
+
+@settings(fuzz_settings, max_examples=EXAMPLES * 3)
+@given(data=st.data())
+def test_every_handler_answers_4xx_json_never_500(target: Target, data: st.DataObject) -> None:
+    method, path, body, headers = data.draw(requests(target))
+    resp = target.http.request(method, target.server.url + path, body=body, headers=headers)
+    assert resp.status < 500, (method, path, body, resp.status, resp.data[:500])
+    if resp.status >= 400:
+        answer = json.loads(resp.data)
+        assert answer["error"]["status"] == resp.status and isinstance(answer["error"]["message"], str), answer
+
+
+def test_routes_were_found() -> None:
+    assert ("post", "/api/v1/vehicles/{vin}/manifest") in ROUTES and len(ROUTES) >= 10
+
+
+@pytest.mark.parametrize("path", [
+    "/director/{vin}/metadata/" + "9" * 30 + ".targets.json",   # beyond SQLite's integers
+    "/director/{vin}/metadata/" + "9" * 300 + ".root.json",     # a file name the OS refuses
+    "/director/{vin}/metadata/%C2%B2.targets.json",              # "²".isdigit() is True
+    "/image/targets/" + "x" * 300,
+    "/image/metadata/" + "9" * 300 + ".root.json",
+])
+def test_requests_that_once_answered_500(target: Target, path: str) -> None:
+    resp = target.http.request("GET", target.server.url + path.format(vin=target.vehicle.vin))
+    assert resp.status == 404, resp.data
+    assert json.loads(resp.data)["error"]["status"] == 404
+
+
+def test_non_ascii_admin_token_is_refused_not_crashed(target: Target) -> None:
+    resp = target.http.request("GET", target.server.url + "/api/v1/images",
+                               headers={"Authorization": "Bearer \u00e9t\u00e9"})
+    assert resp.status == 401, resp.data
