@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from securesystemslib.signer import CryptoSigner, Signer
 from sqlalchemy.engine import Engine
 from tuf.api.metadata import Metadata, Root, Targets
@@ -135,7 +136,24 @@ def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
     return ServerComponents(config, engine, image_repo, director, token)
 
 
+class _MalformedHttpFilter(logging.Filter):
+    """One line, not a traceback, for requests aiohttp already refused as malformed HTTP.
+
+    Any client can send those; the 400 answer is aiohttp's, and a traceback per
+    request would let anyone fill the server log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and getattr(exc, "code", 500) < 500:
+            record.msg = f"{record.msg}: {type(exc).__name__}: {exc.message}"
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def run_server(components: ServerComponents, print_url: bool = True) -> None:
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     config = components.config
     web.run_app(
         components.app(), host=config.host, port=config.port,

@@ -116,3 +116,15 @@ def test_server_never_answered_500(shared_server: ServerProcess) -> None:
     for method, path, body, raw in BAD_REQUESTS:
         call(shared_server, method, path, body, raw=raw)
     assert "Traceback" not in shared_server.log()
+
+
+def test_malformed_http_is_refused_without_a_traceback_in_the_log(shared_server: ServerProcess) -> None:
+    import socket
+
+    for raw in (b"GET / HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n", b"NOT-HTTP\x00\x01\r\n\r\n",
+                b"POST /api/v1/vehicles HTTP/1.1\r\nContent-Length: nope\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", shared_server.port), timeout=5) as conn:
+            conn.sendall(raw)
+            answer = conn.recv(1024)
+        assert answer[:12] in (b"HTTP/1.0 400", b"HTTP/1.1 400") or answer == b"", answer
+    assert "Traceback" not in shared_server.log()
