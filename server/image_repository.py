@@ -34,6 +34,7 @@ import threading
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
@@ -96,6 +97,21 @@ def _existing_file(path: Path) -> Path | None:
 
 def _to_bytes(md: Metadata) -> bytes:  # type: ignore[type-arg]
     return md.to_bytes(_SERIALIZER)
+
+
+_Role = TypeVar("_Role", Root, Targets)
+
+
+def _parse(data: bytes, role: type[_Role]) -> Metadata[_Role]:
+    """Parse metadata that must be of ``role`` type, as :class:`ImageRepositoryError` otherwise."""
+    try:
+        md = Metadata[role].from_bytes(data)  # type: ignore[valid-type]
+        _ = md.signed_bytes  # what signatures cover must have a canonical form (no floats)
+    except (DeserializationError, SerializationError) as exc:
+        raise ImageRepositoryError(f"{role.type} metadata is malformed: {exc.__cause__ or exc}") from exc
+    if not isinstance(md.signed, role):
+        raise ImageRepositoryError(f"expected {role.type} metadata, got {md.signed.type!r}")
+    return md
 
 
 def deltas_delegation(deltas_key: Key) -> Delegations:
@@ -254,13 +270,7 @@ class ImageRepository:
         """Verify and publish offline-signed targets metadata (see module docstring)."""
         if len(data) > MAX_TARGETS_BYTES:
             raise ImageRepositoryError(f"targets metadata larger than {MAX_TARGETS_BYTES} bytes")
-        try:
-            new = Metadata[Targets].from_bytes(data)
-            _ = new.signed_bytes  # what signatures cover must have a canonical form (no floats)
-        except (DeserializationError, SerializationError) as exc:
-            raise ImageRepositoryError(f"targets metadata is malformed: {exc.__cause__ or exc}") from exc
-        if not isinstance(new.signed, Targets):
-            raise ImageRepositoryError(f"expected targets metadata, got {new.signed.type!r}")
+        new = _parse(data, Targets)
         with self._lock:
             current = self.targets.signed
             try:
@@ -367,13 +377,7 @@ class ImageRepository:
 
     def accept_root(self, data: bytes) -> Metadata[Root]:
         """Rotate root: the new root must be signed by old AND new root key thresholds."""
-        try:
-            new = Metadata[Root].from_bytes(data)
-            _ = new.signed_bytes  # what signatures cover must have a canonical form (no floats)
-        except (DeserializationError, SerializationError) as exc:
-            raise ImageRepositoryError(f"root metadata is malformed: {exc.__cause__ or exc}") from exc
-        if not isinstance(new.signed, Root):
-            raise ImageRepositoryError(f"expected root metadata, got {new.signed.type!r}")
+        new = _parse(data, Root)
         with self._lock:
             if new.signed.version != self.root.signed.version + 1:
                 raise ImageRepositoryError(f"root version must be {self.root.signed.version + 1}")
