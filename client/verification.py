@@ -143,21 +143,27 @@ class FullVerifier:
         except (RepositoryError, DownloadError, OSError) as exc:
             raise _classify(exc, "image") from exc
         self.image_updater = image
+        # Only the top-level targets, signed by the OFFLINE targets keys, vouch for
+        # images: delegated roles (the online "deltas" role) must never make an image
+        # installable, or a server compromise alone could install software.
+        image_targets = Metadata[Targets].from_file(str(self.metadata_dir / "image" / "targets.json")).signed.targets
 
-        directed = []
+        directed: list[DirectedImage] = []
         for path, dtarget in sorted(targets.signed.targets.items()):
-            directed.extend(self._cross_check(image, path, dtarget, installed_release_counters, ecus))
+            directed.extend(self._cross_check(image_targets, path, dtarget, installed_release_counters, ecus))
+        serials = [d.ecu_serial for d in directed]
+        if len(set(serials)) != len(serials):  # Uptane 5.4.4.2: one image per ECU
+            twice = sorted({s for s in serials if serials.count(s) > 1})
+            raise VerificationFailure(f"director targets name ECU(s) {', '.join(twice)} more than once")
         return directed
 
-    def _cross_check(self, image: Updater, path: str, dtarget: TargetFile,
+    def _cross_check(self, image_targets: dict[str, TargetFile], path: str, dtarget: TargetFile,
                      installed_release_counters: dict[str, int], ecus: dict[str, str]) -> list[DirectedImage]:
         try:
             wanted = director_ecus(dtarget)
-            itarget = image.get_targetinfo(path)
         except MetadataFormatError as exc:
             raise VerificationFailure(str(exc)) from exc
-        except (RepositoryError, DownloadError, OSError) as exc:
-            raise _classify(exc, "image") from exc
+        itarget = image_targets.get(path)
         if itarget is None:
             raise VerificationFailure(f"director target {path!r} is not in the image repository")
         try:

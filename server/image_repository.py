@@ -354,6 +354,8 @@ class ImageRepository:
             where = f"target {target.path!r}"
             if not _PATH_RE.match(target.path) or ".." in target.path.split("/"):
                 raise ImageRepositoryError(f"{where}: path must be relative, without '..' or odd characters")
+            if target.path.startswith(DELTAS_PATH_PATTERN.removesuffix("*")):
+                raise ImageRepositoryError(f"{where}: {DELTAS_PATH_PATTERN} belongs to the online deltas role")
             if list(target.hashes) != ["sha256"] or not _SHA256_RE.match(target.hashes["sha256"]):
                 raise ImageRepositoryError(f"{where}: hashes must be exactly one lowercase sha256")
             try:

@@ -18,6 +18,7 @@ from tuf.api.metadata import TargetFile, Targets
 
 from signing.metadata import director_custom
 from tests.attacks.deployment import GATEWAY, Deployment
+from tests.malicious_proxy import resign
 
 EVIL = b"\x7fELF" + b"evil firmware that opens a backdoor " * 200
 
@@ -62,3 +63,36 @@ def test_image_signed_by_image_repository_only_is_refused(deployment: Deployment
     d.on_director_targets(direct_unassigned, signer=image_targets_key)
     d.server.assign(d.vehicle.vin, d.vehicle.secondary, d.publish("stm32f4-bms", "1.0.0").filepath)
     d.assert_refused(d.attack(), "UnsignedMetadataError")
+
+
+def test_image_signed_by_the_online_deltas_role_is_refused(deployment: Deployment) -> None:
+    """All online keys stolen (deltas, director, snapshot/timestamp): still no arbitrary software.
+
+    The online deltas role may sign ``deltas/*`` targets; the attacker dresses one up as a
+    firmware image (image custom fields, a huge release counter) and directs the gateway to it.
+    Only the offline-signed top-level targets may vouch for an image.
+    """
+    from signing.metadata import ImageCustom
+
+    d = deployment
+    deltas_key = d.online_signer("image-deltas")
+    evil = TargetFile.from_data("deltas/evil-firmware", EVIL, ["sha256"])
+    evil.unrecognized_fields["custom"] = ImageCustom((GATEWAY,), 99, "6.6.6").to_custom()
+
+    def add_evil(signed: Targets) -> None:
+        signed.targets[evil.path] = evil
+
+    d.proxy.rewrites.append(
+        lambda path, body: resign(body, [deltas_key], add_evil)
+        if path.startswith("/image/metadata/") and path.endswith(".deltas.json") else None
+    )
+    d.proxy.rewrites.append(lambda path, body: EVIL if path.endswith("evil-firmware") else None)
+
+    def direct_evil(signed: Targets) -> None:
+        target = TargetFile(evil.length, dict(evil.hashes), evil.path)
+        target.unrecognized_fields["custom"] = director_custom({d.vehicle.primary: GATEWAY})
+        signed.targets = {evil.path: target}
+
+    d.on_director_targets(direct_evil)
+    d.server.assign(d.vehicle.vin, d.vehicle.primary, d.publish(GATEWAY, "1.1.0").filepath)
+    d.assert_refused(d.attack(), "not in the image repository")
