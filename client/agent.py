@@ -70,6 +70,14 @@ class CycleReport:
     waiting: str = ""
 
 
+def current_boot_id() -> str:
+    """The kernel's id of this boot ('' where there is none): changes at every reboot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def make_boot_environment(config: AgentConfig) -> BootEnvironment:
     from client import bootenv
 
@@ -412,6 +420,10 @@ class Agent:
                 self.store.save(state)
                 self.say(f"bootloader armed: next boot tries slot {j.target_slot} (bootlimit {self.installer.bootlimit})")
             elif j.phase == "reboot":
+                # a real reboot does not return: remember which boot asked for it, so that a
+                # restart without a reboot is never taken for the trial boot
+                j.boot_id = current_boot_id()
+                self.store.save(state)
                 self._reboot()
                 j.phase = "trial"
                 self.store.save(state)
@@ -464,7 +476,15 @@ class Agent:
             self.say(f"rebooted (simulated bootloader): booting slot {slot}")
             return
         self.say(f"rebooting: {' '.join(reboot)}")
-        subprocess.run(list(reboot), check=False)
+        try:
+            proc = subprocess.run(list(reboot), capture_output=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise AgentError(f"reboot command {reboot[0]} failed ({exc}); the install resumes at the next start") from exc
+        if proc.returncode != 0:
+            raise AgentError(
+                f"reboot command {reboot[0]} exited {proc.returncode}: "
+                f"{proc.stderr.decode(errors='replace').strip()[-300:]}; the install resumes at the next start"
+            )
         # the machine is going down; the next start resumes from the journal
         os._exit(0)
 
@@ -521,6 +541,10 @@ class Agent:
             return
         if j.phase in ("reboot", "trial") and self.config.installer.reboot == "simulate":
             j.phase = "reboot"  # a restart of the simulated device is a power cycle
+        elif j.phase == "reboot" and j.boot_id and j.boot_id == current_boot_id():
+            # restarted, but the machine never rebooted (the agent was killed, or the reboot
+            # failed): the new slot has not been tried, so neither health-check nor commit it
+            self.say(f"slot {j.target_slot} was armed but the machine has not rebooted since: rebooting")
         elif j.phase == "reboot":
             j.phase = "trial"  # the real machine has rebooted
         outcome = self._drive(state)

@@ -76,6 +76,8 @@ class Journal:
     delta_length: int = 0
     delta_sha256: str = ""
     delta_failure: str = ""
+    #: /proc/sys/kernel/random/boot_id when a real reboot was asked for
+    boot_id: str = ""
 
     def image(self) -> ImageInfo:
         return ImageInfo(self.filepath, self.length, {"sha256": self.sha256})

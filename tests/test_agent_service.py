@@ -164,3 +164,38 @@ def test_idle_polls_do_not_resend_an_unchanged_manifest(server: ServerProcess, v
     before = server.vehicle(vehicle.vin)["manifests_accepted"]
     vehicle.run_once()
     assert server.vehicle(vehicle.vin)["manifests_accepted"] == before + 1
+
+
+def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(server: ServerProcess, vehicle: Vehicle) -> None:
+    """A restart without a reboot (killed agent, reboot command that did nothing) is not the trial boot."""
+    text = vehicle.config_path.read_text().replace('reboot = "simulate"', 'reboot = ["true"]')
+    vehicle.config_path.write_text(text)
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    for _ in range(2):  # "reboot" returns and the process exits; the next start sees the same boot
+        proc = subprocess.run(vehicle.argv(), env=ENV, capture_output=True, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        journal = vehicle.state().journal
+        assert journal is not None and journal.phase == "reboot"
+        assert vehicle.boot_env()["upgrade_available"] == "1"  # armed, never committed untested
+    # now the machine really reboots (a new boot id), the bootloader tries the slot
+    state = vehicle.state()
+    assert state.journal is not None
+    state.journal.boot_id = "another-boot"
+    from client.state import StateStore
+
+    StateStore(vehicle.state_dir / "state.json").save(state)
+    report = vehicle.run_once().report
+    assert report["outcomes"][vehicle.primary]["result"] == "installed"
+    assert vehicle.boot_env()["upgrade_available"] == "0" and vehicle.booted_image() == gw.filepath
+
+
+def test_failing_reboot_command_is_a_clear_error_and_resumes(server: ServerProcess, vehicle: Vehicle) -> None:
+    text = vehicle.config_path.read_text().replace('reboot = "simulate"', 'reboot = ["sh", "-c", "echo no permission >&2; exit 1"]')
+    vehicle.config_path.write_text(text)
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    proc = subprocess.run(vehicle.argv(), env=ENV, capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "reboot command sh exited 1: no permission" in proc.stderr
+    assert vehicle.state().journal is not None and vehicle.boot_env()["upgrade_available"] == "1"
