@@ -139,11 +139,13 @@ class Agent:
             self.say(f"update waits: precondition {waiting}")
             report.waiting = waiting
             for item in directed:
-                report.outcomes[item.ecu_serial] = self._postpone(item, waiting)
+                report.outcomes[item.ecu_serial] = self._record(item, "postponed", f"waiting for precondition {waiting}")
             directed = []
         for item in install_order(directed):  # ECUs that others require first
             blocked = unmet_dependency(item, directed, report.outcomes)
-            report.outcomes[item.ecu_serial] = self._not_installed(item, blocked) if blocked else self.install(item)
+            report.outcomes[item.ecu_serial] = (
+                self._record(item, "failed", blocked) if blocked else self.install(item)
+            )
         if any(o.result != "postponed" for o in report.outcomes.values()) or attack or report.waiting:
             # tell the server at once what happened (an outcome, or an attack seen)
             report.manifest_accepted = self.send_manifest()
@@ -291,21 +293,14 @@ class Agent:
             path.unlink(missing_ok=True)
         return outcome
 
-    def _postpone(self, item: DirectedImage, why: str) -> InstallOutcome:
-        outcome = InstallOutcome(item.target.path, "postponed", f"waiting for precondition {why}")
+    def _record(self, item: DirectedImage, result: str, detail: str) -> InstallOutcome:
+        """An outcome that ends without touching a slot, kept for the primary's next report."""
+        outcome = InstallOutcome(item.target.path, result, detail)
         if item.ecu_serial == self.config.primary_serial:
             state = self.store.load()
             state.ecu(item.ecu_serial).last_install = outcome
             self.store.save(state)
-        return outcome
-
-    def _not_installed(self, item: DirectedImage, why: str) -> InstallOutcome:
-        outcome = InstallOutcome(item.target.path, "failed", why)
-        if item.ecu_serial == self.config.primary_serial:
-            state = self.store.load()
-            state.ecu(item.ecu_serial).last_install = outcome
-            self.store.save(state)
-        self.say(f"{item.ecu_serial}: {why}")
+        self.say(f"{item.ecu_serial}: {result} {item.target.path}: {detail}")
         return outcome
 
     def _director_roots(self) -> tuple[bytes, ...]:
@@ -315,10 +310,12 @@ class Agent:
         return tuple((history / f"{v}.root.json").read_bytes() for v in versions if v > 1)
 
     def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
+        if not exc.attack:
+            # the network, not an attacker: keep the partial download and resume at the next poll
+            return self._record(item, "postponed", f"download interrupted ({exc}); it resumes at the next poll")
         state = self.store.load()
         outcome = InstallOutcome(item.target.path, "refused", str(exc))
-        if exc.attack:
-            state.ecu(self.config.primary_serial).attacks_detected = str(exc)
+        state.ecu(self.config.primary_serial).attacks_detected = str(exc)
         if item.ecu_serial == self.config.primary_serial:
             state.ecu(item.ecu_serial).last_install = outcome
         self.store.save(state)

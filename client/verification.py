@@ -50,6 +50,7 @@ from client.decryption import (
     fetch_and_decrypt,
 )
 from client.fetcher import ResumableFetcher
+from signing.atomic_file import fsync_directory
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
@@ -228,9 +229,13 @@ class FullVerifier:
     def _fetch_verified(self, target: TargetFile, destination: Path) -> Path:
         partial = destination.with_name(destination.name + ".part")
         try:
-            self.fetcher.download_to(self._target_url(target), partial, target.length)
+            received = self.fetcher.download_to(self._target_url(target), partial, target.length)
         except DownloadError as exc:
             raise _classify(exc, "image") from exc
+        if received < target.length:  # the body ended early: resume next time, nothing to verify yet
+            raise VerificationFailure(
+                f"download of {target.path!r} ended at {received} of {target.length} bytes", attack=False
+            )
         try:
             with open(partial, "rb") as f:
                 target.verify_length_and_hashes(f)
@@ -238,6 +243,7 @@ class FullVerifier:
             partial.unlink(missing_ok=True)  # never resume from bytes that failed verification
             raise VerificationFailure(f"image {target.path!r}: {exc}") from exc
         os.replace(partial, destination)
+        fsync_directory(destination.parent)  # the rename must survive a power cut before the slot write
         return destination
 
     def find_delta(self, item: DirectedImage, installed_sha256: str) -> TargetFile | None:

@@ -44,6 +44,8 @@ class MaliciousProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.rewrites: list[Rewrite] = []
         self.requests: list[str] = []
+        #: (method and path, the request's Range header or "") of every request, in order
+        self.ranges: list[tuple[str, str]] = []
         self.request_rewrites: list[RequestRewrite] = []
         self.request_bodies: list[tuple[str, bytes]] = []
         self.streams: list[Stream] = []
@@ -66,6 +68,7 @@ class MaliciousProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         self.requests.append(f"{request.method} {path}")
+        self.ranges.append((f"{request.method} {path}", request.headers.get("Range", "")))
         body = await request.read()
         self.request_bodies.append((f"{request.method} {path}", body))
         for request_rewrite in self.request_rewrites:
@@ -78,15 +81,16 @@ class MaliciousProxy:
         ) as resp:
             data = await resp.read()
             status, ctype = resp.status, resp.headers.get("Content-Type", "application/octet-stream")
+            passed = {k: v for k, v in resp.headers.items() if k.lower() in ("content-range", "etag", "last-modified")}
         for rewrite in self.rewrites:
             new = rewrite(path, data)
             if new is not None:
-                data, status = new, 200
+                data, status, passed = new, 200, {}
         for stream in self.streams:
             chunks = stream(path, data)
             if chunks is not None:
                 return await self._stream(request, chunks, ctype)
-        return web.Response(body=data, status=status, headers={"Content-Type": ctype})
+        return web.Response(body=data, status=status, headers={"Content-Type": ctype, **passed})
 
     async def _stream(self, request: web.Request, chunks: AsyncIterator[bytes], ctype: str) -> web.StreamResponse:
         # no Content-Length: chunked transfer, so the client cannot know where the body ends

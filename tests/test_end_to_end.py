@@ -195,3 +195,28 @@ def test_expired_timestamp_is_refused(server: ServerProcess, proxied: tuple[Mali
     report = vehicle.run_once().report
     assert "ExpiredMetadataError" in report["verification_error"]
     _assert_attack_recorded(server, vehicle, "expired")
+
+
+def test_interrupted_download_is_postponed_not_failed_and_resumes(server: ServerProcess, tmp_path: Path) -> None:
+    proxy = MaliciousProxy(server.url)
+    try:
+        vehicle = Vehicle(tmp_path, server, server_url=proxy.url, secondaries=False)
+        gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+        server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+        # the link drops: the image body ends after 100 bytes
+        proxy.rewrites.append(lambda path, body: body[:100] if path.endswith("gateway.elf") else None)
+        outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+        assert outcome["result"] == "postponed" and "resumes" in outcome["detail"], outcome
+        assert vehicle.state().ecu(vehicle.primary).attacks_detected == ""  # a network blip is no attack
+        record = server.vehicle(vehicle.vin)
+        assert record["assignments"][0]["status"] == "pending" and record["security_events"] == []
+        partial = next((vehicle.state_dir / "downloads").glob("*.part"))
+        assert partial.stat().st_size == 100  # kept for the resume
+        proxy.rewrites.clear()
+        outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+        assert outcome["result"] == "installed"
+        assert vehicle.booted_image() == gw.filepath
+        image_requests = [r for request, r in proxy.ranges if request.endswith("gateway.elf")]
+        assert image_requests == ["", "bytes=100-"]  # the second download resumed at byte 100
+    finally:
+        proxy.close()
