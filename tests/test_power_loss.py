@@ -50,7 +50,7 @@ def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_
     current = ""
     kills = iteration = 0
     phases: dict[str, int] = {}
-    full_run = 0.0  # measured by the first install, which runs uninterrupted
+    install_window = 0.0  # measured by the first install, which runs uninterrupted
     while kills < KILLS:
         iteration += 1
         is_broken = iteration % 3 == 0  # every third release fails its health check: a rollback
@@ -60,16 +60,24 @@ def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_
         server.assign(vehicle.vin, vehicle.primary, pub.filepath)
 
         proc = vehicle.spawn()
-        started = time.monotonic()
-        time.sleep(rng.uniform(0.0, full_run))
-        if full_run and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-            journal = vehicle.state().journal
-            phases[journal.phase if journal else "none"] = phases.get(journal.phase if journal else "none", 0) + 1
+        # aim at the install itself: wait for its journal, then kill somewhere in the window
+        # (one kill in five lands earlier, during start-up, verification or download)
+        early = bool(install_window) and rng.random() < 0.2
+        journal_seen = time.monotonic()
+        while not early and proc.poll() is None and vehicle.state().journal is None:
+            time.sleep(0.002)
+            journal_seen = time.monotonic()
+        if install_window:
+            time.sleep(rng.uniform(0.0, 1.0 if early else install_window))
+            if proc.poll() is None:
+                journal = vehicle.state().journal
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                phase = journal.phase if journal else "none"
+                phases[phase] = phases.get(phase, 0) + 1
         proc.wait()
-        if not full_run:
-            full_run = time.monotonic() - started
+        if not install_window:
+            install_window = time.monotonic() - journal_seen
         _assert_bootable(vehicle)
 
         vehicle.run_once()  # power back on
