@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import urllib3
+from tuf.api.exceptions import LengthOrHashMismatchError
 from tuf.api.metadata import TargetFile
 
 from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootloader
@@ -368,10 +369,22 @@ class Agent:
         self._delta_file(j).unlink(missing_ok=True)
         self.say(f"delta for {j.filepath} refused ({reason}): falling back to the full image")
 
-    def _download_full_for_journal(self, j: Journal) -> None:
-        # the journal holds the length and sha256 from verified metadata: enough to verify the bytes
-        self.verifier.download_target(TargetFile(j.length, {"sha256": j.sha256}, j.filepath), self.downloads / j.sha256)
+    def _verified_image(self, j: Journal) -> Path:
+        """The journal's full image on disk, checked again (a power cut may have torn it), or fetched.
+
+        The journal holds the length and sha256 from verified metadata: enough to verify the bytes.
+        """
+        target = TargetFile(j.length, {"sha256": j.sha256}, j.filepath)
+        path = self.downloads / j.sha256
+        try:
+            with open(path, "rb") as f:
+                target.verify_length_and_hashes(f)
+            return path
+        except (OSError, LengthOrHashMismatchError):
+            path.unlink(missing_ok=True)
+        self.verifier.download_target(target, path)
         self.say(f"downloaded {j.filepath} ({j.length} bytes), length and sha256 verified")
+        return path
 
     def _drive(self, state: AgentState) -> InstallOutcome:
         """Run the journal from its current phase to an outcome."""
@@ -399,12 +412,12 @@ class Agent:
                 return self._install_with_command(state)
             elif j.phase == "write":
                 try:
-                    if not (self.downloads / j.sha256).exists():
-                        self._download_full_for_journal(j)
-                    with open(self.downloads / j.sha256, "rb") as image:
+                    with open(self._verified_image(j), "rb") as image:
                         self.installer.write(j.target_slot, image, j.length, j.sha256)
                 except VerificationFailure as exc:
-                    return self._finish(state, "refused", f"full image after a failed delta: {exc}")
+                    if not exc.attack:  # the slot is untouched: the next poll starts this install again
+                        return InstallOutcome(j.filepath, "postponed", f"download interrupted ({exc})", j.method)
+                    return self._finish(state, "refused", str(exc))
                 except (InstallError, OSError) as exc:
                     return self._finish(state, "failed", f"writing slot {j.target_slot}: {exc}")
                 state.slot_images[j.target_slot] = j.image()
@@ -441,12 +454,12 @@ class Agent:
         j = state.journal
         assert j is not None
         cfg = self.config.installer
-        image = self.downloads / j.sha256
-        if not image.exists():
-            try:
-                self._download_full_for_journal(j)
-            except VerificationFailure as exc:
-                return self._finish(state, "refused", str(exc))
+        try:
+            image = self._verified_image(j)
+        except VerificationFailure as exc:
+            if not exc.attack:
+                return InstallOutcome(j.filepath, "postponed", f"download interrupted ({exc})", j.method)
+            return self._finish(state, "refused", str(exc))
         values = {"{image}": str(image), "{filepath}": j.filepath, "{sha256}": j.sha256}
         argv = [values.get(a, a) for a in cfg.install_command]
         result = run_command(argv, cfg.command_timeout, "install command")

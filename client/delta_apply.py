@@ -96,6 +96,8 @@ def apply_delta(
     :func:`apply_delta_file` for files.
     """
     header = read_delta_header(patch)
+    if header.method not in ("bsdiff", "zstd-dict", "windows"):
+        raise DeltaCorrupt(f"unknown delta method {header.method!r}")
     payload_start = patch.tell()
     try:
         fmt.check_payload(patch, header)
@@ -110,10 +112,8 @@ def apply_delta(
         _apply_bsdiff(payload, _Base(old, [(0, old_length)]), header.result_length, sink)
     elif header.method == "zstd-dict":
         _apply_zstd(payload, _Base(old, [(0, old_length)]), header.result_length, sink)
-    elif header.method == "windows":
-        _apply_windows(payload, old, old_length, sink)
     else:
-        raise DeltaCorrupt(f"unknown delta method {header.method!r}")
+        _apply_windows(payload, old, old_length, sink)
     if payload.remaining:
         raise DeltaCorrupt(f"{payload.remaining} unused payload bytes")
 
@@ -159,8 +159,10 @@ def _check_base(old: BinaryIO, header: fmt.DeltaHeader, old_is_slot: bool) -> No
         digest.update(chunk[: header.base_length - length])
         length += len(chunk)
     if length != header.base_length:
+        size = f"{length} bytes" if length < header.base_length else "longer"
         raise DeltaBaseMismatch(
-            f"base image length differs from the delta's base ({header.base_length} bytes)"
+            f"base image length differs from the delta's base: {size}, "
+            f"expected {header.base_length} bytes"
         )
     if digest.digest() != header.base_sha256:
         raise DeltaBaseMismatch(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from client.bootenv import BootEnvironment, BootEnvironmentError
-from client.delta_apply import DeltaError, apply_delta
+from client.delta_apply import DeltaError, apply_delta, read_delta_header
 
 SLOTS = ("a", "b")
 _CHUNK = 1024 * 1024
@@ -73,7 +73,7 @@ class SlotInstaller:
         path = self.slots[slot]
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(path, "r+b" if path.exists() and not path.is_file() else "wb") as out:
+            with self._open_slot(slot) as out:
                 remaining = length
                 while remaining:
                     chunk = source.read(min(_CHUNK, remaining))
@@ -100,11 +100,16 @@ class SlotInstaller:
             raise InstallError(f"slot {slot}: a delta cannot overwrite its own base")
         path = self.slots[slot]
         try:
-            with open(self.slots[base_slot], "rb") as old, open(patch, "rb") as delta, \
-                    open(path, "r+b" if path.exists() and not path.is_file() else "wb") as out:
-                applied = apply_delta(old, delta, out, old_is_slot=True)
-                out.flush()
-                os.fsync(out.fileno())
+            with open(patch, "rb") as delta:
+                # before writing a byte: the header's promise bounds the output, so it must be
+                # exactly the image the offline-signed metadata names
+                header = read_delta_header(delta)
+                if header.result_length != length or header.result_sha256.hex() != sha256:
+                    raise InstallError(f"slot {slot}: delta {patch.name} produces an image other than {sha256[:16]}…")
+                with open(self.slots[base_slot], "rb") as old, self._open_slot(slot) as out:
+                    applied = apply_delta(old, delta, out, old_is_slot=True)
+                    out.flush()
+                    os.fsync(out.fileno())
         except DeltaError as exc:
             raise InstallError(f"slot {slot}: delta {patch.name}: {exc}") from exc
         except OSError as exc:
@@ -112,6 +117,12 @@ class SlotInstaller:
         if applied.result_length != length or self.slot_sha256(slot, length) != sha256:
             raise InstallError(f"slot {slot}: the delta produced an image other than {sha256[:16]}…")
         return applied.method
+
+    def _open_slot(self, slot: str) -> BinaryIO:
+        """Open a slot for writing: a block device is overwritten in place, a file replaced."""
+        path = self.slots[slot]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "r+b" if path.exists() and not path.is_file() else "wb")
 
     def slot_sha256(self, slot: str, length: int) -> str:
         digest = hashlib.sha256()
@@ -129,13 +140,6 @@ class SlotInstaller:
         self.env.write({"boot_slot": slot, "upgrade_available": "1", "bootcount": "0",
                         "bootlimit": str(self.bootlimit)})
 
-    def is_armed(self, slot: str) -> bool:
-        s = self.state()
-        return s.boot_slot == slot and s.upgrade_available
-
     def commit(self) -> None:
         self.env.write({"upgrade_available": "0", "bootcount": "0"})
 
-    def abandon_trial(self, previous_slot: str) -> None:
-        """Go back to ``previous_slot`` at once (used when a trial cannot even start)."""
-        self.env.write({"boot_slot": previous_slot, "upgrade_available": "0", "bootcount": "0"})

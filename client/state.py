@@ -26,9 +26,6 @@ from typing import Any
 from signing.atomic_file import write_atomic
 from signing.manifest import ImageInfo, InstallOutcome, ManifestError
 
-#: Install phases, in order.
-PHASES = ("download", "write", "arm", "reboot", "trial")
-
 
 class StateError(Exception):
     """The state file is unreadable or corrupt (names the file and problem)."""
@@ -62,7 +59,7 @@ class EcuState:
 class Journal:
     """An install of the primary's own image in progress."""
 
-    phase: str
+    phase: str  # download → write → arm → reboot → trial (then the journal is cleared)
     filepath: str
     length: int
     sha256: str
