@@ -206,7 +206,7 @@ async def upload_manifest(request: web.Request) -> web.Response:
 
     result = await asyncio.to_thread(run)
     director.invalidate(vin)
-    request.app[DELTAS].on_vehicle(vin)
+    await request.app[DELTAS].on_vehicle(vin)
     return web.json_response(result)
 
 
@@ -261,7 +261,7 @@ async def add_assignment(request: web.Request) -> web.Response:
         request, lambda s: assign(s, director, image_repo, vin, serial, filepath).model_dump(mode="json")
     )
     director.invalidate(vin)
-    request.app[DELTAS].on_vehicle(vin)
+    await request.app[DELTAS].on_vehicle(vin)
     return web.json_response(row, status=201)
 
 
@@ -295,7 +295,7 @@ async def publish_targets(request: web.Request) -> web.Response:
     image_repo = request.app[IMAGE_REPO]
     before = set(image_repo.targets.signed.targets)
     md = await asyncio.to_thread(image_repo.accept_targets, data)
-    request.app[DELTAS].on_published(sorted(set(md.signed.targets) - before))
+    await request.app[DELTAS].on_published(sorted(set(md.signed.targets) - before))
     return web.json_response({"targets_version": md.signed.version, "targets": sorted(md.signed.targets)}, status=201)
 
 

@@ -65,16 +65,30 @@ class DeltaPublisher:
         if result is None or not base_sha256 or base_sha256 == result.hashes.get("sha256"):
             return
         key = (base_sha256, result_filepath)
-        if key in self.jobs or self._repo.has_delta(base_sha256, result.hashes["sha256"]):
-            return
+        previous = self.jobs.get(key)
+        if (previous is not None and previous.status != "failed") or \
+                self._repo.has_delta(base_sha256, result.hashes["sha256"]):
+            return  # a failed job may be tried again when asked again
         if self._repo.find_by_sha256(base_sha256) is None:
             return  # the vehicle runs an image this repository never published: nothing to diff from
         job = DeltaJob(base_sha256, result_filepath)
         self.jobs[key] = job
         self._queue.put_nowait(job)
 
-    def on_published(self, filepaths: list[str]) -> None:
+    async def on_published(self, filepaths: list[str]) -> None:
         """A release: deltas from every installed image of the same hardware ids."""
+        for base, path in await asyncio.to_thread(self._installed_bases, filepaths):
+            self.request(base, path)
+
+    async def on_vehicle(self, vin: str) -> None:
+        """A vehicle's state changed: deltas for its pending assignments from what it runs."""
+        for base, path in await asyncio.to_thread(self._pending_for, vin):
+            self.request(base, path)
+
+    # database look-ups run in a thread: the event loop serves vehicles meanwhile
+
+    def _installed_bases(self, filepaths: list[str]) -> list[tuple[str, str]]:
+        pairs = []
         with Session(self._engine) as session:
             for path in filepaths:
                 target = self._repo.find_target(path)
@@ -87,19 +101,17 @@ class DeltaPublisher:
                 installed = session.exec(
                     select(Ecu.installed_sha256).where(col(Ecu.hardware_id).in_(hardware_ids)).distinct()
                 ).all()
-                for sha in installed:
-                    self.request(sha, path)
+                pairs.extend((sha, path) for sha in installed)
+        return pairs
 
-    def on_vehicle(self, vin: str) -> None:
-        """A vehicle's state changed: deltas for its pending assignments from what it runs."""
+    def _pending_for(self, vin: str) -> list[tuple[str, str]]:
         with Session(self._engine) as session:
             rows = session.exec(
                 select(Assignment, Ecu).where(
                     Assignment.vin == vin, Assignment.status == "pending", Assignment.ecu_serial == Ecu.serial
                 )
             ).all()
-            for assignment, ecu in rows:
-                self.request(ecu.installed_sha256, assignment.filepath)
+            return [(ecu.installed_sha256, assignment.filepath) for assignment, ecu in rows]
 
     # -- making them --------------------------------------------------------------
 

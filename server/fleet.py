@@ -47,6 +47,7 @@ from signing.manifest import (
     FAILED_RESULTS,
     ManifestError,
     ManifestFormatError,
+    ManifestSignatureError,
     parse_vehicle_manifest,
 )
 from signing.metadata import image_custom
@@ -104,6 +105,12 @@ def register_vehicle(session: Session, director: DirectorRepository, vin: str,
     director.update_vehicle(session, vin, force=True)
 
 
+def _runs(image_repo: ImageRepository, installed_sha256: str, filepath: str) -> bool:
+    """Does an ECU running ``installed_sha256`` run the published image ``filepath``? (By content, not name.)"""
+    target = image_repo.find_target(filepath)
+    return bool(installed_sha256) and target is not None and target.hashes.get("sha256") == installed_sha256
+
+
 def _vehicle(session: Session, vin: str) -> Vehicle:
     vehicle = session.get(Vehicle, vin)
     if vehicle is None:
@@ -151,7 +158,7 @@ def assign(session: Session, director: DirectorRepository, image_repo: ImageRepo
         old.status, old.updated_at = "superseded", utcnow()
         session.add(old)
     row = Assignment(vin=vin, ecu_serial=ecu_serial, filepath=filepath)
-    if ecu.installed_sha256 == target.hashes.get("sha256"):
+    if _runs(image_repo, ecu.installed_sha256, filepath):
         row.status = "installed"
     session.add(row)
     session.flush()
@@ -201,7 +208,8 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
                 )
             reports[serial] = report
     except ManifestError as exc:
-        raise _reject(session, vin, vehicle, str(exc), status=403 if "sign" in str(exc) else 400) from exc
+        status = 403 if isinstance(exc, ManifestSignatureError) else 400
+        raise _reject(session, vin, vehicle, str(exc), status=status) from exc
 
     now = utcnow()
     events = []
@@ -223,7 +231,7 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
         ecu.updated_at = now
         session.add(ecu)
         for row in session.exec(select(Assignment).where(Assignment.ecu_serial == serial, Assignment.status == "pending")):
-            if image.filepath == row.filepath:
+            if _runs(director.image_repo, ecu.installed_sha256, row.filepath):
                 row.status, row.detail, row.updated_at = "installed", "", now
             elif report.last_install and report.last_install.filepath == row.filepath and \
                     report.last_install.result in FAILED_RESULTS:

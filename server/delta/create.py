@@ -22,7 +22,8 @@ Workflow of :func:`create_delta`:
    ``workers x 17 x base_budget`` whatever the image size.
 
 A worker that crashes (bsdiff on pathological input) only loses its
-candidate. The delta is written atomically to ``out_path``.
+candidate, or, for a window, has it re-encoded without bsdiff. The delta is
+written atomically to ``out_path``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import concurrent.futures
 import hashlib
 import io
 import multiprocessing
+import shutil
 import tempfile
 import threading
 import time
@@ -38,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from server.delta import encoders, plan
 from signing import delta_format as fmt
@@ -109,31 +112,49 @@ def create_delta(
         new_length, new_sha = _file_digest(new_path)
     except OSError as exc:
         raise DeltaCreationError(f"cannot read image: {exc}") from exc
-    if old_length <= whole_limit:
-        method, payload, detail, candidates, windows = _create_whole(
-            Path(old_path), Path(new_path), old_length, new_length, workers, methods
+    # The payload goes through a temporary file: a large image's delta need
+    # not fit in memory, and only a verified, complete delta reaches out_path.
+    with tempfile.TemporaryFile() as payload:
+        if old_length <= whole_limit:
+            method, data, detail, candidates, windows = _create_whole(
+                Path(old_path), Path(new_path), old_length, new_length, workers, methods
+            )
+            payload.write(data)
+            del data
+        else:
+            method = "windows"
+            detail, windows = _create_windowed(
+                Path(old_path),
+                Path(new_path),
+                old_length,
+                new_length,
+                workers,
+                window_size,
+                base_budget,
+                payload,
+            )
+            candidates = {"windows": payload.tell()}
+        payload_length = payload.tell()
+        payload.seek(0)
+        header = fmt.DeltaHeader(
+            method=method,
+            base_length=old_length,
+            base_sha256=old_sha,
+            result_length=new_length,
+            result_sha256=new_sha,
+            payload_length=payload_length,
+            payload_sha256=hashlib.file_digest(payload, "sha256").digest(),
         )
-    else:
-        method = "windows"
-        payload, detail, windows = _create_windowed(
-            Path(old_path),
-            Path(new_path),
-            old_length,
-            new_length,
-            workers,
-            window_size,
-            base_budget,
-        )
-        candidates = {"windows": len(payload)}
-    delta = fmt.encode_delta(method, (old_length, old_sha), (new_length, new_sha), payload)
-    with atomic_writer(out_path) as out:
-        out.write(delta)
+        payload.seek(0)
+        with atomic_writer(out_path) as out:
+            out.write(header.encode())
+            shutil.copyfileobj(payload, out, 1 << 20)
     return DeltaReport(
         method=method,
         detail=detail,
         old_length=old_length,
         new_length=new_length,
-        delta_length=len(delta),
+        delta_length=header.encoded_length + payload_length,
         seconds=time.monotonic() - started,
         candidates=candidates,
         windows=windows,
@@ -203,7 +224,8 @@ def _create_whole(
     small = old_length + new_length <= (8 << 20)
     dict_fits = old_length <= fmt.MAX_DICT_BASE and old_length + new_length <= fmt.MAX_DICT_TOTAL
     if methods is None:
-        if uniform <= _UNIFORM_LIMIT or small:
+        # Plain bsdiff crawls on long uniform runs: leave those to "windows".
+        if uniform <= _UNIFORM_LIMIT:
             jobs["bsdiff"] = _candidate_bsdiff
         if uniform > _UNIFORM_LIMIT or (uniform and small) or "bsdiff" not in jobs:
             jobs["windows"] = _candidate_one_window
@@ -242,7 +264,11 @@ WHOLE_METHODS: dict[str, Callable[[Path, Path], tuple[bytes, str]]] = {
 
 
 def _encode_window(
-    old_path: Path, new_path: Path, window: plan.WindowPlan, codecs: tuple[int, ...]
+    old_path: Path,
+    new_path: Path,
+    window: plan.WindowPlan,
+    codecs: tuple[int, ...],
+    use_bsdiff: bool = True,
 ) -> tuple[bytes, str]:
     """One window in payload layout, and the name of the segment method chosen."""
     with open(new_path, "rb") as new:
@@ -256,8 +282,9 @@ def _encode_window(
         base = plan.read_extents(old, extents)
     segments: dict[int, bytes] = {fmt.SEGMENT_STORED: data}
     if data:
-        segments[fmt.SEGMENT_BSDIFF] = encoders.bsdiff_section(base, data, codecs)
-        if len(segments[fmt.SEGMENT_BSDIFF]) > _POOR_RATIO * len(data):
+        if use_bsdiff:
+            segments[fmt.SEGMENT_BSDIFF] = encoders.bsdiff_section(base, data, codecs)
+        if not use_bsdiff or len(segments[fmt.SEGMENT_BSDIFF]) > _POOR_RATIO * len(data):
             if (
                 base
                 and len(base) <= fmt.MAX_DICT_BASE
@@ -296,18 +323,24 @@ def _create_windowed(
     workers: int,
     window_size: int,
     base_budget: int,
-) -> tuple[bytes, str, int]:
+    payload: BinaryIO,
+) -> tuple[str, int]:
+    """Write the ``windows`` payload to ``payload``; return (detail, window count)."""
     with open(old_path, "rb") as old, open(new_path, "rb") as new:
         windows = plan.plan_windows(old, new, old_length, new_length, window_size, base_budget)
     jobs = [(old_path, new_path, window, encoders.FAST_CODECS) for window in windows]
-    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool, _pool(workers) as pool:
-        spool.write(fmt.WINDOW_COUNT.pack(len(windows)))
-        used: Counter[str] = Counter()
-        # map() keeps window order while both workers stay busy.
-        for encoded, segment in pool.map(_encode_window_job, jobs):
-            spool.write(encoded)
+    used: Counter[str] = Counter()
+    payload.write(fmt.WINDOW_COUNT.pack(len(windows)))
+    with _pool(workers) as pool:
+        futures = [pool.submit(_encode_window_job, job) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            try:
+                encoded, segment = future.result()
+            except Exception:
+                # A crashed worker (bsdiff on pathological data) breaks the pool:
+                # encode this window here, without bsdiff.
+                encoded, segment = _encode_window(*job[:3], codecs=(), use_bsdiff=False)
+            payload.write(encoded)
             used[segment] += 1
-        spool.seek(0)
-        payload = spool.read()
     detail = ", ".join(f"{count} {name}" for name, count in sorted(used.items()))
-    return payload, f"{len(windows)} windows of {window_size >> 20} MiB ({detail})", len(windows)
+    return f"{len(windows)} windows of {window_size >> 20} MiB ({detail})", len(windows)
