@@ -220,3 +220,29 @@ def test_interrupted_download_is_postponed_not_failed_and_resumes(server: Server
         assert image_requests == ["", "bytes=100-"]  # the second download resumed at byte 100
     finally:
         proxy.close()
+
+
+def test_secondary_killed_during_its_trial_boot_finishes_after_restart(server: ServerProcess, tmp_path: Path) -> None:
+    marker = tmp_path / "hang-health-check"
+    hang = ["sh", "-c", f"test ! -e {marker} || sleep 60"]
+    vehicle = Vehicle(tmp_path, server, health_check=[hang, SELFTEST])
+    # the interrupted trial boot counts as one failed boot: allow a second one
+    text = vehicle.config_path.read_text().replace("options = { health_check", "options = { bootlimit = 2, health_check")
+    vehicle.config_path.write_text(text)
+    bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
+    server.assign(vehicle.vin, vehicle.secondary, bms.filepath)
+    marker.touch()
+    proc = vehicle.spawn()
+    bootenv = vehicle.state_dir / "secondaries" / vehicle.secondary / "bootenv.json"
+    deadline = time.monotonic() + 60
+    while not bootenv.exists() or '"upgrade_available": "1"' not in bootenv.read_text():
+        assert time.monotonic() < deadline, "the secondary never started its trial boot"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marker.unlink()
+    vehicle.run_once()  # the secondary finishes its trial when the primary next talks to it
+    state = vehicle.secondary_state()
+    assert state["last_install"]["result"] == "installed" and not state.get("trial")
+    ecu = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.secondary)
+    assert ecu["installed"]["filepath"] == bms.filepath and ecu["last_install"]["result"] == "installed"

@@ -76,10 +76,10 @@ class LocalSecondary(Secondary):
         return ImageInfo.from_dict(raw, "bank") if raw else NO_IMAGE
 
     def installed_sha256(self) -> str:
-        return self._installed(self._state()).hashes.get("sha256", "")
+        return self._installed(self._resume_trial()).hashes.get("sha256", "")
 
     def version_report(self) -> SignedEnvelope:
-        state = self._state()
+        state = self._resume_trial()
         state["report_counter"] += 1
         self._save(state)  # a counter is never signed twice
         last = state["last_install"]
@@ -90,7 +90,7 @@ class LocalSecondary(Secondary):
         return report.sign(self._signer)
 
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
-        state = self._state()
+        state = self._resume_trial()
         try:
             self._follow_director_roots(update.director_roots)
             verified = verify_director_targets(
@@ -120,18 +120,37 @@ class LocalSecondary(Secondary):
         except (InstallError, OSError) as exc:
             return self._finish(state, InstallOutcome(update.filepath, "failed", str(exc)))
         state["banks"][new] = ImageInfo(target.path, target.length, dict(target.hashes)).to_dict()
+        state["trial"] = {"filepath": update.filepath, "bank": new}
         self._save(state)
         self._banks.arm(new)
-        reason = f"bootloader fell back to bank {current}"
-        while True:  # boot until the bank is healthy or the bootloader gives up on it
+        return self._run_trial(state)
+
+    def _run_trial(self, state: dict[str, Any]) -> InstallOutcome:
+        """Boot the armed bank until it is healthy (commit) or the bootloader gives up on it."""
+        trial = state["trial"]
+        reason = "the bootloader fell back to the previous bank"
+        while True:
             booted = simulate_bootloader(self._banks.env)
-            if booted != new:
-                return self._finish(state, InstallOutcome(update.filepath, "rolled_back", reason))
+            if booted != trial["bank"]:
+                return self._finish(state, InstallOutcome(trial["filepath"], "rolled_back", reason))
             result = run_health_checks(self._health_check, booted, self._banks.slots[booted], 30)
             if result.ok:
                 self._banks.commit()
-                return self._finish(state, InstallOutcome(update.filepath, "installed"))
+                return self._finish(state, InstallOutcome(trial["filepath"], "installed"))
             reason = result.reason
+
+    def _resume_trial(self) -> dict[str, Any]:
+        """The state, after finishing a trial boot that a kill or power cut interrupted."""
+        state = self._state()
+        if state.get("trial"):
+            if self._banks.state().upgrade_available:
+                self._run_trial(state)
+            else:  # committed or fallen back just before the interruption
+                booted_new = self._banks.state().boot_slot == state["trial"]["bank"]
+                self._finish(state, InstallOutcome(state["trial"]["filepath"],
+                                                   "installed" if booted_new else "rolled_back"))
+            state = self._state()
+        return state
 
     def _follow_director_roots(self, roots: tuple[bytes, ...]) -> None:
         newest = follow_root_chain(self._root, roots)
@@ -140,6 +159,7 @@ class LocalSecondary(Secondary):
             self._root = newest
 
     def _finish(self, state: dict[str, Any], outcome: InstallOutcome, attack: str = "") -> InstallOutcome:
+        state["trial"] = None
         state["last_install"] = outcome.to_dict()
         state["attacks"] = attack
         self._save(state)
