@@ -51,7 +51,7 @@ from client.state import AgentState, Journal, StateStore
 from client.verification import DirectedImage, FullVerifier, VerificationFailure
 from signing.encryption import EncryptionFormatError, load_encryption_key
 from signing.keys import load_signer
-from signing.manifest import NO_IMAGE, EcuVersionReport, InstallOutcome, VehicleManifest
+from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome, VehicleManifest
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class Agent:
         primary = state.ecu(self.config.primary_serial)
         primary.report_counter += 1
         self.store.save(state)  # never sign the same counter twice
-        installed = state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
+        installed = self._running_image(state)
         reports = {
             self.config.primary_serial: EcuVersionReport(
                 self.config.primary_serial, installed, primary.report_counter,
@@ -246,10 +246,12 @@ class Agent:
         )
         return todo
 
+    def _running_image(self, state: AgentState) -> ImageInfo:
+        """The image in the slot the bootloader boots (NO_IMAGE on a factory-fresh device)."""
+        return state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
+
     def _installed_sha256(self) -> dict[str, str]:
-        state = self.store.load()
-        image = state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
-        result = {self.config.primary_serial: image.hashes.get("sha256", "")}
+        result = {self.config.primary_serial: self._running_image(self.store.load()).hashes.get("sha256", "")}
         for sec in self.secondaries:
             try:
                 result[sec.ecu_serial] = sec.installed_sha256()
@@ -326,9 +328,8 @@ class Agent:
     def _install_primary(self, item: DirectedImage) -> InstallOutcome:
         current = self.installer.state().boot_slot
         state = self.store.load()
-        installed = state.slot_images.get(current)
         delta = None if self.config.installer.type == "command" else \
-            self.verifier.find_delta(item, installed.hashes.get("sha256", "") if installed else "")
+            self.verifier.find_delta(item, self._running_image(state).hashes.get("sha256", ""))
         journal = Journal("download", item.target.path, item.target.length, item.sha256,
                           item.custom.release_counter, other_slot(current), current)
         if delta is not None:

@@ -54,6 +54,7 @@ from signing.atomic_file import fsync_directory
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
+    consistent_target_path,
     delta_custom,
     delta_target_path,
     director_ecus,
@@ -278,8 +279,7 @@ class FullVerifier:
         return self._fetch_verified(target, destination)
 
     def _download_encrypted(self, delivery: EncryptedDelivery, destination: Path) -> Path:
-        dirname, sep, basename = delivery.ciphertext.path.rpartition("/")
-        name = f"{dirname}{sep}{delivery.ciphertext.hashes['sha256']}.{basename}"
+        name = consistent_target_path(delivery.ciphertext.path, delivery.ciphertext.hashes["sha256"])
         url = f"{self.server_url}/director/{self.vin}/targets/{parse.quote(name)}"
         try:
             fetch_and_decrypt(self.fetcher, url, delivery, self.decryption_key, destination)
@@ -290,7 +290,5 @@ class FullVerifier:
         return destination
 
     def _target_url(self, target: TargetFile) -> str:
-        # consistent snapshots: images are served as <dir>/<sha256>.<name>
-        dirname, sep, basename = target.path.rpartition("/")
-        name = f"{dirname}{sep}{target.hashes['sha256']}.{basename}"
+        name = consistent_target_path(target.path, target.hashes["sha256"])
         return f"{self.server_url}/image/targets/{parse.quote(name)}"

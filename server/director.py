@@ -40,7 +40,7 @@ from server.db import (
     as_utc,
 )
 from server.encrypted_images import EncryptedImages
-from server.image_repository import ImageRepository, _versioned
+from server.image_repository import ImageRepository, versioned_files
 from signing.atomic_file import write_atomic
 from signing.metadata import DIRECTOR_TARGETS_EXPIRY, director_custom, expiry, set_director_vin
 
@@ -72,7 +72,7 @@ class DirectorRepository:
         self.metadata_dir = director_dir / "metadata"
         self._encrypt_all = encrypt_images
         self._encrypted = EncryptedImages(director_dir / "encrypted", image_repo.targets_dir)
-        roots = _versioned(self.metadata_dir, "root")
+        roots = versioned_files(self.metadata_dir, "root")
         if not roots:
             raise FileNotFoundError(f"no director root in {self.metadata_dir}: run 'uptake server init'")
         self.root = Metadata[Root].from_file(str(roots[-1][1]))

@@ -38,7 +38,7 @@ from signing.encryption import (
     encrypt_stream,
     parse_public_key,
 )
-from signing.metadata import director_custom
+from signing.metadata import consistent_target_path, director_custom
 
 _PATH_RE = re.compile(r"^[A-Za-z0-9._+\-]+(/[A-Za-z0-9._+\-]+)*$")
 
@@ -87,8 +87,7 @@ class EncryptedImages:
         if info.plaintext_sha256 != image.hashes["sha256"]:
             staging.unlink(missing_ok=True)
             raise ValueError(f"stored image {image.path!r} does not match its sha256 in the image repository")
-        dirname, sep, basename = image.path.rpartition("/")
-        rel = f"{ecu_serial}/{dirname}{sep}{digest.hexdigest()}.{basename}"
+        rel = f"{ecu_serial}/{consistent_target_path(image.path, digest.hexdigest())}"
         final = ecu_dir.parent / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(final)

@@ -58,6 +58,7 @@ from signing.metadata import (
     DELTAS_ROLE,
     DeltaCustom,
     MetadataFormatError,
+    consistent_target_path,
     delta_target_path,
     expiry,
     image_custom,
@@ -78,7 +79,7 @@ class ImageRepositoryError(Exception):
     """A request to the image repository was refused; the message says why."""
 
 
-def _versioned(directory: Path, role: str) -> list[tuple[int, Path]]:
+def versioned_files(directory: Path, role: str) -> list[tuple[int, Path]]:
     found = []
     for p in directory.glob(f"*.{role}.json"):
         head = p.name.split(".", 1)[0]
@@ -122,9 +123,7 @@ def deltas_delegation(deltas_key: Key) -> Delegations:
 
 def consistent_target_name(target: TargetFile) -> str:
     """Where a consistent-snapshot client fetches ``target`` (``dir/<hash>.<name>``)."""
-    first_hash = next(iter(target.hashes.values()))
-    dirname, sep, basename = target.path.rpartition("/")
-    return f"{dirname}{sep}{first_hash}.{basename}"
+    return consistent_target_path(target.path, next(iter(target.hashes.values())))
 
 
 class ImageRepository:
@@ -155,7 +154,7 @@ class ImageRepository:
     ) -> ImageRepository:
         """Create a repository from offline-signed root v1 and targets v1."""
         metadata_dir = root_dir / "metadata"
-        if _versioned(metadata_dir, "root"):
+        if versioned_files(metadata_dir, "root"):
             raise ImageRepositoryError(f"{metadata_dir} already holds an image repository")
         write_atomic(metadata_dir / "1.root.json", _to_bytes(root))
         write_atomic(metadata_dir / f"{targets.signed.version}.targets.json", _to_bytes(targets))
@@ -174,9 +173,9 @@ class ImageRepository:
         return repo
 
     def _load(self) -> None:
-        roots = _versioned(self.metadata_dir, "root")
-        targets = _versioned(self.metadata_dir, "targets")
-        snapshots = _versioned(self.metadata_dir, "snapshot")
+        roots = versioned_files(self.metadata_dir, "root")
+        targets = versioned_files(self.metadata_dir, "targets")
+        snapshots = versioned_files(self.metadata_dir, "snapshot")
         if not roots or not targets or not snapshots:
             raise ImageRepositoryError(
                 f"{self.metadata_dir} holds no image repository: run 'uptake server init'"
@@ -185,7 +184,7 @@ class ImageRepository:
         self.targets = Metadata[Targets].from_file(str(targets[-1][1]))
         self.snapshot = Metadata[Snapshot].from_file(str(snapshots[-1][1]))
         self.timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
-        deltas = _versioned(self.metadata_dir, DELTAS_ROLE)
+        deltas = versioned_files(self.metadata_dir, DELTAS_ROLE)
         self.deltas: Metadata[Targets] | None = (
             Metadata[Targets].from_file(str(deltas[-1][1])) if deltas else None
         )

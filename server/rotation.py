@@ -47,7 +47,7 @@ from tuf.api.serialization.json import JSONSerializer
 from server.config import ONLINE_KEYS, ConfigError, ServerConfig
 from server.db import Vehicle, make_engine
 from server.director import DirectorRepository
-from server.image_repository import ImageRepository, _versioned
+from server.image_repository import ImageRepository, versioned_files
 from signing.atomic_file import write_atomic
 from signing.keys import KeyFileError, generate_signer, load_signer, save_signer
 from signing.metadata import expiry
@@ -93,7 +93,7 @@ def _metadata_dir(config: ServerConfig, repository: str) -> Path:
 
 
 def _latest_root(config: ServerConfig, repository: str) -> tuple[Metadata[Root], bytes]:
-    roots = _versioned(_metadata_dir(config, repository), "root")
+    roots = versioned_files(_metadata_dir(config, repository), "root")
     if not roots:
         raise RotationError(f"no {repository} root in {_metadata_dir(config, repository)}")
     data = roots[-1][1].read_bytes()

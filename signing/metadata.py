@@ -72,6 +72,12 @@ class MetadataFormatError(Exception):
     """Uptane custom metadata is missing or malformed; the message names where."""
 
 
+def consistent_target_path(path: str, sha256: str) -> str:
+    """Where a target is served with consistent snapshots: ``dir/<sha256>.<name>`` (TUF 5.7.3)."""
+    dirname, sep, basename = path.rpartition("/")
+    return f"{dirname}{sep}{sha256}.{basename}"
+
+
 def expiry(role: str, now: datetime | None = None) -> datetime:
     """Default expiry time for ``role`` metadata signed ``now``."""
     now = now or datetime.now(UTC)

@@ -157,7 +157,8 @@ def test_idle_polls_do_not_resend_an_unchanged_manifest(server: ServerProcess, v
     vehicle.run_once()  # a change (the install) is reported at once
     record = server.vehicle(vehicle.vin)
     assert record["manifests_accepted"] > accepted
-    assert record["ecus"][0]["installed"]["filepath"] == gw.filepath or record["ecus"][1]["installed"]["filepath"] == gw.filepath
+    primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
+    assert primary["installed"]["filepath"] == gw.filepath
     # and an unchanged vehicle still reports at the heartbeat
     text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 300\nmanifest_heartbeat = 0.01")
     vehicle.config_path.write_text(text)

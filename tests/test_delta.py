@@ -436,3 +436,29 @@ def test_sample_firmware_roundtrip(tmp_path: Path, images: tuple[Path, Path]):
     old, new = images
     delta = _roundtrip(tmp_path, old, new)
     assert delta.stat().st_size < new.stat().st_size
+
+
+def test_window_fallback_without_bsdiff_applies(tmp_path: Path):
+    # What a window becomes when its bsdiff worker crashed: zstd/stored only.
+    from server.delta import create as creation
+    from server.delta import plan
+
+    old, new = _image_pair(4, 300_000, pad=50_000, zero_run=60_000)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    with open(tmp_path / "old", "rb") as o, open(tmp_path / "new", "rb") as n:
+        windows = plan.plan_windows(o, n, len(old), len(new), 64 * 1024, 128 * 1024)
+    payload = fmt.WINDOW_COUNT.pack(len(windows)) + b"".join(
+        creation._encode_window(tmp_path / "old", tmp_path / "new", w, (), use_bsdiff=False)[0]
+        for w in windows
+    )
+    (tmp_path / "delta").write_bytes(
+        fmt.encode_delta(
+            "windows",
+            (len(old), hashlib.sha256(old).digest()),
+            (len(new), hashlib.sha256(new).digest()),
+            payload,
+        )
+    )
+    apply_delta_file(tmp_path / "old", tmp_path / "delta", tmp_path / "result")
+    assert (tmp_path / "result").read_bytes() == new

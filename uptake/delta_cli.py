@@ -120,7 +120,9 @@ def create(
         f"delta:    {_human(report.delta_length)} "
         f"({100 * report.delta_length / max(1, report.new_length):.2f} % of new)"
     )
-    tried = ", ".join(f"{name} {_human(size)} payload" for name, size in sorted(report.candidates.items()))
+    tried = ", ".join(
+        f"{name} {_human(size)} payload" for name, size in sorted(report.candidates.items())
+    )
     click.echo(f"tried:    {tried}")
     click.echo(f"time:     {report.seconds:.2f} s")
     click.echo(f"written:  {output}")
