@@ -26,6 +26,17 @@ def _password(env_var: str, what: str, confirm: bool = False) -> bytes:
     return str(click.prompt(f"Password for {what}", hide_input=True, confirmation_prompt=confirm)).encode()
 
 
+def _require_server_extra() -> None:
+    """The server itself needs aiohttp and sqlmodel; a vehicle install has neither."""
+    import importlib.util
+
+    missing = [m for m in ("aiohttp", "sqlmodel", "bsdiff4", "zstandard") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"the server needs {', '.join(missing)}: install it with: pip install 'uptake[server]'"
+        )
+
+
 def _emit(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
@@ -54,6 +65,7 @@ def server() -> None:
 @click.option("--key-type", type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]), default="ed25519", show_default=True)
 def server_init(data_dir: Path, offline_keys_dir: Path, host: str, port: int, database_url: str, key_type: str) -> None:
     """Create keys, the first metadata of both repositories and the database."""
+    _require_server_extra()
     from server.service import init_server
 
     config = ServerConfig(data_dir, host, port, database_url)
@@ -74,6 +86,7 @@ def server_init(data_dir: Path, offline_keys_dir: Path, host: str, port: int, da
 @click.option("--database-url", default=None, help="Override the configured database URL.")
 def server_run(data_dir: Path, host: str | None, port: int | None, database_url: str | None) -> None:
     """Serve the image repository, the director and the admin API."""
+    _require_server_extra()
     from server.service import open_server, run_server
 
     try:
@@ -111,6 +124,7 @@ def server_rotate_keys(data_dir: Path, offline_keys_dir: Path, repository: str, 
     run it again: it finishes the rotation it started.
     Online keys use $UPTAKE_SERVER_KEY_PASSWORD; the root key $UPTAKE_KEY_PASSWORD.
     """
+    _require_server_extra()
     from server.rotation import RotationError, rotate_online_keys
 
     try:
