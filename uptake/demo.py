@@ -7,7 +7,9 @@
    ``stm32f4-bms`` secondary; register its ECU public keys with the director.
 4. Publish sample firmware 1.0.0, direct the vehicle to it, run the agent:
    full verification, install into the inactive slot, health check, commit.
-5. The same with 1.1.0.
+5. The same with 1.1.0, now as a delta: the server makes one in the
+   background from the 1.0.0 the vehicle reported, and the agent applies it
+   from its active slot into the inactive one.
 6. Publish 2.0.0, whose power-on self-test fails: the agent installs it,
    the health check fails on every trial boot, the bootloader falls back,
    and the vehicle reports the rollback; the server marks it failed.
@@ -137,6 +139,18 @@ def run_demo(workdir: Path) -> None:
             click.echo("   director: GW-0001 and BMS-0001 assigned; per-vehicle targets re-signed")
             return paths
 
+        def wait_for_delta(filepath: str) -> None:
+            """The server makes deltas in the background from what the fleet runs; show the one for the gateway."""
+            for _ in range(300):
+                listing = admin.request("GET", "/api/v1/deltas")
+                for job in listing["jobs"]:
+                    if job["result_filepath"] == filepath and job["status"] != "queued" and job["status"] != "running":
+                        click.echo(f"   server made a delta to {filepath}: {job['status']}, "
+                                   f"{job['delta_length']} bytes instead of {job['result_length']} ({job['detail']})")
+                        return
+                time.sleep(0.1)
+            raise DemoFailed(f"no delta job for {filepath} finished within 30 s")
+
         def server_view() -> dict[str, dict[str, str]]:
             rec = admin.request("GET", "/api/v1/vehicles/DEMO-VIN-0001")
             return {e["serial"]: {"installed": e["installed"]["filepath"], "last": e["last_install"]["result"]}
@@ -145,9 +159,14 @@ def run_demo(workdir: Path) -> None:
         for n, version in ((4, "1.0.0"), (5, "1.1.0")):
             _step(f"{n}. Release {version} and update the vehicle")
             paths = release(version)
+            if version != "1.0.0":  # from 1.0.0 on, the vehicle runs something to diff from
+                wait_for_delta(paths["rpi-gateway"])
             report = agent.run_cycle()
             _expect(report.outcomes.get("GW-0001") is not None and report.outcomes["GW-0001"].result == "installed",
                     f"primary installed {paths['rpi-gateway']} and committed it after a healthy boot")
+            if version != "1.0.0":
+                _expect(report.outcomes["GW-0001"].method == "delta",
+                        "the primary took the delta from its installed image, applied it from its active slot")
             _expect(report.outcomes.get("BMS-0001") is not None and report.outcomes["BMS-0001"].result == "installed",
                     f"secondary verified (partial verification) and installed {paths['stm32f4-bms']}")
             view = server_view()
