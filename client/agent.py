@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -487,15 +486,9 @@ class Agent:
             self.say(f"rebooted (simulated bootloader): booting slot {slot}")
             return
         self.say(f"rebooting: {' '.join(reboot)}")
-        try:
-            proc = subprocess.run(list(reboot), capture_output=True, timeout=60, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise AgentError(f"reboot command {reboot[0]} failed ({exc}); the install resumes at the next start") from exc
-        if proc.returncode != 0:
-            raise AgentError(
-                f"reboot command {reboot[0]} exited {proc.returncode}: "
-                f"{proc.stderr.decode(errors='replace').strip()[-300:]}; the install resumes at the next start"
-            )
+        result = run_command(reboot, 60, "reboot command")
+        if not result.ok:
+            raise AgentError(f"{result.reason}; the install resumes at the next start")
         # the machine is going down; the next start resumes from the journal
         os._exit(0)
 
