@@ -68,6 +68,9 @@ class UdsSecondary(Secondary):
         self._options = dict(options)
         self._bus = bus
         self._config = uds_config(options)
+        # the last report read: what the ECU runs does not change until we flash it, and each
+        # read costs CAN time and one of the ECU's report counters
+        self._last_report: SignedEnvelope | None = None
 
     def _flasher(self) -> UdsFlasher:
         try:
@@ -94,13 +97,16 @@ class UdsSecondary(Secondary):
             raise SecondaryError(f"secondary {self.ecu_serial}: unreadable version report: {exc}") from exc
         if report.ecu_serial != self.ecu_serial:
             raise SecondaryError(f"secondary {self.ecu_serial} answered with a report of {report.ecu_serial}")
+        self._last_report = envelope
         return envelope
 
     def installed_sha256(self) -> str:
-        return self.version_report().ecu_report().installed_image.hashes.get("sha256", "")
+        report = self._last_report or self.version_report()
+        return report.ecu_report().installed_image.hashes.get("sha256", "")
 
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
         bundle = MetadataBundle(update.filepath, update.director_targets, update.director_roots).encode()
+        self._last_report = None  # whatever happens next, the ECU's state changes
         flasher = self._flasher()
         try:
             with open(update.image_path, "rb") as image:
