@@ -37,7 +37,12 @@ import urllib3
 from tuf.api.exceptions import LengthOrHashMismatchError
 from tuf.api.metadata import TargetFile
 
-from client.bootenv import BootEnvironment, FileBootEnvironment, simulate_bootloader
+from client.bootenv import (
+    BootEnvironment,
+    BootEnvironmentError,
+    FileBootEnvironment,
+    simulate_bootloader,
+)
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
 from client.fetcher import ResumableFetcher
@@ -46,7 +51,7 @@ from client.installer import InstallError, SlotInstaller, other_slot
 from client.preconditions import unmet_precondition
 from client.secondaries import open_secondaries
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
-from client.state import AgentState, Journal, StateStore
+from client.state import AgentState, Journal, StateError, StateStore
 from client.verification import DirectedImage, FullVerifier, VerificationFailure
 from signing.encryption import EncryptionFormatError, load_encryption_key
 from signing.keys import load_signer
@@ -156,8 +161,10 @@ class Agent:
         while not stop.is_set():
             try:
                 self.run_cycle()
-            except Exception:
-                log.exception("update cycle failed; retrying at the next poll")
+            except (AgentError, BootEnvironmentError, SecondaryError, StateError, OSError) as exc:
+                log.error("update cycle failed: %s; retrying at the next poll", exc)
+            except Exception:  # a bug: keep the traceback for the report, keep the service up
+                log.exception("update cycle failed unexpectedly; retrying at the next poll")
             jitter = self.config.poll_interval * self.config.poll_jitter
             stop.wait(self.config.poll_interval + random.uniform(-jitter, jitter))
 
