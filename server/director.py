@@ -181,8 +181,9 @@ class DirectorRepository:
         Runs inside the caller's transaction. Returns True when new metadata was signed.
         """
         now = datetime.now(UTC)
+        # outside the lock: it may encrypt a new image for an ECU, which must not stall other vehicles
+        desired = self._desired_targets(session, vin)
         with self._lock:
-            desired = self._desired_targets(session, vin)
             latest = {r: self._latest(session, vin, r) for r in ("targets", "snapshot", "timestamp")}
             targets_row = latest["targets"]
             current = Metadata[Targets].from_bytes(targets_row.content) if targets_row else None
