@@ -45,6 +45,7 @@ from client.bootenv import (
 )
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
+from client.delta_apply import DeltaError, apply_delta_file, read_delta_header
 from client.fetcher import ResumableFetcher
 from client.health import run_command, run_health_checks
 from client.installer import InstallError, SlotInstaller, other_slot
@@ -284,7 +285,7 @@ class Agent:
     def _install_secondary(self, item: DirectedImage) -> InstallOutcome:
         sec = next(s for s in self.secondaries if s.ecu_serial == item.ecu_serial)
         try:
-            path = self._download(item)
+            path = self._rebuild_from_delta(sec, item) or self._download(item)
         except VerificationFailure as exc:
             return self._refuse(item, exc)
         assert self.verifier.director_targets is not None
@@ -317,6 +318,34 @@ class Agent:
         history = self.config.path(Path("metadata")) / "director" / "root_history"
         versions = sorted(int(v) for p in history.glob("*.root.json") if (v := p.name.split(".", 1)[0]).isdigit())
         return tuple((history / f"{v}.root.json").read_bytes() for v in versions if v > 1)
+
+    def _rebuild_from_delta(self, sec: Secondary, item: DirectedImage) -> Path | None:
+        """The full image for a secondary, rebuilt from a delta and the image it runs, or None.
+
+        Only when the primary can read that image; the secondary then gets (and checks) the
+        full image as always, so a bad delta costs nothing but the fallback download.
+        """
+        base = sec.installed_image_path()
+        delta = self.verifier.find_delta(item, sec.installed_sha256()) if base else None
+        if base is None or delta is None:
+            return None
+        patch = self.downloads / f"{delta.hashes['sha256']}.delta"
+        result = self.downloads / item.sha256
+        try:
+            self.verifier.download_target(delta, patch)
+            with open(patch, "rb") as f:
+                header = read_delta_header(f)
+            if header.result_length != item.target.length or header.result_sha256.hex() != item.sha256:
+                raise DeltaError("the delta produces another image than the directed one")
+            apply_delta_file(base, patch, result)  # atomic; checks the result against the header
+        except (VerificationFailure, DeltaError, OSError) as exc:
+            self.say(f"delta for {sec.ecu_serial} refused ({exc}): falling back to the full image")
+            return None
+        finally:
+            patch.unlink(missing_ok=True)
+        self.say(f"rebuilt {item.target.path} for {sec.ecu_serial} from a {delta.length}-byte delta "
+                 f"instead of downloading {item.target.length} bytes, sha256 verified")
+        return result
 
     def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
         if not exc.attack:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -123,5 +124,38 @@ def test_bad_delta_is_refused_and_the_full_image_installed(server: ServerProcess
         assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == v2_file.read_bytes()
         primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
         assert primary["last_install"]["method"] == "full" and "delta refused" in primary["last_install"]["detail"]
+    finally:
+        proxy.close()
+
+
+def test_secondary_update_is_rebuilt_from_a_delta_by_the_primary(server: ServerProcess, tmp_path: Path) -> None:
+    def bms(version: str, tweak: int) -> Path:
+        pad = bytearray(PAD)
+        for i in range(tweak):
+            pad[i * 4099 % len(pad)] ^= 0x33
+        path = tmp_path / f"bms-{version}.bin"
+        path.write_bytes(sample("stm32f4-bms", version).read_bytes() + bytes(pad))
+        return path
+
+    proxy = MaliciousProxy(server.url)
+    try:
+        vehicle = Vehicle(tmp_path, server, server_url=proxy.url)
+        v1 = server.publish(bms("1.0.0", 0), "stm32f4-bms", "1.0.0")
+        server.assign(vehicle.vin, vehicle.secondary, v1.filepath)
+        assert vehicle.run_once().report["outcomes"][vehicle.secondary]["result"] == "installed"
+        v2_file = bms("1.1.0", 30)
+        v2 = server.publish(v2_file, "stm32f4-bms", "1.1.0")
+        _wait_for_delta(server, v2.sha256)
+        server.assign(vehicle.vin, vehicle.secondary, v2.filepath)
+        proxy.requests.clear()
+        outcome = vehicle.run_once().report["outcomes"][vehicle.secondary]
+        assert outcome["result"] == "installed"
+        # the full image never crossed the link: only the delta did
+        assert not [r for r in proxy.requests if r.endswith("bms.bin") or "bms-1.1.0" in r]
+        assert any("/image/targets/deltas/" in r for r in proxy.requests)
+        state = vehicle.secondary_state()
+        bank = vehicle.state_dir / "secondaries" / vehicle.secondary / f"bank-{json.loads((vehicle.state_dir / 'secondaries' / vehicle.secondary / 'bootenv.json').read_bytes())['boot_slot']}.bin"
+        assert bank.read_bytes() == v2_file.read_bytes()
+        assert state["last_install"]["result"] == "installed"
     finally:
         proxy.close()

@@ -41,6 +41,14 @@ class Secondary(ABC):
     def installed_sha256(self) -> str:
         """SHA-256 of the image the ECU runs ('' if none)."""
 
+    def installed_image_path(self) -> Path | None:
+        """Where the primary can read the image the ECU runs (to rebuild an update from a delta).
+
+        ``None`` (the default) when the ECU's flash is out of the primary's reach: it then
+        always gets the full image.
+        """
+        return None
+
     @abstractmethod
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
         """Verify and install; the outcome is also kept for the ECU's next report."""

@@ -75,6 +75,10 @@ class LocalSecondary(Secondary):
         raw = state["banks"].get(self._banks.state().boot_slot)
         return ImageInfo.from_dict(raw, "bank") if raw else NO_IMAGE
 
+    def installed_image_path(self) -> Path | None:
+        state = self._resume_trial()
+        return self._banks.slots[self._banks.state().boot_slot] if self._installed(state).length else None
+
     def installed_sha256(self) -> str:
         return self._installed(self._resume_trial()).hashes.get("sha256", "")
 
