@@ -339,6 +339,8 @@ class Agent:
                 raise DeltaError("the delta produces another image than the directed one")
             apply_delta_file(base, patch, result)  # atomic; checks the result against the header
         except (VerificationFailure, DeltaError, OSError) as exc:
+            if isinstance(exc, VerificationFailure) and exc.attack:
+                self._note_attack(str(exc))
             self.say(f"delta for {sec.ecu_serial} refused ({exc}): falling back to the full image")
             return None
         finally:
@@ -351,14 +353,14 @@ class Agent:
         if not exc.attack:
             # the network, not an attacker: keep the partial download and resume at the next poll
             return self._record(item, "postponed", f"download interrupted ({exc}); it resumes at the next poll")
+        self._note_attack(str(exc))
+        return self._record(item, "refused", str(exc))
+
+    def _note_attack(self, what: str) -> None:
+        """Keep evidence of an attack for the primary's next report (attacks_detected)."""
         state = self.store.load()
-        outcome = InstallOutcome(item.target.path, "refused", str(exc))
-        state.ecu(self.config.primary_serial).attacks_detected = str(exc)
-        if item.ecu_serial == self.config.primary_serial:
-            state.ecu(item.ecu_serial).last_install = outcome
+        state.ecu(self.config.primary_serial).attacks_detected = what
         self.store.save(state)
-        self.say(f"REFUSED {item.target.path} for {item.ecu_serial}: {exc}")
-        return outcome
 
     def _install_primary(self, item: DirectedImage) -> InstallOutcome:
         current = self.installer.state().boot_slot
@@ -381,7 +383,8 @@ class Agent:
                              f"{item.target.length}), length and sha256 verified")
                 except VerificationFailure as exc:
                     if exc.attack:  # a delta that fails its signed hashes was tampered with
-                        state.ecu(self.config.primary_serial).attacks_detected = str(exc)
+                        self._note_attack(str(exc))
+                        state = self.store.load()
                     self._abandon_delta(state, f"download: {exc}")
                     self._download(item)
             else:
