@@ -132,6 +132,14 @@ class _Table:
             raise AgentConfigError(f"{self.source}: unknown key(s) in [{self.where}]: {', '.join(sorted(unknown))}")
 
 
+def _array_of_tables(raw: dict[str, Any], key: str, source: str) -> list[_Table]:
+    """The ``[[key]]`` tables of the file (none when absent)."""
+    items = raw.get(key, [])
+    if not isinstance(items, list):
+        raise AgentConfigError(f"{source}: [[{key}]] must be an array of tables")
+    return [_Table(item, f"{key}[{i}]", source) for i, item in enumerate(items)]
+
+
 def _command(table: _Table, key: str) -> tuple[str, ...]:
     argv = table.get(key, list, [])
     if not all(isinstance(a, str) for a in argv):
@@ -215,11 +223,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     hc.check_unknown()
 
     secondaries = []
-    raw_secs = raw.get("secondaries", [])
-    if not isinstance(raw_secs, list):
-        raise AgentConfigError(f"{source}: [[secondaries]] must be an array of tables")
-    for i, item in enumerate(raw_secs):
-        t = _Table(item, f"secondaries[{i}]", source)
+    for i, t in enumerate(_array_of_tables(raw, "secondaries", source)):
         transport = t.get("transport", str, "local")
         if transport not in SECONDARY_TRANSPORTS:
             raise AgentConfigError(
@@ -227,17 +231,13 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
             )
         sec = SecondaryConfig(
             ecu_serial=t.get("ecu_serial", str), hardware_id=t.get("hardware_id", str), transport=transport,
-            directory=Path(t.get("directory", str, f"secondaries/{item.get('ecu_serial', i)}")),
+            directory=Path(t.get("directory", str, f"secondaries/{t.data.get('ecu_serial', i)}")),
             options=t.get("options", dict, {}),
         )
         t.check_unknown()
         secondaries.append(sec)
     preconditions = []
-    raw_pre = raw.get("preconditions", [])
-    if not isinstance(raw_pre, list):
-        raise AgentConfigError(f"{source}: [[preconditions]] must be an array of tables")
-    for i, item in enumerate(raw_pre):
-        t = _Table(item, f"preconditions[{i}]", source)
+    for i, t in enumerate(_array_of_tables(raw, "preconditions", source)):
         name = t.get("name", str)
         command = t.get("command", list, [])
         hook = t.get("hook", str, "")
