@@ -46,7 +46,9 @@ def run_agent(vehicle: Vehicle) -> tuple[float, float]:
     import subprocess
 
     started = time.monotonic()
-    proc = subprocess.Popen(vehicle.argv(), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        vehicle.argv(), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _vm_hwm_kib(proc.pid) or 0)
@@ -57,7 +59,9 @@ def run_agent(vehicle: Vehicle) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mib", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="uptake-bench-") as tmp_name:
@@ -77,16 +81,22 @@ def main() -> None:
             server.assign(vehicle.vin, vehicle.primary, pub.filepath)
             inst_s, inst_rss = run_agent(vehicle)
             if vehicle.booted_image() != pub.filepath:
-                raise SystemExit("the image was not installed: the figures below would mean nothing")
+                raise SystemExit(
+                    "the image was not installed: the figures below would mean nothing"
+                )
         finally:
             server.stop()
-    print(f"agent installing a {size / 2**20:.0f} MiB image (download, verify, write slot, read-back, health check):")
+    print(
+        f"agent installing a {size / 2**20:.0f} MiB image (download, verify, write slot, read-back, health check):"
+    )
     print(f"  {'run':<34}{'seconds':>9}{'peak RSS MiB':>14}")
     print(f"  {'baseline: poll, nothing to do':<34}{base_s:>9.1f}{base_rss:>14.1f}")
     print(f"  {'install':<34}{inst_s:>9.1f}{inst_rss:>14.1f}")
-    print(f"  install peak RSS {inst_rss:.1f} MiB (budget {BUDGET_MIB} MiB): "
-          f"{'OK' if inst_rss < BUDGET_MIB else 'OVER BUDGET'}; above the baseline: {inst_rss - base_rss:+.1f} MiB;"
-          f" throughput {size / 2**20 / inst_s:.0f} MiB/s over loopback")
+    print(
+        f"  install peak RSS {inst_rss:.1f} MiB (budget {BUDGET_MIB} MiB): "
+        f"{'OK' if inst_rss < BUDGET_MIB else 'OVER BUDGET'}; above the baseline: {inst_rss - base_rss:+.1f} MiB;"
+        f" throughput {size / 2**20 / inst_s:.0f} MiB/s over loopback"
+    )
 
 
 if __name__ == "__main__":

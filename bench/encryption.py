@@ -63,11 +63,17 @@ def main() -> None:
         tracemalloc.stop()
 
     mib = size / (1024 * 1024)
-    print(f"image {mib:.0f} MiB, chunk {args.chunk_kib} KiB, ciphertext overhead "
-          f"{info.ciphertext_length - size} bytes ({(info.ciphertext_length - size) / size:.3%})")
+    print(
+        f"image {mib:.0f} MiB, chunk {args.chunk_kib} KiB, ciphertext overhead "
+        f"{info.ciphertext_length - size} bytes ({(info.ciphertext_length - size) / size:.3%})"
+    )
     print(f"baseline read + sha256: {mib / baseline:8.1f} MiB/s")
-    print(f"encrypt (director):     {mib / encrypt:8.1f} MiB/s  ({encrypt / baseline:.2f}x the baseline's time)")
-    print(f"decrypt (agent):        {mib / decrypt:8.1f} MiB/s  ({decrypt / baseline:.2f}x the baseline's time)")
+    print(
+        f"encrypt (director):     {mib / encrypt:8.1f} MiB/s  ({encrypt / baseline:.2f}x the baseline's time)"
+    )
+    print(
+        f"decrypt (agent):        {mib / decrypt:8.1f} MiB/s  ({decrypt / baseline:.2f}x the baseline's time)"
+    )
     print(f"decrypt peak Python heap: {peak / 1024:.0f} KiB (chunk {args.chunk_kib} KiB)")
 
 

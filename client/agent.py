@@ -96,8 +96,9 @@ def make_boot_environment(config: AgentConfig) -> BootEnvironment:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, password: bytes,
-                 narrate: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, password: bytes, narrate: Callable[[str], None] | None = None
+    ) -> None:
         self.config = config
         self._narrate = narrate
         try:
@@ -107,18 +108,27 @@ class Agent:
         self.store = StateStore(config.path(Path("state.json")))
         self.installer = SlotInstaller(
             {"a": config.path(config.installer.slot_a), "b": config.path(config.installer.slot_b)},
-            make_boot_environment(config), config.installer.bootlimit,
+            make_boot_environment(config),
+            config.installer.bootlimit,
         )
         self.installer.initialize()
         self.secondaries: list[Secondary] = open_secondaries(config, password)
-        self.verifier = FullVerifier(config.path(Path("metadata")), config.server_url, config.vin,
-                                     ResumableFetcher(config.download))
+        self.verifier = FullVerifier(
+            config.path(Path("metadata")),
+            config.server_url,
+            config.vin,
+            ResumableFetcher(config.download),
+        )
         if config.path(config.encryption_key).exists():
             try:
-                self.verifier.decryption_key = load_encryption_key(config.path(config.encryption_key), password)
+                self.verifier.decryption_key = load_encryption_key(
+                    config.path(config.encryption_key), password
+                )
             except EncryptionFormatError as exc:
                 raise AgentError(f"primary ECU encryption key: {exc}") from exc
-        self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=60), retries=False)
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=10, read=60), retries=False
+        )
         self.downloads = config.path(Path("downloads"))
 
     def say(self, message: str) -> None:
@@ -145,14 +155,20 @@ class Agent:
             self.say(f"update waits: precondition {waiting}")
             report.waiting = waiting
             for item in directed:
-                report.outcomes[item.ecu_serial] = self._record(item, "postponed", f"waiting for precondition {waiting}")
+                report.outcomes[item.ecu_serial] = self._record(
+                    item, "postponed", f"waiting for precondition {waiting}"
+                )
             directed = []
         for item in install_order(directed):  # ECUs that others require first
             blocked = unmet_dependency(item, directed, report.outcomes)
             report.outcomes[item.ecu_serial] = (
                 self._record(item, "failed", blocked) if blocked else self.install(item)
             )
-        if any(o.result != "postponed" for o in report.outcomes.values()) or attack or report.waiting:
+        if (
+            any(o.result != "postponed" for o in report.outcomes.values())
+            or attack
+            or report.waiting
+        ):
             # tell the server at once what happened (an outcome, or an attack seen)
             report.manifest_accepted = self.send_manifest()
         return report
@@ -183,8 +199,11 @@ class Agent:
         installed = self._running_image(state)
         reports = {
             self.config.primary_serial: EcuVersionReport(
-                self.config.primary_serial, installed, primary.report_counter,
-                primary.attacks_detected, primary.last_install,
+                self.config.primary_serial,
+                installed,
+                primary.report_counter,
+                primary.attacks_detected,
+                primary.last_install,
             ).sign(self.signer)
         }
         for sec in self.secondaries:
@@ -193,7 +212,10 @@ class Agent:
             except SecondaryError as exc:
                 self.say(f"secondary {sec.ecu_serial} did not report: {exc}")
         manifest = VehicleManifest(self.config.vin, self.config.primary_serial, reports)
-        content = {s: {k: v for k, v in e.signed.items() if k != "report_counter"} for s, e in reports.items()}
+        content = {
+            s: {k: v for k, v in e.signed.items() if k != "report_counter"}
+            for s, e in reports.items()
+        }
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return manifest.sign(self.signer).to_bytes(), digest
 
@@ -205,12 +227,17 @@ class Agent:
         """
         body, digest = self._build_manifest()
         state = self.store.load()
-        if digest == state.manifest_digest and time.time() - state.manifest_sent_at < self.config.manifest_heartbeat:
+        if (
+            digest == state.manifest_digest
+            and time.time() - state.manifest_sent_at < self.config.manifest_heartbeat
+        ):
             log.debug("vehicle state unchanged since the last manifest: not sending one")
             return True
         url = f"{self.config.server_url}/api/v1/vehicles/{self.config.vin}/manifest"
         try:
-            resp = self._http.request("POST", url, body=body, headers={"Content-Type": "application/json"})
+            resp = self._http.request(
+                "POST", url, body=body, headers={"Content-Type": "application/json"}
+            )
         except urllib3.exceptions.HTTPError as exc:
             self.say(f"could not send the vehicle manifest: {exc}")
             return False
@@ -221,7 +248,9 @@ class Agent:
         state.ecu(self.config.primary_serial).last_install = None  # acknowledged
         state.manifest_digest, state.manifest_sent_at = digest, time.time()
         self.store.save(state)
-        self.say(f"reported: signed vehicle manifest ({len(body)} bytes, {1 + len(self.secondaries)} ECU report(s)) accepted")
+        self.say(
+            f"reported: signed vehicle manifest ({len(body)} bytes, {1 + len(self.secondaries)} ECU report(s)) accepted"
+        )
         return True
 
     # -- verification -----------------------------------------------------------
@@ -232,8 +261,12 @@ class Agent:
         primary = state.ecu(self.config.primary_serial)
         try:
             directed = self.verifier.verify(counters, self.config.ecu_serials)
-            check_bundle(directed, self._installed_sha256(), self.config.ecu_serials,
-                         self.config.path(Path("metadata")) / "image" / "targets.json")
+            check_bundle(
+                directed,
+                self._installed_sha256(),
+                self.config.ecu_serials,
+                self.config.path(Path("metadata")) / "image" / "targets.json",
+            )
         except VerificationFailure as exc:
             if exc.attack:
                 primary.attacks_detected = str(exc)
@@ -249,7 +282,11 @@ class Agent:
         todo = [d for d in directed if installed.get(d.ecu_serial) != d.sha256]
         self.say(
             "verified director and image repository metadata (full verification): "
-            + (", ".join(f"{d.ecu_serial} -> {d.target.path}" for d in todo) if todo else "nothing to install")
+            + (
+                ", ".join(f"{d.ecu_serial} -> {d.target.path}" for d in todo)
+                if todo
+                else "nothing to install"
+            )
         )
         return todo
 
@@ -258,7 +295,11 @@ class Agent:
         return state.slot_images.get(self.installer.state().boot_slot) or NO_IMAGE
 
     def _installed_sha256(self) -> dict[str, str]:
-        result = {self.config.primary_serial: self._running_image(self.store.load()).hashes.get("sha256", "")}
+        result = {
+            self.config.primary_serial: self._running_image(self.store.load()).hashes.get(
+                "sha256", ""
+            )
+        }
         for sec in self.secondaries:
             try:
                 result[sec.ecu_serial] = sec.installed_sha256()
@@ -279,7 +320,9 @@ class Agent:
                 f"{item.target.path}: {item.target.length} bytes exceeds max_image_size {self.config.max_image_size}"
             )
         path = self.verifier.download(item, self.downloads / item.sha256)
-        self.say(f"downloaded {item.target.path} ({item.target.length} bytes), length and sha256 verified")
+        self.say(
+            f"downloaded {item.target.path} ({item.target.length} bytes), length and sha256 verified"
+        )
         return path
 
     def _install_secondary(self, item: DirectedImage) -> InstallOutcome:
@@ -289,13 +332,19 @@ class Agent:
         except VerificationFailure as exc:
             return self._refuse(item, exc)
         assert self.verifier.director_targets is not None
-        targets_bytes = (self.config.path(Path("metadata")) / "director" / "targets.json").read_bytes()
+        targets_bytes = (
+            self.config.path(Path("metadata")) / "director" / "targets.json"
+        ).read_bytes()
         try:
-            outcome = sec.install(SecondaryUpdate(item.target.path, targets_bytes, path, self._director_roots()))
+            outcome = sec.install(
+                SecondaryUpdate(item.target.path, targets_bytes, path, self._director_roots())
+            )
         except SecondaryError as exc:
             outcome = InstallOutcome(item.target.path, "failed", str(exc))
-        self.say(f"secondary {sec.ecu_serial}: {outcome.result} {item.target.path}"
-                 + (f" ({outcome.detail})" if outcome.detail else ""))
+        self.say(
+            f"secondary {sec.ecu_serial}: {outcome.result} {item.target.path}"
+            + (f" ({outcome.detail})" if outcome.detail else "")
+        )
         if outcome.result == "installed":
             state = self.store.load()
             state.ecu(sec.ecu_serial).release_counter = item.custom.release_counter
@@ -316,7 +365,9 @@ class Agent:
     def _director_roots(self) -> tuple[bytes, ...]:
         """Director roots after v1 that the director Updater verified (for secondaries to follow rotations)."""
         history = self.config.path(Path("metadata")) / "director" / "root_history"
-        versions = sorted(int(v) for p in history.glob("*.root.json") if (v := p.name.split(".", 1)[0]).isdigit())
+        versions = sorted(
+            int(v) for p in history.glob("*.root.json") if (v := p.name.split(".", 1)[0]).isdigit()
+        )
         return tuple((history / f"{v}.root.json").read_bytes() for v in versions if v > 1)
 
     def _rebuild_from_delta(self, sec: Secondary, item: DirectedImage) -> Path | None:
@@ -335,7 +386,10 @@ class Agent:
             self.verifier.download_target(delta, patch)
             with open(patch, "rb") as f:
                 header = read_delta_header(f)
-            if header.result_length != item.target.length or header.result_sha256.hex() != item.sha256:
+            if (
+                header.result_length != item.target.length
+                or header.result_sha256.hex() != item.sha256
+            ):
                 raise DeltaError("the delta produces another image than the directed one")
             apply_delta_file(base, patch, result)  # atomic; checks the result against the header
         except (VerificationFailure, DeltaError, OSError) as exc:
@@ -345,14 +399,18 @@ class Agent:
             return None
         finally:
             patch.unlink(missing_ok=True)
-        self.say(f"rebuilt {item.target.path} for {sec.ecu_serial} from a {delta.length}-byte delta "
-                 f"instead of downloading {item.target.length} bytes, sha256 verified")
+        self.say(
+            f"rebuilt {item.target.path} for {sec.ecu_serial} from a {delta.length}-byte delta "
+            f"instead of downloading {item.target.length} bytes, sha256 verified"
+        )
         return result
 
     def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
         if not exc.attack:
             # the network, not an attacker: keep the partial download and resume at the next poll
-            return self._record(item, "postponed", f"download interrupted ({exc}); it resumes at the next poll")
+            return self._record(
+                item, "postponed", f"download interrupted ({exc}); it resumes at the next poll"
+            )
         self._note_attack(str(exc))
         return self._record(item, "refused", str(exc))
 
@@ -365,10 +423,20 @@ class Agent:
     def _install_primary(self, item: DirectedImage) -> InstallOutcome:
         current = self.installer.state().boot_slot
         state = self.store.load()
-        delta = None if self.config.installer.type == "command" else \
-            self.verifier.find_delta(item, self._running_image(state).hashes.get("sha256", ""))
-        journal = Journal("download", item.target.path, item.target.length, item.sha256,
-                          item.custom.release_counter, other_slot(current), current)
+        delta = (
+            None
+            if self.config.installer.type == "command"
+            else self.verifier.find_delta(item, self._running_image(state).hashes.get("sha256", ""))
+        )
+        journal = Journal(
+            "download",
+            item.target.path,
+            item.target.length,
+            item.sha256,
+            item.custom.release_counter,
+            other_slot(current),
+            current,
+        )
         if delta is not None:
             journal.method = "delta"
             journal.delta_filepath, journal.delta_length = delta.path, delta.length
@@ -379,8 +447,10 @@ class Agent:
             if delta is not None:
                 try:
                     self.verifier.download_target(delta, self._delta_file(journal))
-                    self.say(f"downloaded delta {delta.path} ({delta.length} bytes instead of "
-                             f"{item.target.length}), length and sha256 verified")
+                    self.say(
+                        f"downloaded delta {delta.path} ({delta.length} bytes instead of "
+                        f"{item.target.length}), length and sha256 verified"
+                    )
                 except VerificationFailure as exc:
                     if exc.attack:  # a delta that fails its signed hashes was tampered with
                         self._note_attack(str(exc))
@@ -436,8 +506,9 @@ class Agent:
                 self.store.save(state)
             elif j.phase == "write" and j.method == "delta":
                 try:
-                    method = self.installer.write_delta(j.target_slot, j.from_slot, self._delta_file(j),
-                                                        j.length, j.sha256)
+                    method = self.installer.write_delta(
+                        j.target_slot, j.from_slot, self._delta_file(j), j.length, j.sha256
+                    )
                 except InstallError as exc:
                     self._abandon_delta(state, str(exc))
                     continue
@@ -445,8 +516,10 @@ class Agent:
                 state.slot_images[j.target_slot] = j.image()
                 j.phase = "arm"
                 self.store.save(state)
-                self.say(f"applied delta ({method}) from slot {j.from_slot} into inactive slot {j.target_slot}: "
-                         f"{j.filepath}, sha256 verified")
+                self.say(
+                    f"applied delta ({method}) from slot {j.from_slot} into inactive slot {j.target_slot}: "
+                    f"{j.filepath}, sha256 verified"
+                )
             elif j.phase == "write" and self.config.installer.type == "command":
                 return self._install_with_command(state)
             elif j.phase == "write":
@@ -454,20 +527,28 @@ class Agent:
                     with open(self._verified_image(j), "rb") as image:
                         self.installer.write(j.target_slot, image, j.length, j.sha256)
                 except VerificationFailure as exc:
-                    if not exc.attack:  # the slot is untouched: the next poll starts this install again
-                        return InstallOutcome(j.filepath, "postponed", f"download interrupted ({exc})", j.method)
+                    if (
+                        not exc.attack
+                    ):  # the slot is untouched: the next poll starts this install again
+                        return InstallOutcome(
+                            j.filepath, "postponed", f"download interrupted ({exc})", j.method
+                        )
                     return self._finish(state, "refused", str(exc))
                 except (InstallError, OSError) as exc:
                     return self._finish(state, "failed", f"writing slot {j.target_slot}: {exc}")
                 state.slot_images[j.target_slot] = j.image()
                 j.phase = "arm"
                 self.store.save(state)
-                self.say(f"wrote {j.filepath} to inactive slot {j.target_slot}, read-back sha256 verified")
+                self.say(
+                    f"wrote {j.filepath} to inactive slot {j.target_slot}, read-back sha256 verified"
+                )
             elif j.phase == "arm":
                 self.installer.arm(j.target_slot)
                 j.phase = "reboot"
                 self.store.save(state)
-                self.say(f"bootloader armed: next boot tries slot {j.target_slot} (bootlimit {self.installer.bootlimit})")
+                self.say(
+                    f"bootloader armed: next boot tries slot {j.target_slot} (bootlimit {self.installer.bootlimit})"
+                )
             elif j.phase == "reboot":
                 # a real reboot does not return: remember which boot asked for it, so that a
                 # restart without a reboot is never taken for the trial boot
@@ -497,7 +578,9 @@ class Agent:
             image = self._verified_image(j)
         except VerificationFailure as exc:
             if not exc.attack:
-                return InstallOutcome(j.filepath, "postponed", f"download interrupted ({exc})", j.method)
+                return InstallOutcome(
+                    j.filepath, "postponed", f"download interrupted ({exc})", j.method
+                )
             return self._finish(state, "refused", str(exc))
         values = {"{image}": str(image), "{filepath}": j.filepath, "{sha256}": j.sha256}
         argv = [values.get(a, a) for a in cfg.install_command]
@@ -505,11 +588,16 @@ class Agent:
         if not result.ok:
             return self._finish(state, "failed", result.reason)
         self.say(f"installed {j.filepath} with {argv[0]}")
-        health = run_health_checks(self.config.health_check.commands, "a", image, self.config.health_check.timeout)
+        health = run_health_checks(
+            self.config.health_check.commands, "a", image, self.config.health_check.timeout
+        )
         if not health.ok:
             if cfg.rollback_command:
-                undo = run_command([values.get(a, a) for a in cfg.rollback_command], cfg.command_timeout,
-                                   "rollback command")
+                undo = run_command(
+                    [values.get(a, a) for a in cfg.rollback_command],
+                    cfg.command_timeout,
+                    "rollback command",
+                )
                 if not undo.ok:
                     return self._finish(state, "failed", f"{health.reason}; {undo.reason}")
             self.say(f"health check FAILED after installing {j.filepath}: {health.reason}")
@@ -536,15 +624,21 @@ class Agent:
         assert j is not None
         boot = self.installer.state()
         if boot.boot_slot == j.target_slot and boot.upgrade_available:
-            result = run_health_checks(self.config.health_check.commands, j.target_slot,
-                                       self.installer.slots[j.target_slot], self.config.health_check.timeout)
+            result = run_health_checks(
+                self.config.health_check.commands,
+                j.target_slot,
+                self.installer.slots[j.target_slot],
+                self.config.health_check.timeout,
+            )
             if result.ok:
                 self.installer.commit()
                 self.say(f"health check passed on slot {j.target_slot}: committed {j.filepath}")
                 return self._finish(state, "installed")
             j.health_failures.append(result.reason)
             self.store.save(state)
-            self.say(f"health check FAILED on slot {j.target_slot} (boot {boot.bootcount}/{boot.bootlimit}): {result.reason}")
+            self.say(
+                f"health check FAILED on slot {j.target_slot} (boot {boot.bootcount}/{boot.bootlimit}): {result.reason}"
+            )
             return None
         if boot.boot_slot == j.target_slot:
             return self._finish(state, "installed")  # committed just before a restart
@@ -587,7 +681,9 @@ class Agent:
         elif j.phase == "reboot" and j.boot_id and j.boot_id == current_boot_id():
             # restarted, but the machine never rebooted (the agent was killed, or the reboot
             # failed): the new slot has not been tried, so neither health-check nor commit it
-            self.say(f"slot {j.target_slot} was armed but the machine has not rebooted since: rebooting")
+            self.say(
+                f"slot {j.target_slot} was armed but the machine has not rebooted since: rebooting"
+            )
         elif j.phase == "reboot":
             j.phase = "trial"  # the real machine has rebooted
         outcome = self._drive(state)

@@ -86,7 +86,9 @@ class FileBootEnvironment(BootEnvironment):
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise BootEnvironmentError(f"boot environment {self.path} is not valid JSON: {exc}") from exc
+            raise BootEnvironmentError(
+                f"boot environment {self.path} is not valid JSON: {exc}"
+            ) from exc
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in data.items()
         ):

@@ -34,12 +34,15 @@ from signing.metadata import (
 )
 
 
-def _installed_images(image_targets: Path, installed_sha256: Mapping[str, str],
-                      ecus: Mapping[str, str]) -> dict[str, tuple[str, ImageCustom | None]]:
+def _installed_images(
+    image_targets: Path, installed_sha256: Mapping[str, str], ecus: Mapping[str, str]
+) -> dict[str, tuple[str, ImageCustom | None]]:
     try:
         targets = Metadata[Targets].from_file(str(image_targets)).signed.targets
     except (OSError, DeserializationError) as exc:
-        raise VerificationFailure(f"verified image repository targets unreadable: {exc}", attack=False) from exc
+        raise VerificationFailure(
+            f"verified image repository targets unreadable: {exc}", attack=False
+        ) from exc
     found: dict[str, tuple[str, ImageCustom | None]] = {}
     for serial, hw in ecus.items():
         found[serial] = ("", None)
@@ -57,8 +60,12 @@ def _installed_images(image_targets: Path, installed_sha256: Mapping[str, str],
     return found
 
 
-def check_bundle(directed: Sequence[DirectedImage], installed_sha256: Mapping[str, str],
-                 ecus: Mapping[str, str], image_targets: Path) -> None:
+def check_bundle(
+    directed: Sequence[DirectedImage],
+    installed_sha256: Mapping[str, str],
+    ecus: Mapping[str, str],
+    image_targets: Path,
+) -> None:
     """Raise :class:`VerificationFailure` (an attack) when the bundle leaves an unmet requirement."""
     if not directed:
         return
@@ -66,7 +73,8 @@ def check_bundle(directed: Sequence[DirectedImage], installed_sha256: Mapping[st
     for item in directed:
         after[item.ecu_serial] = (item.target.path, item.custom)
     problems = unmet_requirements(
-        EcuImage(serial, ecus[serial], path, custom) for serial, (path, custom) in sorted(after.items())
+        EcuImage(serial, ecus[serial], path, custom)
+        for serial, (path, custom) in sorted(after.items())
     )
     if problems:
         raise VerificationFailure("partial bundle refused: " + "; ".join(problems))
@@ -79,8 +87,14 @@ def install_order(directed: Sequence[DirectedImage]) -> list[DirectedImage]:
     while remaining:
         pending_hw = {d.hardware_id for d in remaining}
         ready = next(
-            (d for d in remaining
-             if not any(r.hardware_id in pending_hw and r.hardware_id != d.hardware_id for r in d.custom.requires)),
+            (
+                d
+                for d in remaining
+                if not any(
+                    r.hardware_id in pending_hw and r.hardware_id != d.hardware_id
+                    for r in d.custom.requires
+                )
+            ),
             remaining[0],
         )
         ordered.append(ready)
@@ -88,13 +102,20 @@ def install_order(directed: Sequence[DirectedImage]) -> list[DirectedImage]:
     return ordered
 
 
-def unmet_dependency(item: DirectedImage, directed: Sequence[DirectedImage],
-                     outcomes: Mapping[str, InstallOutcome]) -> str | None:
+def unmet_dependency(
+    item: DirectedImage, directed: Sequence[DirectedImage], outcomes: Mapping[str, InstallOutcome]
+) -> str | None:
     """Why ``item`` must not be installed after the outcomes so far, or None."""
     for req in item.custom.requires:
         for dep in directed:
             outcome = outcomes.get(dep.ecu_serial)
-            if dep.hardware_id == req.hardware_id and outcome is not None and outcome.result != "installed":
-                return (f"not installed: it requires {req.hardware_id} {req.spec} and {dep.target.path} "
-                        f"on {dep.ecu_serial} was {outcome.result}")
+            if (
+                dep.hardware_id == req.hardware_id
+                and outcome is not None
+                and outcome.result != "installed"
+            ):
+                return (
+                    f"not installed: it requires {req.hardware_id} {req.spec} and {dep.target.path} "
+                    f"on {dep.ecu_serial} was {outcome.result}"
+                )
     return None

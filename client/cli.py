@@ -23,11 +23,22 @@ from client.state import StateError
 from signing.keys import PASSWORD_ENV, KeyFileError
 
 _CONFIG_OPT = click.option(
-    "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-    envvar="UPTAKE_AGENT_CONFIG", default="/etc/uptake/agent.toml", show_default=True,
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="UPTAKE_AGENT_CONFIG",
+    default="/etc/uptake/agent.toml",
+    show_default=True,
     help="Agent configuration ($UPTAKE_AGENT_CONFIG).",
 )
-_AGENT_ERRORS = (AgentError, AgentConfigError, StateError, BootEnvironmentError, SecondaryError, KeyFileError)
+_AGENT_ERRORS = (
+    AgentError,
+    AgentConfigError,
+    StateError,
+    BootEnvironmentError,
+    SecondaryError,
+    KeyFileError,
+)
 
 
 def _password() -> bytes:
@@ -61,32 +72,74 @@ def agent() -> None:
 
 
 @agent.command("init")
-@click.option("--dir", "state_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="State directory of the agent (keys, metadata, slots, journal).")
+@click.option(
+    "--dir",
+    "state_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="State directory of the agent (keys, metadata, slots, journal).",
+)
 @click.option("--vin", required=True)
 @click.option("--server", "server_url", required=True, help="Server base URL.")
 @click.option("--primary", required=True, help="SERIAL:HARDWARE_ID of the primary ECU.")
-@click.option("--secondary", "secondaries", multiple=True, help="SERIAL:HARDWARE_ID of a secondary (repeatable).")
-@click.option("--image-root", type=click.File("rb"), required=True, help="Trusted image repository root (from the key ceremony).")
-@click.option("--director-root", type=click.File("rb"), required=True, help="Trusted director root (from the key ceremony).")
-@click.option("--health-check", "health_checks", multiple=True,
-              help="Health-check command (shell words; {slot_path} is replaced). Repeatable.")
+@click.option(
+    "--secondary",
+    "secondaries",
+    multiple=True,
+    help="SERIAL:HARDWARE_ID of a secondary (repeatable).",
+)
+@click.option(
+    "--image-root",
+    type=click.File("rb"),
+    required=True,
+    help="Trusted image repository root (from the key ceremony).",
+)
+@click.option(
+    "--director-root",
+    type=click.File("rb"),
+    required=True,
+    help="Trusted director root (from the key ceremony).",
+)
+@click.option(
+    "--health-check",
+    "health_checks",
+    multiple=True,
+    help="Health-check command (shell words; {slot_path} is replaced). Repeatable.",
+)
 @click.option("--bootlimit", type=click.IntRange(1, 100), default=3, show_default=True)
-def agent_init(state_dir: Path, vin: str, server_url: str, primary: str, secondaries: tuple[str, ...],
-               image_root: Any, director_root: Any, health_checks: tuple[str, ...], bootlimit: int) -> None:
+def agent_init(
+    state_dir: Path,
+    vin: str,
+    server_url: str,
+    primary: str,
+    secondaries: tuple[str, ...],
+    image_root: Any,
+    director_root: Any,
+    health_checks: tuple[str, ...],
+    bootlimit: int,
+) -> None:
     """Provision a vehicle: ECU keys, trusted roots, configuration, registration.json."""
     try:
         checks = [shlex.split(c) for c in health_checks]
         config = provision_vehicle(
-            state_dir, vin=vin, server_url=server_url, primary=_ecu(primary),
-            secondaries=[_ecu(s) for s in secondaries], image_root=image_root.read(),
-            director_root=director_root.read(), password=_password(), health_check=checks,
-            secondary_health_check=checks, bootlimit=bootlimit,
+            state_dir,
+            vin=vin,
+            server_url=server_url,
+            primary=_ecu(primary),
+            secondaries=[_ecu(s) for s in secondaries],
+            image_root=image_root.read(),
+            director_root=director_root.read(),
+            password=_password(),
+            health_check=checks,
+            secondary_health_check=checks,
+            bootlimit=bootlimit,
         )
     except (ProvisioningError, KeyFileError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Provisioned {vin} in {state_dir}\n  configuration: {config}\n"
-               f"  register it:   uptake fleet add-vehicle --from-agent {state_dir / 'registration.json'}")
+    click.echo(
+        f"Provisioned {vin} in {state_dir}\n  configuration: {config}\n"
+        f"  register it:   uptake fleet add-vehicle --from-agent {state_dir / 'registration.json'}"
+    )
 
 
 def _report_json(report: Any) -> dict[str, Any]:
@@ -101,8 +154,12 @@ def _report_json(report: Any) -> dict[str, Any]:
 
 @agent.command("run")
 @_CONFIG_OPT
-@click.option("--once", is_flag=True, help="Run one update cycle and exit (0 unless the cycle could not run).")
-@click.option("--json", "as_json", is_flag=True, help="With --once: print the cycle's result as JSON.")
+@click.option(
+    "--once", is_flag=True, help="Run one update cycle and exit (0 unless the cycle could not run)."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --once: print the cycle's result as JSON."
+)
 def agent_run(config_path: Path, once: bool, as_json: bool) -> None:
     """Poll the server, verify, install, report (until SIGTERM, or --once)."""
     try:
@@ -141,8 +198,10 @@ def agent_status(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
-    click.echo(f"boot slot {env.get('boot_slot', '?')}, upgrade_available={env.get('upgrade_available', '0')}, "
-               f"bootcount={env.get('bootcount', '0')}")
+    click.echo(
+        f"boot slot {env.get('boot_slot', '?')}, upgrade_available={env.get('upgrade_available', '0')}, "
+        f"bootcount={env.get('bootcount', '0')}"
+    )
     for slot, image in sorted(state.slot_images.items()):
         click.echo(f"  slot {slot}: {image.filepath if image else '(empty or being written)'}")
     if state.journal:

@@ -129,7 +129,9 @@ class _Table:
     def check_unknown(self) -> None:
         unknown = set(self.data) - self.used
         if unknown:
-            raise AgentConfigError(f"{self.source}: unknown key(s) in [{self.where}]: {', '.join(sorted(unknown))}")
+            raise AgentConfigError(
+                f"{self.source}: unknown key(s) in [{self.where}]: {', '.join(sorted(unknown))}"
+            )
 
 
 def _array_of_tables(raw: dict[str, Any], key: str, source: str) -> list[_Table]:
@@ -160,7 +162,15 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Path()) -> AgentConfig:
-    unknown = set(raw) - {"agent", "primary", "installer", "health_check", "secondaries", "preconditions", "download"}
+    unknown = set(raw) - {
+        "agent",
+        "primary",
+        "installer",
+        "health_check",
+        "secondaries",
+        "preconditions",
+        "download",
+    }
     if unknown:
         raise AgentConfigError(f"{source}: unknown table(s): {', '.join(sorted(unknown))}")
     agent = _Table(raw.get("agent"), "agent", source)
@@ -189,14 +199,18 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     inst = _Table(raw.get("installer", {}), "installer", source)
     itype = inst.get("type", str, "file")
     if itype not in INSTALLER_TYPES:
-        raise AgentConfigError(f"{source}: installer.type must be one of {', '.join(INSTALLER_TYPES)}")
+        raise AgentConfigError(
+            f"{source}: installer.type must be one of {', '.join(INSTALLER_TYPES)}"
+        )
     reboot = inst.get("reboot", (str, list), "simulate")
     if isinstance(reboot, list):
         if not reboot or not all(isinstance(a, str) for a in reboot):
-            raise AgentConfigError(f"{source}: installer.reboot must be \"simulate\" or a command list")
+            raise AgentConfigError(
+                f'{source}: installer.reboot must be "simulate" or a command list'
+            )
         reboot = tuple(reboot)
     elif reboot != "simulate":
-        raise AgentConfigError(f"{source}: installer.reboot must be \"simulate\" or a command list")
+        raise AgentConfigError(f'{source}: installer.reboot must be "simulate" or a command list')
     bootlimit = inst.get("bootlimit", int, 3)
     if bootlimit < 1:
         raise AgentConfigError(f"{source}: installer.bootlimit must be >= 1")
@@ -212,13 +226,17 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
         command_timeout=inst.positive("command_timeout", 600.0),
     )
     if itype == "command" and not installer.install_command:
-        raise AgentConfigError(f"{source}: installer.install_command is required with type = \"command\"")
+        raise AgentConfigError(
+            f'{source}: installer.install_command is required with type = "command"'
+        )
     inst.check_unknown()
 
     hc = _Table(raw.get("health_check", {}), "health_check", source)
     commands = hc.get("commands", list, [])
     if not all(isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in commands):
-        raise AgentConfigError(f"{source}: health_check.commands must be a list of non-empty string lists")
+        raise AgentConfigError(
+            f"{source}: health_check.commands must be a list of non-empty string lists"
+        )
     health = HealthCheckConfig(tuple(tuple(c) for c in commands), hc.positive("timeout", 60.0))
     hc.check_unknown()
 
@@ -230,7 +248,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
                 f"{source}: secondaries[{i}].transport must be one of {', '.join(SECONDARY_TRANSPORTS)}"
             )
         sec = SecondaryConfig(
-            ecu_serial=t.get("ecu_serial", str), hardware_id=t.get("hardware_id", str), transport=transport,
+            ecu_serial=t.get("ecu_serial", str),
+            hardware_id=t.get("hardware_id", str),
+            transport=transport,
             directory=Path(t.get("directory", str, f"secondaries/{t.data.get('ecu_serial', i)}")),
             options=t.get("options", dict, {}),
         )
@@ -243,10 +263,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
         hook = t.get("hook", str, "")
         if bool(command) == bool(hook) or not all(isinstance(a, str) for a in command):
             raise AgentConfigError(
-                f"{source}: preconditions[{i}] needs exactly one of command (a list of strings) or hook (\"module:function\")"
+                f'{source}: preconditions[{i}] needs exactly one of command (a list of strings) or hook ("module:function")'
             )
         if hook and ":" not in hook:
-            raise AgentConfigError(f"{source}: preconditions[{i}].hook must look like \"package.module:function\"")
+            raise AgentConfigError(
+                f'{source}: preconditions[{i}].hook must look like "package.module:function"'
+            )
         preconditions.append(Precondition(name, tuple(command), hook, t.positive("timeout", 10.0)))
         t.check_unknown()
     dl = _Table(raw.get("download", {}), "download", source)
@@ -269,10 +291,25 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     dl.check_unknown()
     serials = [serial] + [s.ecu_serial for s in secondaries]
     if len(set(serials)) != len(serials):
-        raise AgentConfigError(f"{source}: ECU serials must be unique across primary and secondaries")
+        raise AgentConfigError(
+            f"{source}: ECU serials must be unique across primary and secondaries"
+        )
     return AgentConfig(
-        vin=vin, server_url=server_url.rstrip("/"), state_dir=state_dir, primary_serial=serial,
-        primary_hardware_id=hw, primary_key=key, encryption_key=encryption_key, installer=installer, health_check=health,
-        secondaries=tuple(secondaries), preconditions=tuple(preconditions), download=download, poll_interval=poll_interval, poll_jitter=float(jitter),
-        max_image_size=max_image, manifest_heartbeat=heartbeat, source=Path(source),
+        vin=vin,
+        server_url=server_url.rstrip("/"),
+        state_dir=state_dir,
+        primary_serial=serial,
+        primary_hardware_id=hw,
+        primary_key=key,
+        encryption_key=encryption_key,
+        installer=installer,
+        health_check=health,
+        secondaries=tuple(secondaries),
+        preconditions=tuple(preconditions),
+        download=download,
+        poll_interval=poll_interval,
+        poll_jitter=float(jitter),
+        max_image_size=max_image,
+        manifest_heartbeat=heartbeat,
+        source=Path(source),
     )

@@ -48,7 +48,9 @@ class DecryptionFailure(Exception):
 class EncryptedDelivery:
     """How one directed image reaches its ECU encrypted."""
 
-    ciphertext: TargetFile  # path SERIAL/<image path>; length and sha256 from the signed director target
+    ciphertext: (
+        TargetFile  # path SERIAL/<image path>; length and sha256 from the signed director target
+    )
     plaintext: TargetFile  # what the director promises the ciphertext decrypts to
     info: EncryptionInfo
 
@@ -63,7 +65,9 @@ def encrypted_delivery(dtarget: TargetFile, ecus: dict[str, str]) -> EncryptedDe
         return None
     where = f"encrypted director target {dtarget.path!r}"
     if len(ecus) != 1:
-        raise DecryptionFailure(f"{where} names {len(ecus)} ECUs; an encrypted copy is for exactly one")
+        raise DecryptionFailure(
+            f"{where} names {len(ecus)} ECUs; an encrypted copy is for exactly one"
+        )
     if dtarget.length != info.ciphertext_length:
         raise DecryptionFailure(
             f"{where}: length {dtarget.length} is not the ciphertext length of {info.plaintext_length} "
@@ -73,20 +77,31 @@ def encrypted_delivery(dtarget: TargetFile, ecus: dict[str, str]) -> EncryptedDe
         raise DecryptionFailure(f"{where}: hashes must be exactly one sha256")
     (serial,) = ecus
     ciphertext = TargetFile(dtarget.length, dict(dtarget.hashes), f"{serial}/{dtarget.path}")
-    plaintext = TargetFile(info.plaintext_length, {"sha256": info.plaintext_sha256}, dtarget.path,
-                           dict(dtarget.unrecognized_fields))
+    plaintext = TargetFile(
+        info.plaintext_length,
+        {"sha256": info.plaintext_sha256},
+        dtarget.path,
+        dict(dtarget.unrecognized_fields),
+    )
     return EncryptedDelivery(ciphertext, plaintext, info)
 
 
-def fetch_and_decrypt(fetcher: ResumableFetcher, url: str, delivery: EncryptedDelivery,
-                      key: X25519PrivateKey | None, destination: Path) -> None:
+def fetch_and_decrypt(
+    fetcher: ResumableFetcher,
+    url: str,
+    delivery: EncryptedDelivery,
+    key: X25519PrivateKey | None,
+    destination: Path,
+) -> None:
     """Download the ciphertext at ``url``, verify, decrypt into ``destination`` (see module docstring)."""
     if key is None:
         raise DecryptionFailure(
             f"{delivery.plaintext.path!r} is encrypted for this ECU, which has no encryption key"
         )
     partial = destination.with_name(destination.name + ".enc.part")
-    fetcher.download_to(url, partial, delivery.ciphertext.length)  # DownloadError: the caller classifies
+    fetcher.download_to(
+        url, partial, delivery.ciphertext.length
+    )  # DownloadError: the caller classifies
     try:
         with open(partial, "rb") as f:
             delivery.ciphertext.verify_length_and_hashes(f)
@@ -100,6 +115,8 @@ def fetch_and_decrypt(fetcher: ResumableFetcher, url: str, delivery: EncryptedDe
         raise DecryptionFailure(f"encrypted image {delivery.plaintext.path!r}: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
-    if os.path.getsize(destination) != delivery.plaintext.length:  # decrypt_stream checked it; belt and braces
+    if (
+        os.path.getsize(destination) != delivery.plaintext.length
+    ):  # decrypt_stream checked it; belt and braces
         destination.unlink(missing_ok=True)
         raise DecryptionFailure(f"decrypted image {delivery.plaintext.path!r} has the wrong length")

@@ -36,7 +36,9 @@ def run_command(argv: Sequence[str], timeout: float, label: str) -> HealthResult
     return HealthResult(True)
 
 
-def run_health_checks(commands: Sequence[Sequence[str]], slot: str, slot_path: Path, timeout: float) -> HealthResult:
+def run_health_checks(
+    commands: Sequence[Sequence[str]], slot: str, slot_path: Path, timeout: float
+) -> HealthResult:
     for template in commands:
         argv = [a.replace("{slot}", slot).replace("{slot_path}", str(slot_path)) for a in template]
         result = run_command(argv, timeout, "health check")

@@ -54,8 +54,14 @@ class SlotInstaller:
     def initialize(self) -> None:
         """First start on a factory-fresh device: boot slot a, nothing on trial."""
         if "boot_slot" not in self.env.read():
-            self.env.write({"boot_slot": "a", "upgrade_available": "0", "bootcount": "0",
-                            "bootlimit": str(self.bootlimit)})
+            self.env.write(
+                {
+                    "boot_slot": "a",
+                    "upgrade_available": "0",
+                    "bootcount": "0",
+                    "bootlimit": str(self.bootlimit),
+                }
+            )
 
     def state(self) -> BootState:
         env = self.env.read()
@@ -63,10 +69,16 @@ class SlotInstaller:
         if slot not in SLOTS:
             raise BootEnvironmentError(f"boot_slot={slot!r} is neither 'a' nor 'b'")
         try:
-            return BootState(slot, env.get("upgrade_available", "0") == "1",
-                             int(env.get("bootcount", "0")), int(env.get("bootlimit", str(self.bootlimit))))
+            return BootState(
+                slot,
+                env.get("upgrade_available", "0") == "1",
+                int(env.get("bootcount", "0")),
+                int(env.get("bootlimit", str(self.bootlimit))),
+            )
         except ValueError as exc:
-            raise BootEnvironmentError(f"boot environment has a non-numeric counter: {exc}") from exc
+            raise BootEnvironmentError(
+                f"boot environment has a non-numeric counter: {exc}"
+            ) from exc
 
     def write(self, slot: str, source: BinaryIO, length: int, sha256: str) -> None:
         """Stream ``length`` bytes from ``source`` into ``slot`` and verify the read-back hash."""
@@ -87,7 +99,9 @@ class SlotInstaller:
             raise InstallError(f"slot {slot} ({path}): write failed: {exc.strerror}") from exc
         actual = self.slot_sha256(slot, length)
         if actual != sha256:
-            raise InstallError(f"slot {slot} ({path}): read-back sha256 {actual} differs from the image's {sha256}")
+            raise InstallError(
+                f"slot {slot} ({path}): read-back sha256 {actual} differs from the image's {sha256}"
+            )
 
     def write_delta(self, slot: str, base_slot: str, patch: Path, length: int, sha256: str) -> str:
         """Apply ``patch`` to the image in ``base_slot``, streaming the result into ``slot``.
@@ -105,7 +119,9 @@ class SlotInstaller:
                 # exactly the image the offline-signed metadata names
                 header = read_delta_header(delta)
                 if header.result_length != length or header.result_sha256.hex() != sha256:
-                    raise InstallError(f"slot {slot}: delta {patch.name} produces an image other than {sha256[:16]}…")
+                    raise InstallError(
+                        f"slot {slot}: delta {patch.name} produces an image other than {sha256[:16]}…"
+                    )
                 with open(self.slots[base_slot], "rb") as old, self._open_slot(slot) as out:
                     applied = apply_delta(old, delta, out, old_is_slot=True)
                     out.flush()
@@ -115,7 +131,9 @@ class SlotInstaller:
         except OSError as exc:
             raise InstallError(f"slot {slot} ({path}): delta write failed: {exc.strerror}") from exc
         if applied.result_length != length or self.slot_sha256(slot, length) != sha256:
-            raise InstallError(f"slot {slot}: the delta produced an image other than {sha256[:16]}…")
+            raise InstallError(
+                f"slot {slot}: the delta produced an image other than {sha256[:16]}…"
+            )
         return applied.method
 
     def _open_slot(self, slot: str) -> BinaryIO:
@@ -137,9 +155,14 @@ class SlotInstaller:
         return digest.hexdigest()
 
     def arm(self, slot: str) -> None:
-        self.env.write({"boot_slot": slot, "upgrade_available": "1", "bootcount": "0",
-                        "bootlimit": str(self.bootlimit)})
+        self.env.write(
+            {
+                "boot_slot": slot,
+                "upgrade_available": "1",
+                "bootcount": "0",
+                "bootlimit": str(self.bootlimit),
+            }
+        )
 
     def commit(self) -> None:
         self.env.write({"upgrade_available": "0", "bootcount": "0"})
-

@@ -44,7 +44,9 @@ def follow_root_chain(trusted: Metadata[Root], newer_roots: Sequence[bytes]) -> 
         except DeserializationError as exc:
             raise PartialVerificationError(f"director root metadata is malformed: {exc}") from exc
         if not isinstance(md.signed, Root):
-            raise PartialVerificationError(f"expected director root metadata, got {md.signed.type!r}")
+            raise PartialVerificationError(
+                f"expected director root metadata, got {md.signed.type!r}"
+            )
         candidates[md.signed.version] = md
     current = trusted
     while (new := candidates.get(current.signed.version + 1)) is not None:
@@ -66,8 +68,15 @@ class PartiallyVerified:
     target: TargetFile | None  # None: nothing for this ECU
 
 
-def verify_director_targets(data: bytes, trusted_root: Metadata[Root], *, vin: str, ecu_serial: str,
-                            hardware_id: str, min_version: int) -> PartiallyVerified:
+def verify_director_targets(
+    data: bytes,
+    trusted_root: Metadata[Root],
+    *,
+    vin: str,
+    ecu_serial: str,
+    hardware_id: str,
+    min_version: int,
+) -> PartiallyVerified:
     try:
         md = Metadata[Targets].from_bytes(data)
     except DeserializationError as exc:
@@ -79,14 +88,18 @@ def verify_director_targets(data: bytes, trusted_root: Metadata[Root], *, vin: s
     except UnsignedMetadataError as exc:
         raise PartialVerificationError(f"director targets signature: {exc}") from exc
     if md.signed.is_expired():
-        raise PartialVerificationError(f"director targets v{md.signed.version} expired at {md.signed.expires}")
+        raise PartialVerificationError(
+            f"director targets v{md.signed.version} expired at {md.signed.expires}"
+        )
     if md.signed.version < min_version:
         raise PartialVerificationError(
             f"director targets v{md.signed.version} is older than v{min_version} already accepted (rollback)"
         )
     try:
         if director_vin(md.signed) != vin:
-            raise PartialVerificationError(f"director targets are for VIN {director_vin(md.signed)!r}, not {vin!r}")
+            raise PartialVerificationError(
+                f"director targets are for VIN {director_vin(md.signed)!r}, not {vin!r}"
+            )
         for target in md.signed.targets.values():
             ecus = director_ecus(target)
             if ecu_serial in ecus:

@@ -65,10 +65,20 @@ def _check_root(data: bytes, what: str) -> None:
         raise ProvisioningError(f"{what} is not signed by its own root keys: {exc}") from exc
 
 
-def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: EcuSpec,
-                      secondaries: Sequence[EcuSpec], image_root: bytes, director_root: bytes,
-                      password: bytes, health_check: Sequence[Sequence[str]] = (),
-                      secondary_health_check: Sequence[Sequence[str]] = (), bootlimit: int = 3) -> Path:
+def provision_vehicle(
+    state_dir: Path,
+    *,
+    vin: str,
+    server_url: str,
+    primary: EcuSpec,
+    secondaries: Sequence[EcuSpec],
+    image_root: bytes,
+    director_root: bytes,
+    password: bytes,
+    health_check: Sequence[Sequence[str]] = (),
+    secondary_health_check: Sequence[Sequence[str]] = (),
+    bootlimit: int = 3,
+) -> Path:
     """Create a ready-to-run agent under ``state_dir``; returns the config path."""
     if (state_dir / "agent.toml").exists():
         raise ProvisioningError(f"{state_dir} already holds a provisioned agent")
@@ -80,9 +90,16 @@ def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: Ec
     save_encryption_key(encryption_key, state_dir / "keys" / "encryption.key", password)
     write_atomic(state_dir / "metadata" / "image" / "root.json", image_root)
     write_atomic(state_dir / "metadata" / "director" / "root.json", director_root)
-    ecus = [{"serial": primary.serial, "hardware_id": primary.hardware_id,
-             "public_key": public_key_to_dict(load_public_key(state_dir / "keys" / "primary.pub.json")),
-             "encryption_key": public_key_hex(encryption_key)}]
+    ecus = [
+        {
+            "serial": primary.serial,
+            "hardware_id": primary.hardware_id,
+            "public_key": public_key_to_dict(
+                load_public_key(state_dir / "keys" / "primary.pub.json")
+            ),
+            "encryption_key": public_key_hex(encryption_key),
+        }
+    ]
     lines = [
         "# Uptake agent configuration (see client/agent.example.toml for every option)",
         "[agent]",
@@ -108,8 +125,13 @@ def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: Ec
     for sec in secondaries:
         directory = Path("secondaries") / sec.serial
         pub = provision_local_secondary(state_dir / directory, director_root, password)
-        ecus.append({"serial": sec.serial, "hardware_id": sec.hardware_id,
-                     "public_key": public_key_to_dict(load_public_key(pub))})
+        ecus.append(
+            {
+                "serial": sec.serial,
+                "hardware_id": sec.hardware_id,
+                "public_key": public_key_to_dict(load_public_key(pub)),
+            }
+        )
         lines += [
             "",
             "[[secondaries]]",
@@ -120,7 +142,9 @@ def provision_vehicle(state_dir: Path, *, vin: str, server_url: str, primary: Ec
             f"options = {_toml_value({'health_check': [list(c) for c in secondary_health_check]})}",
         ]
     registration = {"vin": vin, "primary_ecu_serial": primary.serial, "ecus": ecus}
-    write_atomic(state_dir / "registration.json", json.dumps(registration, indent=2).encode() + b"\n")
+    write_atomic(
+        state_dir / "registration.json", json.dumps(registration, indent=2).encode() + b"\n"
+    )
     config_path = state_dir / "agent.toml"
     write_atomic(config_path, "\n".join(lines).encode() + b"\n")
     return config_path

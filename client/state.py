@@ -50,7 +50,9 @@ class EcuState:
     def from_dict(cls, d: dict[str, Any]) -> EcuState:
         last = d.get("last_install")
         return cls(
-            int(d["report_counter"]), int(d["release_counter"]), str(d["attacks_detected"]),
+            int(d["report_counter"]),
+            int(d["release_counter"]),
+            str(d["attacks_detected"]),
             InstallOutcome.from_dict(last, "last_install") if last else None,
         )
 
@@ -96,7 +98,9 @@ class AgentState:
         return {
             "version": 1,
             "ecus": {s: e.to_dict() for s, e in sorted(self.ecus.items())},
-            "slot_images": {s: (i.to_dict() if i else None) for s, i in sorted(self.slot_images.items())},
+            "slot_images": {
+                s: (i.to_dict() if i else None) for s, i in sorted(self.slot_images.items())
+            },
             "journal": None if self.journal is None else self.journal.__dict__,
             "manifest_digest": self.manifest_digest,
             "manifest_sent_at": self.manifest_sent_at,

@@ -100,8 +100,9 @@ def _classify(exc: Exception, repo: str) -> VerificationFailure:
 class FullVerifier:
     """Verifies director and image metadata for one vehicle (see module docstring)."""
 
-    def __init__(self, metadata_dir: Path, server_url: str, vin: str,
-                 fetcher: ResumableFetcher | None = None) -> None:
+    def __init__(
+        self, metadata_dir: Path, server_url: str, vin: str, fetcher: ResumableFetcher | None = None
+    ) -> None:
         self.metadata_dir = metadata_dir
         self.server_url = server_url.rstrip("/")
         self.vin = vin
@@ -115,14 +116,27 @@ class FullVerifier:
         directory = self.metadata_dir / repo
         try:
             # bootstrap=None: the provisioned (and since rotated) local root is the anchor
-            return Updater(str(directory), metadata_url, str(self.metadata_dir / "downloads"), targets_url,
-                           fetcher=self.fetcher, config=UpdaterConfig(), bootstrap=None)
+            return Updater(
+                str(directory),
+                metadata_url,
+                str(self.metadata_dir / "downloads"),
+                targets_url,
+                fetcher=self.fetcher,
+                config=UpdaterConfig(),
+                bootstrap=None,
+            )
         except (OSError, RepositoryError) as exc:
-            raise VerificationFailure(f"{repo} trusted root in {directory} is unusable: {exc}", attack=False) from exc
+            raise VerificationFailure(
+                f"{repo} trusted root in {directory} is unusable: {exc}", attack=False
+            ) from exc
 
-    def verify(self, installed_release_counters: dict[str, int], ecus: dict[str, str]) -> list[DirectedImage]:
+    def verify(
+        self, installed_release_counters: dict[str, int], ecus: dict[str, str]
+    ) -> list[DirectedImage]:
         """Run full verification; return the images the director wants installed."""
-        director = self._updater("director", f"{self.server_url}/director/{self.vin}/metadata/", None)
+        director = self._updater(
+            "director", f"{self.server_url}/director/{self.vin}/metadata/", None
+        )
         try:
             director.refresh()
         except (RepositoryError, DownloadError, OSError) as exc:
@@ -135,11 +149,15 @@ class FullVerifier:
         except MetadataFormatError as exc:
             raise VerificationFailure(str(exc)) from exc
         if vin != self.vin:
-            raise VerificationFailure(f"director targets are for VIN {vin!r}, this vehicle is {self.vin!r}")
+            raise VerificationFailure(
+                f"director targets are for VIN {vin!r}, this vehicle is {self.vin!r}"
+            )
         if not targets.signed.targets:
             return []
 
-        image = self._updater("image", f"{self.server_url}/image/metadata/", f"{self.server_url}/image/targets/")
+        image = self._updater(
+            "image", f"{self.server_url}/image/metadata/", f"{self.server_url}/image/targets/"
+        )
         try:
             image.refresh()
         except (RepositoryError, DownloadError, OSError) as exc:
@@ -148,19 +166,33 @@ class FullVerifier:
         # Only the top-level targets, signed by the OFFLINE targets keys, vouch for
         # images: delegated roles (the online "deltas" role) must never make an image
         # installable, or a server compromise alone could install software.
-        image_targets = Metadata[Targets].from_file(str(self.metadata_dir / "image" / "targets.json")).signed.targets
+        image_targets = (
+            Metadata[Targets]
+            .from_file(str(self.metadata_dir / "image" / "targets.json"))
+            .signed.targets
+        )
 
         directed: list[DirectedImage] = []
         for path, dtarget in sorted(targets.signed.targets.items()):
-            directed.extend(self._cross_check(image_targets, path, dtarget, installed_release_counters, ecus))
+            directed.extend(
+                self._cross_check(image_targets, path, dtarget, installed_release_counters, ecus)
+            )
         serials = [d.ecu_serial for d in directed]
         if len(set(serials)) != len(serials):  # Uptane 5.4.4.2: one image per ECU
             twice = sorted({s for s in serials if serials.count(s) > 1})
-            raise VerificationFailure(f"director targets name ECU(s) {', '.join(twice)} more than once")
+            raise VerificationFailure(
+                f"director targets name ECU(s) {', '.join(twice)} more than once"
+            )
         return directed
 
-    def _cross_check(self, image_targets: dict[str, TargetFile], path: str, dtarget: TargetFile,
-                     installed_release_counters: dict[str, int], ecus: dict[str, str]) -> list[DirectedImage]:
+    def _cross_check(
+        self,
+        image_targets: dict[str, TargetFile],
+        path: str,
+        dtarget: TargetFile,
+        installed_release_counters: dict[str, int],
+        ecus: dict[str, str],
+    ) -> list[DirectedImage]:
         try:
             wanted = director_ecus(dtarget)
         except MetadataFormatError as exc:
@@ -173,7 +205,9 @@ class FullVerifier:
         except DecryptionFailure as exc:
             raise VerificationFailure(str(exc)) from exc
         if encrypted is not None:
-            dtarget = encrypted.plaintext  # the director's promise about the plaintext, cross-checked below
+            dtarget = (
+                encrypted.plaintext
+            )  # the director's promise about the plaintext, cross-checked below
         if dtarget.length != itarget.length:
             raise VerificationFailure(
                 f"director target {path!r}: length {dtarget.length} differs from the image repository's {itarget.length}"
@@ -192,7 +226,9 @@ class FullVerifier:
         result = []
         for serial, hw in sorted(wanted.items()):
             if serial not in ecus:
-                raise VerificationFailure(f"director target {path!r} names ECU {serial!r}, which is not in this vehicle")
+                raise VerificationFailure(
+                    f"director target {path!r} names ECU {serial!r}, which is not in this vehicle"
+                )
             if ecus[serial] != hw:
                 raise VerificationFailure(
                     f"director target {path!r}: ECU {serial} is {ecus[serial]!r}, director says {hw!r}"
@@ -233,9 +269,12 @@ class FullVerifier:
             received = self.fetcher.download_to(self._target_url(target), partial, target.length)
         except DownloadError as exc:
             raise _classify(exc, "image") from exc
-        if received < target.length:  # the body ended early: resume next time, nothing to verify yet
+        if (
+            received < target.length
+        ):  # the body ended early: resume next time, nothing to verify yet
             raise VerificationFailure(
-                f"download of {target.path!r} ended at {received} of {target.length} bytes", attack=False
+                f"download of {target.path!r} ended at {received} of {target.length} bytes",
+                attack=False,
             )
         try:
             with open(partial, "rb") as f:
@@ -244,7 +283,9 @@ class FullVerifier:
             partial.unlink(missing_ok=True)  # never resume from bytes that failed verification
             raise VerificationFailure(f"image {target.path!r}: {exc}") from exc
         os.replace(partial, destination)
-        fsync_directory(destination.parent)  # the rename must survive a power cut before the slot write
+        fsync_directory(
+            destination.parent
+        )  # the rename must survive a power cut before the slot write
         return destination
 
     def find_delta(self, item: DirectedImage, installed_sha256: str) -> TargetFile | None:
@@ -259,16 +300,25 @@ class FullVerifier:
         if not installed_sha256 or item.encrypted is not None:
             return None
         try:
-            delta = self.image_updater.get_targetinfo(delta_target_path(installed_sha256, item.sha256))
+            delta = self.image_updater.get_targetinfo(
+                delta_target_path(installed_sha256, item.sha256)
+            )
             if delta is None:
                 return None
             custom = delta_custom(delta)
         except (RepositoryError, DownloadError, OSError, MetadataFormatError) as exc:
             log.warning("ignoring deltas for %s: %s", item.target.path, exc)
             return None
-        if (custom.base_sha256, custom.result_sha256, custom.result_length) != \
-                (installed_sha256, item.sha256, item.target.length):
-            log.warning("delta %s does not join the installed image to %s: ignored", delta.path, item.target.path)
+        if (custom.base_sha256, custom.result_sha256, custom.result_length) != (
+            installed_sha256,
+            item.sha256,
+            item.target.length,
+        ):
+            log.warning(
+                "delta %s does not join the installed image to %s: ignored",
+                delta.path,
+                item.target.path,
+            )
             return None
         return delta
 
@@ -279,7 +329,9 @@ class FullVerifier:
         return self._fetch_verified(target, destination)
 
     def _download_encrypted(self, delivery: EncryptedDelivery, destination: Path) -> Path:
-        name = consistent_target_path(delivery.ciphertext.path, delivery.ciphertext.hashes["sha256"])
+        name = consistent_target_path(
+            delivery.ciphertext.path, delivery.ciphertext.hashes["sha256"]
+        )
         url = f"{self.server_url}/director/{self.vin}/targets/{parse.quote(name)}"
         try:
             fetch_and_decrypt(self.fetcher, url, delivery, self.decryption_key, destination)

@@ -42,7 +42,9 @@ from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutco
 
 
 class UptaneEcuFirmware:
-    def __init__(self, directory: Path, ecu_serial: str, hardware_id: str, vin: str, password: bytes) -> None:
+    def __init__(
+        self, directory: Path, ecu_serial: str, hardware_id: str, vin: str, password: bytes
+    ) -> None:
         self.directory = directory
         self.ecu_serial, self.hardware_id, self.vin = ecu_serial, hardware_id, vin
         self._signer = load_signer(directory / "ecu.key", password)
@@ -62,8 +64,14 @@ class UptaneEcuFirmware:
             state: dict[str, Any] = json.loads(self._state_path.read_bytes())
             return state
         except FileNotFoundError:
-            return {"counter": 0, "targets_version": 0, "images": {}, "attacks": "", "pending": None,
-                    "last_install": None}
+            return {
+                "counter": 0,
+                "targets_version": 0,
+                "images": {},
+                "attacks": "",
+                "pending": None,
+                "last_install": None,
+            }
 
     def _save(self, state: dict[str, Any]) -> None:
         write_atomic(self._state_path, json.dumps(state, sort_keys=True).encode())
@@ -74,25 +82,41 @@ class UptaneEcuFirmware:
             bundle = MetadataBundle.decode(metadata)
             root = follow_root_chain(self._root, bundle.director_roots)
             if root is not self._root:
-                write_atomic(self.directory / "director-root.json", root.to_bytes(JSONSerializer(compact=False)))
+                write_atomic(
+                    self.directory / "director-root.json",
+                    root.to_bytes(JSONSerializer(compact=False)),
+                )
                 self._root = root
             verified = verify_director_targets(
-                bundle.director_targets, root, vin=self.vin, ecu_serial=self.ecu_serial,
-                hardware_id=self.hardware_id, min_version=state["targets_version"],
+                bundle.director_targets,
+                root,
+                vin=self.vin,
+                ecu_serial=self.ecu_serial,
+                hardware_id=self.hardware_id,
+                min_version=state["targets_version"],
             )
             target = verified.target
             if target is None or target.path != bundle.filepath:
-                raise PartialVerificationError(f"director lists no {bundle.filepath!r} for ECU {self.ecu_serial}")
-            if len(image) != target.length or hashlib.sha256(image).hexdigest() != target.hashes.get("sha256"):
-                raise PartialVerificationError(f"image does not match the director's length and sha256 for {target.path!r}")
+                raise PartialVerificationError(
+                    f"director lists no {bundle.filepath!r} for ECU {self.ecu_serial}"
+                )
+            if len(image) != target.length or hashlib.sha256(
+                image
+            ).hexdigest() != target.hashes.get("sha256"):
+                raise PartialVerificationError(
+                    f"image does not match the director's length and sha256 for {target.path!r}"
+                )
         except (MetadataBundleError, PartialVerificationError) as exc:
             state["attacks"] = str(exc)
-            state["last_install"] = InstallOutcome(_bundle_path(metadata), "refused", str(exc)).to_dict()
+            state["last_install"] = InstallOutcome(
+                _bundle_path(metadata), "refused", str(exc)
+            ).to_dict()
             self._save(state)
             return False, str(exc)
         state["targets_version"] = verified.version
-        state["images"][f"{len(image)}:{zlib.crc32(image) & 0xFFFFFFFF:08x}"] = \
-            ImageInfo(target.path, target.length, dict(target.hashes)).to_dict()
+        state["images"][f"{len(image)}:{zlib.crc32(image) & 0xFFFFFFFF:08x}"] = ImageInfo(
+            target.path, target.length, dict(target.hashes)
+        ).to_dict()
         state["pending"] = target.path
         state["attacks"] = ""
         self._save(state)
@@ -108,12 +132,19 @@ class UptaneEcuFirmware:
                 state["last_install"] = InstallOutcome(state["pending"], "installed").to_dict()
                 state["pending"] = None
             elif status.last_boot_failure:
-                state["last_install"] = InstallOutcome(state["pending"], "rolled_back", status.last_boot_failure).to_dict()
+                state["last_install"] = InstallOutcome(
+                    state["pending"], "rolled_back", status.last_boot_failure
+                ).to_dict()
                 state["pending"] = None
         self._save(state)
         last = state["last_install"]
-        report = EcuVersionReport(self.ecu_serial, installed, state["counter"], state["attacks"],
-                                  InstallOutcome.from_dict(last, "last_install") if last else None)
+        report = EcuVersionReport(
+            self.ecu_serial,
+            installed,
+            state["counter"],
+            state["attacks"],
+            InstallOutcome.from_dict(last, "last_install") if last else None,
+        )
         return report.sign(self._signer).to_bytes()
 
 

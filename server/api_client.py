@@ -17,7 +17,9 @@ class AdminClient:
     def __init__(self, base_url: str, token: str, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=timeout), retries=False)
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=10, read=timeout), retries=False
+        )
 
     @classmethod
     def from_token_file(cls, base_url: str, token_file: Path) -> AdminClient:
@@ -26,8 +28,15 @@ class AdminClient:
         except OSError as exc:
             raise ApiClientError(f"cannot read admin token {token_file}: {exc.strerror}") from exc
 
-    def request(self, method: str, path: str, *, json_body: Any = None, body: Any = None,
-                headers: dict[str, str] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         hdrs = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         if json_body is not None:
             body = json.dumps(json_body).encode()
@@ -43,7 +52,9 @@ class AdminClient:
             data = None
         if resp.status >= 400:
             message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-            raise ApiClientError(f"{method} {path}: HTTP {resp.status}: {message or resp.data[:200]!r}")
+            raise ApiClientError(
+                f"{method} {path}: HTTP {resp.status}: {message or resp.data[:200]!r}"
+            )
         return data
 
     def get_bytes(self, path: str) -> bytes:
@@ -58,6 +69,12 @@ class AdminClient:
 
     def upload_file(self, sha256: str, path: Path) -> Any:
         with open(path, "rb") as f:
-            return self.request("PUT", f"/api/v1/image/uploads/{sha256}", body=f,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(path.stat().st_size)})
+            return self.request(
+                "PUT",
+                f"/api/v1/image/uploads/{sha256}",
+                body=f,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(path.stat().st_size),
+                },
+            )

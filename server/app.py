@@ -80,7 +80,9 @@ def _error(status: int, message: str) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except (ApiError, FleetError) as exc:
@@ -100,8 +102,12 @@ def _require_admin(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip()
     # compare bytes: compare_digest refuses non-ASCII str, and the header is the client's choice
-    if not token or not hmac.compare_digest(token.encode(errors="replace"), request.app[ADMIN_TOKEN].encode()):
-        raise ApiError(401, "missing or wrong admin token (Authorization: Bearer <DATA/admin-token>)")
+    if not token or not hmac.compare_digest(
+        token.encode(errors="replace"), request.app[ADMIN_TOKEN].encode()
+    ):
+        raise ApiError(
+            401, "missing or wrong admin token (Authorization: Bearer <DATA/admin-token>)"
+        )
 
 
 def _vin(request: web.Request) -> str:
@@ -165,7 +171,9 @@ async def image_metadata(request: web.Request) -> web.StreamResponse:
     path = request.app[IMAGE_REPO].metadata_path(request.match_info["file"])
     if path is None:
         raise ApiError(404, f"no image repository metadata {request.match_info['file']!r}")
-    return web.FileResponse(path, headers={"Cache-Control": "no-cache", "Content-Type": "application/json"})
+    return web.FileResponse(
+        path, headers={"Cache-Control": "no-cache", "Content-Type": "application/json"}
+    )
 
 
 async def image_target(request: web.Request) -> web.StreamResponse:
@@ -189,7 +197,9 @@ async def director_metadata(request: web.Request) -> web.Response:
     data = await _in_session(request, lambda s: director.metadata(s, vin, filename))
     if data is None:
         raise ApiError(404, f"no director metadata {filename!r} for vehicle {vin}")
-    return web.Response(body=data, content_type="application/json", headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=data, content_type="application/json", headers={"Cache-Control": "no-cache"}
+    )
 
 
 # -- vehicles -------------------------------------------------------------------
@@ -231,16 +241,22 @@ async def add_vehicle(request: web.Request) -> web.Response:
             raise ApiError(400, f"{where}.serial must be 1-128 letters, digits, '.', '_' or '-'")
         hw = _field(e, "hardware_id", str, where)
         if not _SERIAL_RE.match(hw):
-            raise ApiError(400, f"{where}.hardware_id must be 1-128 letters, digits, '.', '_' or '-'")
+            raise ApiError(
+                400, f"{where}.hardware_id must be 1-128 letters, digits, '.', '_' or '-'"
+            )
         enc = e.get("encryption_key", "")
         if not isinstance(enc, str):
             raise ApiError(400, f"{where}.encryption_key must be a string (X25519 public key, hex)")
-        ecus.append(EcuRegistration(serial, hw, _field(e, "public_key", dict, where), encryption_key=enc))
+        ecus.append(
+            EcuRegistration(serial, hw, _field(e, "public_key", dict, where), encryption_key=enc)
+        )
     encrypt = body.get("encrypt_images", False)
     if not isinstance(encrypt, bool):
         raise ApiError(400, "encrypt_images must be true or false")
     director = request.app[DIRECTOR]
-    await _in_session(request, lambda s: register_vehicle(s, director, vin, primary, ecus, encrypt_images=encrypt))
+    await _in_session(
+        request, lambda s: register_vehicle(s, director, vin, primary, ecus, encrypt_images=encrypt)
+    )
     director.invalidate(vin)
     return web.json_response({"registered": vin}, status=201)
 
@@ -258,7 +274,8 @@ async def add_assignment(request: web.Request) -> web.Response:
     serial, filepath = _field(body, "ecu_serial", str), _field(body, "filepath", str)
     director, image_repo = request.app[DIRECTOR], request.app[IMAGE_REPO]
     row = await _in_session(
-        request, lambda s: assign(s, director, image_repo, vin, serial, filepath).model_dump(mode="json")
+        request,
+        lambda s: assign(s, director, image_repo, vin, serial, filepath).model_dump(mode="json"),
     )
     director.invalidate(vin)
     await request.app[DELTAS].on_vehicle(vin)
@@ -271,10 +288,16 @@ async def list_images(request: web.Request) -> web.Response:
     images = []
     for path, target in sorted(request.app[IMAGE_REPO].targets.signed.targets.items()):
         custom = image_custom(target)
-        images.append({
-            "filepath": path, "hardware_ids": list(custom.hardware_ids), "version": custom.version,
-            "release_counter": custom.release_counter, "length": target.length, "sha256": target.hashes["sha256"],
-        })
+        images.append(
+            {
+                "filepath": path,
+                "hardware_ids": list(custom.hardware_ids),
+                "version": custom.version,
+                "release_counter": custom.release_counter,
+                "length": target.length,
+                "sha256": target.hashes["sha256"],
+            }
+        )
     return web.json_response(images)
 
 
@@ -296,7 +319,9 @@ async def publish_targets(request: web.Request) -> web.Response:
     before = set(image_repo.targets.signed.targets)
     md = await asyncio.to_thread(image_repo.accept_targets, data)
     await request.app[DELTAS].on_published(sorted(set(md.signed.targets) - before))
-    return web.json_response({"targets_version": md.signed.version, "targets": sorted(md.signed.targets)}, status=201)
+    return web.json_response(
+        {"targets_version": md.signed.version, "targets": sorted(md.signed.targets)}, status=201
+    )
 
 
 async def list_deltas(request: web.Request) -> web.Response:
@@ -321,16 +346,29 @@ async def _refresh_online_metadata(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> Any:
-    tasks = [asyncio.create_task(_refresh_online_metadata(app)), asyncio.create_task(app[DELTAS].run())]
+    tasks = [
+        asyncio.create_task(_refresh_online_metadata(app)),
+        asyncio.create_task(app[DELTAS].run()),
+    ]
     yield
     for task in tasks:
         task.cancel()
 
 
-def build_app(config: ServerConfig, engine: Engine, image_repo: ImageRepository,
-              director: DirectorRepository, admin_token: str) -> web.Application:
+def build_app(
+    config: ServerConfig,
+    engine: Engine,
+    image_repo: ImageRepository,
+    director: DirectorRepository,
+    admin_token: str,
+) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_UPLOAD_BYTES)
-    app[ENGINE], app[IMAGE_REPO], app[DIRECTOR], app[ADMIN_TOKEN] = engine, image_repo, director, admin_token
+    app[ENGINE], app[IMAGE_REPO], app[DIRECTOR], app[ADMIN_TOKEN] = (
+        engine,
+        image_repo,
+        director,
+        admin_token,
+    )
     app[DELTAS] = DeltaPublisher(image_repo, engine, config.data_dir / "delta-work")
     app.router.add_get("/health", health)
     app.router.add_get("/image/metadata/{file}", image_metadata)

@@ -23,14 +23,20 @@ def _password(env_var: str, what: str, confirm: bool = False) -> bytes:
         return value.encode()
     if not sys.stdin.isatty():
         raise click.ClickException(f"{what}: set {env_var} (no terminal to prompt on)")
-    return str(click.prompt(f"Password for {what}", hide_input=True, confirmation_prompt=confirm)).encode()
+    return str(
+        click.prompt(f"Password for {what}", hide_input=True, confirmation_prompt=confirm)
+    ).encode()
 
 
 def _require_server_extra() -> None:
     """The server itself needs aiohttp and sqlmodel; a vehicle install has neither."""
     import importlib.util
 
-    missing = [m for m in ("aiohttp", "sqlmodel", "bsdiff4", "zstandard") if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("aiohttp", "sqlmodel", "bsdiff4", "zstandard")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise click.ClickException(
             f"the server needs {', '.join(missing)}: install it with: pip install 'uptake[server]'"
@@ -56,14 +62,34 @@ def server() -> None:
 
 
 @server.command("init")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Where the server keeps everything.")
-@click.option("--offline-keys-dir", type=click.Path(path_type=Path), required=True,
-              help="Where to write the OFFLINE keys (image root/targets, director root) and trusted roots. Move it off the server.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where the server keeps everything.",
+)
+@click.option(
+    "--offline-keys-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the OFFLINE keys (image root/targets, director root) and trusted roots. Move it off the server.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--database-url", default="", help="SQLAlchemy URL; default SQLite in the data dir (e.g. postgresql+psycopg://user@host/db).")
-@click.option("--key-type", type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]), default="ed25519", show_default=True)
-def server_init(data_dir: Path, offline_keys_dir: Path, host: str, port: int, database_url: str, key_type: str) -> None:
+@click.option(
+    "--database-url",
+    default="",
+    help="SQLAlchemy URL; default SQLite in the data dir (e.g. postgresql+psycopg://user@host/db).",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]),
+    default="ed25519",
+    show_default=True,
+)
+def server_init(
+    data_dir: Path, offline_keys_dir: Path, host: str, port: int, database_url: str, key_type: str
+) -> None:
     """Create keys, the first metadata of both repositories and the database."""
     _require_server_extra()
     from server.service import init_server
@@ -75,16 +101,24 @@ def server_init(data_dir: Path, offline_keys_dir: Path, host: str, port: int, da
         init_server(config, offline_keys_dir, online, offline, key_type)
     except (ConfigError, KeyFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Initialised {config.data_dir}\n  offline keys and trusted roots: {offline_keys_dir.resolve()} (move them off this machine)"
-               f"\n  admin token: {config.admin_token_path}\nStart it with: uptake server run --data-dir {data_dir}")
+    click.echo(
+        f"Initialised {config.data_dir}\n  offline keys and trusted roots: {offline_keys_dir.resolve()} (move them off this machine)"
+        f"\n  admin token: {config.admin_token_path}\nStart it with: uptake server run --data-dir {data_dir}"
+    )
 
 
 @server.command("run")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR"
+)
 @click.option("--host", default=None, help="Override the configured listen address.")
-@click.option("--port", default=None, type=click.IntRange(0, 65535), help="Override the configured port.")
+@click.option(
+    "--port", default=None, type=click.IntRange(0, 65535), help="Override the configured port."
+)
 @click.option("--database-url", default=None, help="Override the configured database URL.")
-def server_run(data_dir: Path, host: str | None, port: int | None, database_url: str | None) -> None:
+def server_run(
+    data_dir: Path, host: str | None, port: int | None, database_url: str | None
+) -> None:
     """Serve the image repository, the director and the admin API."""
     _require_server_extra()
     from server.service import open_server, run_server
@@ -98,18 +132,45 @@ def server_run(data_dir: Path, host: str | None, port: int | None, database_url:
 
 
 @server.command("rotate-keys")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR")
-@click.option("--offline-keys-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Directory with the offline root key (REPO-root.key) and the trusted REPO-root.json to refresh.")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR"
+)
+@click.option(
+    "--offline-keys-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory with the offline root key (REPO-root.key) and the trusted REPO-root.json to refresh.",
+)
 @click.option("--repository", type=click.Choice(["director", "image"]), required=True)
-@click.option("--roles", default="", help="Comma-separated online roles to rotate (default: all of them: "
-              "director targets,snapshot,timestamp; image snapshot,timestamp).")
-@click.option("--root-key", "root_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Root key file(s) to sign with, for root thresholds > 1 (default OFFLINE/REPO-root.key).")
-@click.option("--key-type", type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]), default="ed25519", show_default=True)
+@click.option(
+    "--roles",
+    default="",
+    help="Comma-separated online roles to rotate (default: all of them: "
+    "director targets,snapshot,timestamp; image snapshot,timestamp).",
+)
+@click.option(
+    "--root-key",
+    "root_keys",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Root key file(s) to sign with, for root thresholds > 1 (default OFFLINE/REPO-root.key).",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]),
+    default="ed25519",
+    show_default=True,
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def server_rotate_keys(data_dir: Path, offline_keys_dir: Path, repository: str, roles: str,
-                       root_keys: tuple[Path, ...], key_type: str, as_json: bool) -> None:
+def server_rotate_keys(
+    data_dir: Path,
+    offline_keys_dir: Path,
+    repository: str,
+    roles: str,
+    root_keys: tuple[Path, ...],
+    key_type: str,
+    as_json: bool,
+) -> None:
     """Replace a repository's ONLINE keys after a compromise (run with the server STOPPED).
 
     \b
@@ -132,24 +193,47 @@ def server_rotate_keys(data_dir: Path, offline_keys_dir: Path, repository: str, 
         online = _password(SERVER_PASSWORD_ENV, "the server's online keys")
         offline = _password(PASSWORD_ENV, f"the offline {repository} root key")
         result = rotate_online_keys(
-            config, offline_keys_dir, repository, [r.strip() for r in roles.split(",") if r.strip()],
-            online, offline, root_keys=root_keys, key_type=key_type,
+            config,
+            offline_keys_dir,
+            repository,
+            [r.strip() for r in roles.split(",") if r.strip()],
+            online,
+            offline,
+            root_keys=root_keys,
+            key_type=key_type,
         )
     except (ConfigError, RotationError, KeyFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    _emit(result.__dict__, as_json,
-          f"{'Finished' if result.resumed else 'Rotated'} {repository} {', '.join(result.roles)} keys: "
-          f"root v{result.root_version}"
-          + (f", director metadata of {result.vehicles_resigned} vehicle(s) re-signed" if repository == "director" else "")
-          + f"\nStart the server again: uptake server run --data-dir {data_dir}")
+    _emit(
+        result.__dict__,
+        as_json,
+        f"{'Finished' if result.resumed else 'Rotated'} {repository} {', '.join(result.roles)} keys: "
+        f"root v{result.root_version}"
+        + (
+            f", director metadata of {result.vehicles_resigned} vehicle(s) re-signed"
+            if repository == "director"
+            else ""
+        )
+        + f"\nStart the server again: uptake server run --data-dir {data_dir}",
+    )
 
 
 # -- release ----------------------------------------------------------------------------
 
-_server_opt = click.option("--server", "server_url", default=_DEFAULT_SERVER, envvar="UPTAKE_SERVER", show_default=True,
-                           help="Server base URL ($UPTAKE_SERVER).")
-_token_opt = click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), envvar="UPTAKE_ADMIN_TOKEN_FILE",
-                          help="File with the admin token (DATA/admin-token; $UPTAKE_ADMIN_TOKEN_FILE).")
+_server_opt = click.option(
+    "--server",
+    "server_url",
+    default=_DEFAULT_SERVER,
+    envvar="UPTAKE_SERVER",
+    show_default=True,
+    help="Server base URL ($UPTAKE_SERVER).",
+)
+_token_opt = click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="UPTAKE_ADMIN_TOKEN_FILE",
+    help="File with the admin token (DATA/admin-token; $UPTAKE_ADMIN_TOKEN_FILE).",
+)
 
 
 def _client(server_url: str, token_file: Path | None) -> AdminClient:
@@ -176,24 +260,58 @@ def release() -> None:
 
 @release.command("publish")
 @click.argument("image", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--hardware-id", "hardware_ids", multiple=True, required=True, help="ECU hardware id the image fits (repeatable).")
+@click.option(
+    "--hardware-id",
+    "hardware_ids",
+    multiple=True,
+    required=True,
+    help="ECU hardware id the image fits (repeatable).",
+)
 @click.option("--version", required=True, help="Human version, e.g. 1.1.0.")
-@click.option("--release-counter", type=click.IntRange(0), default=None,
-              help="Anti-rollback counter; default: one above the highest published for these hardware ids.")
+@click.option(
+    "--release-counter",
+    type=click.IntRange(0),
+    default=None,
+    help="Anti-rollback counter; default: one above the highest published for these hardware ids.",
+)
 @click.option("--filepath", default=None, help="Target name; default HARDWARE_ID/VERSION/FILENAME.")
-@click.option("--requires", "requires", multiple=True, metavar="HARDWARE_ID=SPEC",
-              help="What the image needs of the vehicle's other ECUs, e.g. 'stm32f4-bms=>=1.1.0,<2' (repeatable): "
-                   "the director never directs, and vehicles never install, a combination that breaks it.")
-@click.option("--keys-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Directory with image-targets.key and the trusted image-root.json.")
-@click.option("--targets-key", "targets_keys", multiple=True, type=click.Path(path_type=Path),
-              help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).")
+@click.option(
+    "--requires",
+    "requires",
+    multiple=True,
+    metavar="HARDWARE_ID=SPEC",
+    help="What the image needs of the vehicle's other ECUs, e.g. 'stm32f4-bms=>=1.1.0,<2' (repeatable): "
+    "the director never directs, and vehicles never install, a combination that breaks it.",
+)
+@click.option(
+    "--keys-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory with image-targets.key and the trusted image-root.json.",
+)
+@click.option(
+    "--targets-key",
+    "targets_keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).",
+)
 @_server_opt
 @_token_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def release_publish(image: Path, hardware_ids: tuple[str, ...], version: str, release_counter: int | None,
-                    filepath: str | None, requires: tuple[str, ...], keys_dir: Path, targets_keys: tuple[Path, ...],
-                    server_url: str, token_file: Path | None, as_json: bool) -> None:
+def release_publish(
+    image: Path,
+    hardware_ids: tuple[str, ...],
+    version: str,
+    release_counter: int | None,
+    filepath: str | None,
+    requires: tuple[str, ...],
+    keys_dir: Path,
+    targets_keys: tuple[Path, ...],
+    server_url: str,
+    token_file: Path | None,
+    as_json: bool,
+) -> None:
     """Sign IMAGE into the image repository's targets and publish it."""
     from server.release import TRUSTED_ROOT_NAME, PublishError, publish_image
 
@@ -201,23 +319,39 @@ def release_publish(image: Path, hardware_ids: tuple[str, ...], version: str, re
     for item in requires:
         hw, sep, spec = item.partition("=")
         if not sep or not hw or not spec:
-            raise click.BadParameter(f"{item!r} is not HARDWARE_ID=SPEC (e.g. stm32f4-bms=>=1.1.0)", param_hint="--requires")
+            raise click.BadParameter(
+                f"{item!r} is not HARDWARE_ID=SPEC (e.g. stm32f4-bms=>=1.1.0)",
+                param_hint="--requires",
+            )
         needs[hw] = spec
     password = _password(PASSWORD_ENV, "the offline targets key")
     try:
-        signers = [load_signer(p, password) for p in (targets_keys or (keys_dir / "image-targets.key",))]
+        signers = [
+            load_signer(p, password) for p in (targets_keys or (keys_dir / "image-targets.key",))
+        ]
         trusted_root = (keys_dir / TRUSTED_ROOT_NAME).read_bytes()
     except (KeyFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        published = publish_image(_client(server_url, token_file), image, list(hardware_ids), version, signers,
-                                  trusted_root, release_counter=release_counter, filepath=filepath,
-                                  requires=needs or None)
+        published = publish_image(
+            _client(server_url, token_file),
+            image,
+            list(hardware_ids),
+            version,
+            signers,
+            trusted_root,
+            release_counter=release_counter,
+            filepath=filepath,
+            requires=needs or None,
+        )
     except PublishError as exc:
         raise click.ClickException(str(exc)) from exc
-    _emit(published.__dict__, as_json,
-          f"Published {published.filepath} ({published.length} bytes, sha256 {published.sha256[:16]}…, "
-          f"release counter {published.release_counter}) in targets v{published.targets_version}")
+    _emit(
+        published.__dict__,
+        as_json,
+        f"Published {published.filepath} ({published.length} bytes, sha256 {published.sha256[:16]}…, "
+        f"release counter {published.release_counter}) in targets v{published.targets_version}",
+    )
 
 
 # -- fleet ------------------------------------------------------------------------------
@@ -235,14 +369,24 @@ def fleet() -> None:
 
 
 @fleet.command("add-vehicle")
-@click.option("--from-agent", "registration", type=click.File("rb"), required=True,
-              help="registration.json written by 'uptake agent init' (VIN, ECU serials, hardware ids, public keys).")
-@click.option("--encrypt-images", is_flag=True,
-              help="Deliver this vehicle's images encrypted to each ECU's registered encryption key "
-                   "(server-wide: \"encrypt_images\": true in DATA/server.json).")
+@click.option(
+    "--from-agent",
+    "registration",
+    type=click.File("rb"),
+    required=True,
+    help="registration.json written by 'uptake agent init' (VIN, ECU serials, hardware ids, public keys).",
+)
+@click.option(
+    "--encrypt-images",
+    is_flag=True,
+    help="Deliver this vehicle's images encrypted to each ECU's registered encryption key "
+    '(server-wide: "encrypt_images": true in DATA/server.json).',
+)
 @_server_opt
 @_token_opt
-def fleet_add_vehicle(registration: Any, encrypt_images: bool, server_url: str, token_file: Path | None) -> None:
+def fleet_add_vehicle(
+    registration: Any, encrypt_images: bool, server_url: str, token_file: Path | None
+) -> None:
     """Register a vehicle and its ECUs' public keys with the director."""
     try:
         body = json.load(registration)
@@ -264,11 +408,20 @@ def fleet_add_vehicle(registration: Any, encrypt_images: bool, server_url: str, 
 @_server_opt
 @_token_opt
 @click.option("--json", "as_json", is_flag=True)
-def fleet_assign(vin: str, ecu_serial: str, filepath: str, server_url: str, token_file: Path | None, as_json: bool) -> None:
+def fleet_assign(
+    vin: str,
+    ecu_serial: str,
+    filepath: str,
+    server_url: str,
+    token_file: Path | None,
+    as_json: bool,
+) -> None:
     """Direct one ECU of a vehicle to install an image."""
     try:
         row = _client(server_url, token_file).request(
-            "POST", f"/api/v1/vehicles/{vin}/assignments", json_body={"ecu_serial": ecu_serial, "filepath": filepath}
+            "POST",
+            f"/api/v1/vehicles/{vin}/assignments",
+            json_body={"ecu_serial": ecu_serial, "filepath": filepath},
         )
     except ApiClientError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -286,13 +439,23 @@ def fleet_show(vin: str, server_url: str, token_file: Path | None, as_json: bool
         rec = _client(server_url, token_file).request("GET", f"/api/v1/vehicles/{vin}")
     except ApiClientError as exc:
         raise click.ClickException(str(exc)) from exc
-    lines = [f"Vehicle {rec['vin']}: {rec['manifests_accepted']} manifest(s) accepted, {rec['manifests_rejected']} rejected"]
+    lines = [
+        f"Vehicle {rec['vin']}: {rec['manifests_accepted']} manifest(s) accepted, {rec['manifests_rejected']} rejected"
+    ]
     for e in rec["ecus"]:
-        lines.append(f"  ECU {e['serial']} ({e['hardware_id']}): {e['installed']['filepath'] or '(nothing)'}"
-                     + (f"  last install: {e['last_install']['result']}" if e["last_install"]["result"] else "")
-                     + (f"  ATTACKS: {e['attacks_detected']}" if e["attacks_detected"] else ""))
+        lines.append(
+            f"  ECU {e['serial']} ({e['hardware_id']}): {e['installed']['filepath'] or '(nothing)'}"
+            + (
+                f"  last install: {e['last_install']['result']}"
+                if e["last_install"]["result"]
+                else ""
+            )
+            + (f"  ATTACKS: {e['attacks_detected']}" if e["attacks_detected"] else "")
+        )
     for a in rec["assignments"]:
-        lines.append(f"  assignment #{a['id']}: {a['ecu_serial']} <- {a['filepath']} [{a['status']}] {a['detail']}")
+        lines.append(
+            f"  assignment #{a['id']}: {a['ecu_serial']} <- {a['filepath']} [{a['status']}] {a['detail']}"
+        )
     for ev in rec["security_events"]:
         lines.append(f"  security event {ev['at']}: {ev['kind']} {ev['ecu_serial']} {ev['detail']}")
     _emit(rec, as_json, "\n".join(lines))

@@ -32,13 +32,15 @@ from signing.metadata import EcuImage, image_custom, unmet_requirements
 _ACTIVE = ("pending", "installed")
 
 
-def _intended(session: Session, image_repo: ImageRepository, vin: str,
-              override: dict[str, str]) -> list[EcuImage]:
+def _intended(
+    session: Session, image_repo: ImageRepository, vin: str, override: dict[str, str]
+) -> list[EcuImage]:
     ecus = session.exec(select(Ecu).where(Ecu.vin == vin)).all()
     active = {
         row.ecu_serial: row.filepath
         for row in session.exec(
-            select(Assignment).where(Assignment.vin == vin, col(Assignment.status).in_(_ACTIVE))
+            select(Assignment)
+            .where(Assignment.vin == vin, col(Assignment.status).in_(_ACTIVE))
             .order_by(col(Assignment.id))
         )
     }
@@ -47,12 +49,17 @@ def _intended(session: Session, image_repo: ImageRepository, vin: str,
     for ecu in ecus:
         filepath = active.get(ecu.serial, ecu.installed_filepath)
         target = image_repo.find_target(filepath) if filepath else None
-        result.append(EcuImage(ecu.serial, ecu.hardware_id, filepath, image_custom(target) if target else None))
+        result.append(
+            EcuImage(
+                ecu.serial, ecu.hardware_id, filepath, image_custom(target) if target else None
+            )
+        )
     return result
 
 
-def check_assignment(session: Session, image_repo: ImageRepository, vin: str, ecu_serial: str,
-                     filepath: str) -> list[str]:
+def check_assignment(
+    session: Session, image_repo: ImageRepository, vin: str, ecu_serial: str, filepath: str
+) -> list[str]:
     """The requirements the vehicle would break if ``ecu_serial`` were directed to ``filepath``."""
     return unmet_requirements(_intended(session, image_repo, vin, {ecu_serial: filepath}))
 
@@ -66,7 +73,9 @@ def fail_unmet_dependents(session: Session, image_repo: ImageRepository, vin: st
         intended = _intended(session, image_repo, vin, {})
         mine = [e for e in intended if e.ecu_serial == row.ecu_serial]
         others = [e for e in intended if e.ecu_serial != row.ecu_serial]
-        problems = [p for p in unmet_requirements(mine + others) if f" on {row.ecu_serial} requires " in p]
+        problems = [
+            p for p in unmet_requirements(mine + others) if f" on {row.ecu_serial} requires " in p
+        ]
         if problems:
             row.status, row.updated_at = "failed", utcnow()
             row.detail = "dependency not met: " + "; ".join(problems)

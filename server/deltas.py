@@ -49,8 +49,9 @@ class DeltaJob:
 
 
 class DeltaPublisher:
-    def __init__(self, image_repo: ImageRepository, engine: Engine, work_dir: Path,
-                 min_saving: float = 0.1) -> None:
+    def __init__(
+        self, image_repo: ImageRepository, engine: Engine, work_dir: Path, min_saving: float = 0.1
+    ) -> None:
         self._repo = image_repo
         self._engine = engine
         self._work_dir = work_dir
@@ -66,8 +67,9 @@ class DeltaPublisher:
             return
         key = (base_sha256, result_filepath)
         previous = self.jobs.get(key)
-        if (previous is not None and previous.status != "failed") or \
-                self._repo.has_delta(base_sha256, result.hashes["sha256"]):
+        if (previous is not None and previous.status != "failed") or self._repo.has_delta(
+            base_sha256, result.hashes["sha256"]
+        ):
             return  # a failed job may be tried again when asked again
         if self._repo.find_by_sha256(base_sha256) is None:
             return  # the vehicle runs an image this repository never published: nothing to diff from
@@ -99,7 +101,9 @@ class DeltaPublisher:
                 except MetadataFormatError:
                     continue
                 installed = session.exec(
-                    select(Ecu.installed_sha256).where(col(Ecu.hardware_id).in_(hardware_ids)).distinct()
+                    select(Ecu.installed_sha256)
+                    .where(col(Ecu.hardware_id).in_(hardware_ids))
+                    .distinct()
                 ).all()
                 pairs.extend((sha, path) for sha in installed)
         return pairs
@@ -108,7 +112,9 @@ class DeltaPublisher:
         with Session(self._engine) as session:
             rows = session.exec(
                 select(Assignment, Ecu).where(
-                    Assignment.vin == vin, Assignment.status == "pending", Assignment.ecu_serial == Ecu.serial
+                    Assignment.vin == vin,
+                    Assignment.status == "pending",
+                    Assignment.ecu_serial == Ecu.serial,
                 )
             ).all()
             return [(ecu.installed_sha256, assignment.filepath) for assignment, ecu in rows]
@@ -134,9 +140,18 @@ class DeltaPublisher:
         self._work_dir.mkdir(parents=True, exist_ok=True)
         out = self._work_dir / f"{job.base_sha256}-{result.hashes['sha256']}.delta"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "uptake", "delta", "create", str(self._repo.image_file(base)),
-            str(self._repo.image_file(result)), "-o", str(out), "--json",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "uptake",
+            "delta",
+            "create",
+            str(self._repo.image_file(base)),
+            str(self._repo.image_file(result)),
+            "-o",
+            str(out),
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         stdout, stderr = await proc.communicate()
         if proc.returncode != 0:
@@ -150,8 +165,13 @@ class DeltaPublisher:
             job.status = "not_worth_it"
             job.detail = f"{job.delta_length} bytes against {result.length} for the full image"
             return
-        custom = DeltaCustom(base.hashes["sha256"], base.length, result.hashes["sha256"], result.length,
-                             str(report.get("method", "unknown")))
+        custom = DeltaCustom(
+            base.hashes["sha256"],
+            base.length,
+            result.hashes["sha256"],
+            result.length,
+            str(report.get("method", "unknown")),
+        )
         try:
             await asyncio.to_thread(self._repo.add_delta, out, custom)
         except ImageRepositoryError as exc:
@@ -160,5 +180,10 @@ class DeltaPublisher:
             return
         job.status = "published"
         job.detail = f"method {custom.method}"
-        log.info("published delta %s -> %s: %d bytes (full image %d)", base.path, result.path,
-                 job.delta_length, result.length)
+        log.info(
+            "published delta %s -> %s: %d bytes (full image %d)",
+            base.path,
+            result.path,
+            job.delta_length,
+            result.length,
+        )

@@ -74,10 +74,16 @@ class DirectorRepository:
         self._encrypted = EncryptedImages(director_dir / "encrypted", image_repo.targets_dir)
         roots = versioned_files(self.metadata_dir, "root")
         if not roots:
-            raise FileNotFoundError(f"no director root in {self.metadata_dir}: run 'uptake server init'")
+            raise FileNotFoundError(
+                f"no director root in {self.metadata_dir}: run 'uptake server init'"
+            )
         self.root = Metadata[Root].from_file(str(roots[-1][1]))
         self._image_repo = image_repo
-        self._signers = {"targets": targets_signer, "snapshot": snapshot_signer, "timestamp": timestamp_signer}
+        self._signers = {
+            "targets": targets_signer,
+            "snapshot": snapshot_signer,
+            "timestamp": timestamp_signer,
+        }
         self._lock = threading.Lock()
         # vin -> (timestamp bytes, expires): the idle-poll cache
         self._timestamp_cache: dict[str, tuple[bytes, datetime]] = {}
@@ -125,10 +131,14 @@ class DirectorRepository:
             ecu = ecus.get(row.ecu_serial)
             if ecu is not None:
                 wanted.setdefault(row.filepath, {})[ecu.serial] = ecu.hardware_id
-        encryption_keys = {
-            k.ecu_serial: k.public_key
-            for k in session.exec(select(EcuEncryptionKey).where(EcuEncryptionKey.vin == vin))
-        } if self.encrypts(session, vin) else None
+        encryption_keys = (
+            {
+                k.ecu_serial: k.public_key
+                for k in session.exec(select(EcuEncryptionKey).where(EcuEncryptionKey.vin == vin))
+            }
+            if self.encrypts(session, vin)
+            else None
+        )
         targets: dict[str, TargetFile] = {}
         for filepath, ecu_map in sorted(wanted.items()):
             image = self._image_repo.find_target(filepath)
@@ -140,9 +150,15 @@ class DirectorRepository:
                 if serial is not None:
                     try:
                         targets[filepath] = self._encrypted.director_target(
-                            vin, serial, ecu_map[serial], encryption_keys[serial], image)
+                            vin, serial, ecu_map[serial], encryption_keys[serial], image
+                        )
                     except (OSError, ValueError) as exc:  # stored image missing or altered
-                        log.error("not directing %s to %s: cannot make its encrypted copy: %s", filepath, serial, exc)
+                        log.error(
+                            "not directing %s to %s: cannot make its encrypted copy: %s",
+                            filepath,
+                            serial,
+                            exc,
+                        )
                 continue
             targets[filepath] = TargetFile(
                 image.length, dict(image.hashes), filepath, {"custom": director_custom(ecu_map)}
@@ -163,8 +179,11 @@ class DirectorRepository:
         md.sign(self._signers[role], append=True)
         session.add(
             DirectorMetadata(
-                vin=vin, role=role, version=md.signed.version,
-                content=md.to_bytes(_SERIALIZER), expires=md.signed.expires,
+                vin=vin,
+                role=role,
+                version=md.signed.version,
+                content=md.to_bytes(_SERIALIZER),
+                expires=md.signed.expires,
             )
         )
         session.exec(  # type: ignore[call-overload]
@@ -184,7 +203,9 @@ class DirectorRepository:
         # outside the lock: it may encrypt a new image for an ECU, which must not stall other vehicles
         desired = self._desired_targets(session, vin)
         with self._lock:
-            latest = {r: self._latest(session, vin, r) for r in ("targets", "snapshot", "timestamp")}
+            latest = {
+                r: self._latest(session, vin, r) for r in ("targets", "snapshot", "timestamp")
+            }
             targets_row = latest["targets"]
             current = Metadata[Targets].from_bytes(targets_row.content) if targets_row else None
 
@@ -193,7 +214,10 @@ class DirectorRepository:
                 return row is None or as_utc(row.expires) - now < _REFRESH_MARGIN[role]
 
             new_targets = (
-                force or current is None or current.signed.targets != desired or near_expiry("targets")
+                force
+                or current is None
+                or current.signed.targets != desired
+                or near_expiry("targets")
             )
             new_snapshot = new_targets or near_expiry("snapshot")
             new_timestamp = new_snapshot or near_expiry("timestamp")
@@ -202,7 +226,9 @@ class DirectorRepository:
 
             if new_targets:
                 version = current.signed.version + 1 if current else 1
-                targets = Targets(version=version, expires=(now + DIRECTOR_TARGETS_EXPIRY).replace(microsecond=0))
+                targets = Targets(
+                    version=version, expires=(now + DIRECTOR_TARGETS_EXPIRY).replace(microsecond=0)
+                )
                 targets.targets = desired
                 set_director_vin(targets, vin)
                 self._store(session, vin, Metadata(targets))
@@ -243,8 +269,11 @@ class DirectorRepository:
         if filename == "timestamp.json":
             return self._timestamp(session, vin)
         # ASCII digits that fit the database's 64-bit integers ("²".isdigit() is True too)
-        if not (head.isascii() and head.isdigit() and len(head) <= 18) or \
-                rest not in ("root.json", "targets.json", "snapshot.json"):
+        if not (head.isascii() and head.isdigit() and len(head) <= 18) or rest not in (
+            "root.json",
+            "targets.json",
+            "snapshot.json",
+        ):
             return None
         version = int(head)
         if rest == "root.json":

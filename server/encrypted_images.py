@@ -58,44 +58,71 @@ class EncryptedImages:
         self.root_dir = root_dir
         self._image_targets_dir = image_targets_dir
 
-    def director_target(self, vin: str, ecu_serial: str, hardware_id: str, public_key_hex: str,
-                        image: TargetFile) -> TargetFile:
+    def director_target(
+        self, vin: str, ecu_serial: str, hardware_id: str, public_key_hex: str, image: TargetFile
+    ) -> TargetFile:
         """The director target sending ``image`` to one ECU, encrypted for its key."""
         copy = self._copy(vin, ecu_serial, public_key_hex, image)
         custom = director_custom({ecu_serial: hardware_id})
         custom[ENCRYPTION] = copy.info.to_custom()
         return TargetFile(copy.length, {"sha256": copy.sha256}, image.path, {"custom": custom})
 
-    def _copy(self, vin: str, ecu_serial: str, public_key_hex: str, image: TargetFile) -> EncryptedCopy:
+    def _copy(
+        self, vin: str, ecu_serial: str, public_key_hex: str, image: TargetFile
+    ) -> EncryptedCopy:
         ecu_dir = self.root_dir / vin / ecu_serial
         description = ecu_dir / f"{image.hashes['sha256']}.json"
         try:
             raw = json.loads(description.read_bytes())
             if raw["public_key"] == public_key_hex and (ecu_dir.parent / raw["path"]).is_file():
                 info = raw["encryption"]
-                return EncryptedCopy(raw["path"], raw["length"], raw["sha256"], EncryptionInfo(
-                    bytes.fromhex(info["ephemeralPublicKey"]), info["chunkSize"], info["plaintextLength"],
-                    info["plaintextHashes"]["sha256"]))
+                return EncryptedCopy(
+                    raw["path"],
+                    raw["length"],
+                    raw["sha256"],
+                    EncryptionInfo(
+                        bytes.fromhex(info["ephemeralPublicKey"]),
+                        info["chunkSize"],
+                        info["plaintextLength"],
+                        info["plaintextHashes"]["sha256"],
+                    ),
+                )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet (or for an older key): make one
         source = self._image_targets_dir / consistent_target_name(image)
         staging = ecu_dir / f"{image.hashes['sha256']}.encrypting"
         digest = hashlib.sha256()
         with open(source, "rb") as src, atomic_writer(staging) as out:
-            info = encrypt_stream(src, _Hashing(out, digest), parse_public_key(public_key_hex),
-                                  image.length, DEFAULT_CHUNK_SIZE)
+            info = encrypt_stream(
+                src,
+                _Hashing(out, digest),
+                parse_public_key(public_key_hex),
+                image.length,
+                DEFAULT_CHUNK_SIZE,
+            )
         if info.plaintext_sha256 != image.hashes["sha256"]:
             staging.unlink(missing_ok=True)
-            raise ValueError(f"stored image {image.path!r} does not match its sha256 in the image repository")
+            raise ValueError(
+                f"stored image {image.path!r} does not match its sha256 in the image repository"
+            )
         rel = f"{ecu_serial}/{consistent_target_path(image.path, digest.hexdigest())}"
         final = ecu_dir.parent / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(final)
         copy = EncryptedCopy(rel, info.ciphertext_length, digest.hexdigest(), info)
-        write_atomic(description, json.dumps({
-            "public_key": public_key_hex, "path": rel, "length": copy.length, "sha256": copy.sha256,
-            "encryption": info.to_custom(),
-        }, indent=1).encode())
+        write_atomic(
+            description,
+            json.dumps(
+                {
+                    "public_key": public_key_hex,
+                    "path": rel,
+                    "length": copy.length,
+                    "sha256": copy.sha256,
+                    "encryption": info.to_custom(),
+                },
+                indent=1,
+            ).encode(),
+        )
         return copy
 
     def path(self, vin: str, name: str) -> Path | None:

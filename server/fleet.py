@@ -71,8 +71,15 @@ class EcuRegistration:
     encryption_key: str = ""
 
 
-def register_vehicle(session: Session, director: DirectorRepository, vin: str,
-                     primary_serial: str, ecus: list[EcuRegistration], *, encrypt_images: bool = False) -> None:
+def register_vehicle(
+    session: Session,
+    director: DirectorRepository,
+    vin: str,
+    primary_serial: str,
+    ecus: list[EcuRegistration],
+    *,
+    encrypt_images: bool = False,
+) -> None:
     """Add a vehicle and its ECUs, and sign its first (empty) director metadata."""
     if session.get(Vehicle, vin) is not None:
         raise FleetError(409, f"vehicle {vin} is already registered")
@@ -89,10 +96,15 @@ def register_vehicle(session: Session, director: DirectorRepository, vin: str,
             key = public_key_from_dict(e.public_key, where=f"ecus.{e.serial}.public_key")
         except KeyFileError as exc:
             raise FleetError(400, str(exc)) from exc
-        session.add(Ecu(
-            serial=e.serial, vin=vin, hardware_id=e.hardware_id,
-            public_key=json.dumps(public_key_to_dict(key)), is_primary=e.serial == primary_serial,
-        ))
+        session.add(
+            Ecu(
+                serial=e.serial,
+                vin=vin,
+                hardware_id=e.hardware_id,
+                public_key=json.dumps(public_key_to_dict(key)),
+                is_primary=e.serial == primary_serial,
+            )
+        )
         if e.encryption_key:
             try:
                 parse_public_key(e.encryption_key, where=f"ecus.{e.serial}.encryption_key")
@@ -108,7 +120,11 @@ def register_vehicle(session: Session, director: DirectorRepository, vin: str,
 def _runs(image_repo: ImageRepository, installed_sha256: str, filepath: str) -> bool:
     """Does an ECU running ``installed_sha256`` run the published image ``filepath``? (By content, not name.)"""
     target = image_repo.find_target(filepath)
-    return bool(installed_sha256) and target is not None and target.hashes.get("sha256") == installed_sha256
+    return (
+        bool(installed_sha256)
+        and target is not None
+        and target.hashes.get("sha256") == installed_sha256
+    )
 
 
 def _vehicle(session: Session, vin: str) -> Vehicle:
@@ -118,8 +134,14 @@ def _vehicle(session: Session, vin: str) -> Vehicle:
     return vehicle
 
 
-def assign(session: Session, director: DirectorRepository, image_repo: ImageRepository,
-           vin: str, ecu_serial: str, filepath: str) -> Assignment:
+def assign(
+    session: Session,
+    director: DirectorRepository,
+    image_repo: ImageRepository,
+    vin: str,
+    ecu_serial: str,
+    filepath: str,
+) -> Assignment:
     """Direct ``ecu_serial`` of ``vin`` to install image ``filepath``."""
     _vehicle(session, vin)
     ecu = session.get(Ecu, ecu_serial)
@@ -131,29 +153,51 @@ def assign(session: Session, director: DirectorRepository, image_repo: ImageRepo
     custom = image_custom(target)
     if ecu.hardware_id not in custom.hardware_ids:
         raise FleetError(
-            409, f"image {filepath!r} is for {', '.join(custom.hardware_ids)}, ECU {ecu_serial} is {ecu.hardware_id}"
+            409,
+            f"image {filepath!r} is for {', '.join(custom.hardware_ids)}, ECU {ecu_serial} is {ecu.hardware_id}",
         )
     if ecu.installed_filepath:
         installed = image_repo.find_target(ecu.installed_filepath)
-        if installed is not None and image_custom(installed).release_counter > custom.release_counter:
+        if (
+            installed is not None
+            and image_custom(installed).release_counter > custom.release_counter
+        ):
             raise FleetError(
-                409, f"refusing rollback: {filepath!r} has a lower release counter than the installed "
-                f"{ecu.installed_filepath!r}"
+                409,
+                f"refusing rollback: {filepath!r} has a lower release counter than the installed "
+                f"{ecu.installed_filepath!r}",
             )
     if director.encrypts(session, vin):
         if session.get(EcuEncryptionKey, ecu_serial) is None:
-            raise FleetError(409, f"vehicle {vin} gets its images encrypted, and ECU {ecu_serial} registered "
-                                  "no encryption key")
-        if session.exec(select(Assignment).where(
-                Assignment.vin == vin, Assignment.filepath == filepath, Assignment.ecu_serial != ecu_serial,
-                col(Assignment.status).in_(("pending", "installed")))).first() is not None:
-            raise FleetError(409, f"{filepath!r} is already directed to another ECU of {vin}: encrypted "
-                                  "copies are per ECU, one image path per vehicle")
+            raise FleetError(
+                409,
+                f"vehicle {vin} gets its images encrypted, and ECU {ecu_serial} registered "
+                "no encryption key",
+            )
+        if (
+            session.exec(
+                select(Assignment).where(
+                    Assignment.vin == vin,
+                    Assignment.filepath == filepath,
+                    Assignment.ecu_serial != ecu_serial,
+                    col(Assignment.status).in_(("pending", "installed")),
+                )
+            ).first()
+            is not None
+        ):
+            raise FleetError(
+                409,
+                f"{filepath!r} is already directed to another ECU of {vin}: encrypted "
+                "copies are per ECU, one image path per vehicle",
+            )
     problems = check_assignment(session, image_repo, vin, ecu_serial, filepath)
     if problems:
         raise FleetError(409, "incompatible combination of images: " + "; ".join(problems))
     for old in session.exec(
-        select(Assignment).where(Assignment.ecu_serial == ecu_serial, col(Assignment.status).in_(("pending", "installed")))
+        select(Assignment).where(
+            Assignment.ecu_serial == ecu_serial,
+            col(Assignment.status).in_(("pending", "installed")),
+        )
     ):
         old.status, old.updated_at = "superseded", utcnow()
         session.add(old)
@@ -166,7 +210,9 @@ def assign(session: Session, director: DirectorRepository, image_repo: ImageRepo
     return row
 
 
-def _reject(session: Session, vin: str, vehicle: Vehicle | None, message: str, status: int = 400) -> FleetError:
+def _reject(
+    session: Session, vin: str, vehicle: Vehicle | None, message: str, status: int = 400
+) -> FleetError:
     if vehicle is not None:
         vehicle.manifests_rejected += 1
         vehicle.last_rejection = message
@@ -176,7 +222,9 @@ def _reject(session: Session, vin: str, vehicle: Vehicle | None, message: str, s
     return FleetError(status, message)
 
 
-def process_manifest(session: Session, director: DirectorRepository, vin: str, body: bytes) -> dict[str, Any]:
+def process_manifest(
+    session: Session, director: DirectorRepository, vin: str, body: bytes
+) -> dict[str, Any]:
     """Verify and record a vehicle version manifest (see module docstring)."""
     vehicle = session.get(Vehicle, vin)
     try:
@@ -186,20 +234,33 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
     if vehicle is None:
         raise FleetError(404, f"unknown vehicle {vin}")
     if manifest.vin != vin:
-        raise _reject(session, vin, vehicle, f"manifest is for VIN {manifest.vin!r}, posted for {vin!r}")
+        raise _reject(
+            session, vin, vehicle, f"manifest is for VIN {manifest.vin!r}, posted for {vin!r}"
+        )
     if manifest.primary_ecu_serial != vehicle.primary_ecu_serial:
-        raise _reject(session, vin, vehicle, f"manifest names primary {manifest.primary_ecu_serial!r}, "
-                      f"vehicle's primary is {vehicle.primary_ecu_serial!r}")
+        raise _reject(
+            session,
+            vin,
+            vehicle,
+            f"manifest names primary {manifest.primary_ecu_serial!r}, "
+            f"vehicle's primary is {vehicle.primary_ecu_serial!r}",
+        )
     ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
     try:
-        envelope.verify(public_key_from_dict(json.loads(ecus[vehicle.primary_ecu_serial].public_key)),
-                        "vehicle manifest")
+        envelope.verify(
+            public_key_from_dict(json.loads(ecus[vehicle.primary_ecu_serial].public_key)),
+            "vehicle manifest",
+        )
         reports = {}
         for serial, report_env in manifest.ecu_version_reports.items():
             ecu = ecus.get(serial)
             if ecu is None:
-                raise ManifestError(f"ECU report from {serial!r}, which is not an ECU of vehicle {vin}")
-            report_env.verify(public_key_from_dict(json.loads(ecu.public_key)), f"ECU report of {serial}")
+                raise ManifestError(
+                    f"ECU report from {serial!r}, which is not an ECU of vehicle {vin}"
+                )
+            report_env.verify(
+                public_key_from_dict(json.loads(ecu.public_key)), f"ECU report of {serial}"
+            )
             report = report_env.ecu_report()
             if report.report_counter <= ecu.report_counter:
                 raise ManifestError(
@@ -221,7 +282,14 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
         ecu.installed_sha256 = image.hashes.get("sha256", "")
         ecu.report_counter = report.report_counter
         if report.attacks_detected and report.attacks_detected != ecu.attacks_detected:
-            session.add(SecurityEvent(vin=vin, ecu_serial=serial, kind="attack_reported", detail=report.attacks_detected))
+            session.add(
+                SecurityEvent(
+                    vin=vin,
+                    ecu_serial=serial,
+                    kind="attack_reported",
+                    detail=report.attacks_detected,
+                )
+            )
             events.append(serial)
         ecu.attacks_detected = report.attacks_detected
         if report.last_install is not None:
@@ -230,11 +298,18 @@ def process_manifest(session: Session, director: DirectorRepository, vin: str, b
             ecu.last_install_detail, ecu.last_install_method = li.detail, li.method
         ecu.updated_at = now
         session.add(ecu)
-        for row in session.exec(select(Assignment).where(Assignment.ecu_serial == serial, Assignment.status == "pending")):
+        for row in session.exec(
+            select(Assignment).where(
+                Assignment.ecu_serial == serial, Assignment.status == "pending"
+            )
+        ):
             if _runs(director.image_repo, ecu.installed_sha256, row.filepath):
                 row.status, row.detail, row.updated_at = "installed", "", now
-            elif report.last_install and report.last_install.filepath == row.filepath and \
-                    report.last_install.result in FAILED_RESULTS:
+            elif (
+                report.last_install
+                and report.last_install.filepath == row.filepath
+                and report.last_install.result in FAILED_RESULTS
+            ):
                 row.status = "failed"
                 row.detail = f"{report.last_install.result}: {report.last_install.detail}"
                 row.updated_at = now
@@ -264,27 +339,51 @@ def vehicle_record(session: Session, vin: str) -> dict[str, Any]:
         "vin": vin,
         "primary_ecu_serial": vehicle.primary_ecu_serial,
         "registered_at": vehicle.registered_at.isoformat(),
-        "last_manifest_at": vehicle.last_manifest_at.isoformat() if vehicle.last_manifest_at else None,
+        "last_manifest_at": vehicle.last_manifest_at.isoformat()
+        if vehicle.last_manifest_at
+        else None,
         "manifests_accepted": vehicle.manifests_accepted,
         "manifests_rejected": vehicle.manifests_rejected,
         "last_rejection": vehicle.last_rejection,
         "director_targets_version": vehicle.director_targets_version,
         "ecus": [
             {
-                "serial": e.serial, "hardware_id": e.hardware_id, "is_primary": e.is_primary,
-                "installed": {"filepath": e.installed_filepath, "length": e.installed_length, "sha256": e.installed_sha256},
-                "report_counter": e.report_counter, "attacks_detected": e.attacks_detected,
-                "last_install": {"filepath": e.last_install_filepath, "result": e.last_install_result,
-                                 "detail": e.last_install_detail, "method": e.last_install_method},
+                "serial": e.serial,
+                "hardware_id": e.hardware_id,
+                "is_primary": e.is_primary,
+                "installed": {
+                    "filepath": e.installed_filepath,
+                    "length": e.installed_length,
+                    "sha256": e.installed_sha256,
+                },
+                "report_counter": e.report_counter,
+                "attacks_detected": e.attacks_detected,
+                "last_install": {
+                    "filepath": e.last_install_filepath,
+                    "result": e.last_install_result,
+                    "detail": e.last_install_detail,
+                    "method": e.last_install_method,
+                },
             }
             for e in ecus
         ],
         "assignments": [
-            {"id": a.id, "ecu_serial": a.ecu_serial, "filepath": a.filepath, "status": a.status, "detail": a.detail}
+            {
+                "id": a.id,
+                "ecu_serial": a.ecu_serial,
+                "filepath": a.filepath,
+                "status": a.status,
+                "detail": a.detail,
+            }
             for a in assignments
         ],
         "security_events": [
-            {"at": ev.at.isoformat(), "ecu_serial": ev.ecu_serial, "kind": ev.kind, "detail": ev.detail} for ev in events
+            {
+                "at": ev.at.isoformat(),
+                "ecu_serial": ev.ecu_serial,
+                "kind": ev.kind,
+                "detail": ev.detail,
+            }
+            for ev in events
         ],
     }
-

@@ -109,7 +109,9 @@ def _parse(data: bytes, role: type[_Role]) -> Metadata[_Role]:
         md = Metadata[role].from_bytes(data)  # type: ignore[valid-type]
         _ = md.signed_bytes  # what signatures cover must have a canonical form (no floats)
     except (DeserializationError, SerializationError) as exc:
-        raise ImageRepositoryError(f"{role.type} metadata is malformed: {exc.__cause__ or exc}") from exc
+        raise ImageRepositoryError(
+            f"{role.type} metadata is malformed: {exc.__cause__ or exc}"
+        ) from exc
     if not isinstance(md.signed, role):
         raise ImageRepositoryError(f"expected {role.type} metadata, got {md.signed.type!r}")
     return md
@@ -129,8 +131,13 @@ def consistent_target_name(target: TargetFile) -> str:
 class ImageRepository:
     """The image repository stored under ``root_dir`` (see module docstring)."""
 
-    def __init__(self, root_dir: Path, snapshot_signer: Signer, timestamp_signer: Signer,
-                 deltas_signer: Signer | None = None) -> None:
+    def __init__(
+        self,
+        root_dir: Path,
+        snapshot_signer: Signer,
+        timestamp_signer: Signer,
+        deltas_signer: Signer | None = None,
+    ) -> None:
         self.metadata_dir = root_dir / "metadata"
         self.targets_dir = root_dir / "targets"
         self.uploads_dir = root_dir / "uploads"
@@ -196,7 +203,11 @@ class ImageRepository:
     def _ensure_deltas_metadata(self) -> None:
         """Create the (empty) deltas role metadata once targets delegate to it."""
         if self.deltas is None and self._delegates_deltas() and self._deltas_signer is not None:
-            self.deltas = Metadata(Targets(version=1, expires=(datetime.now(UTC) + _DELTAS_EXPIRY).replace(microsecond=0)))
+            self.deltas = Metadata(
+                Targets(
+                    version=1, expires=(datetime.now(UTC) + _DELTAS_EXPIRY).replace(microsecond=0)
+                )
+            )
             self._sign(self.deltas, self._deltas_signer)
             write_atomic(self.metadata_dir / f"1.{DELTAS_ROLE}.json", _to_bytes(self.deltas))
 
@@ -229,8 +240,11 @@ class ImageRepository:
         """Re-sign snapshot/timestamp that are close to expiry. True if anything changed."""
         now = now or datetime.now(UTC)
         with self._lock:
-            if self.deltas is not None and self._deltas_signer is not None and \
-                    self.deltas.signed.expires - now < _REFRESH_MARGIN["snapshot"]:
+            if (
+                self.deltas is not None
+                and self._deltas_signer is not None
+                and self.deltas.signed.expires - now < _REFRESH_MARGIN["snapshot"]
+            ):
                 self._publish_deltas()
                 return True
             if self.snapshot.signed.expires - now < _REFRESH_MARGIN["snapshot"]:
@@ -243,7 +257,9 @@ class ImageRepository:
 
     # -- uploads -------------------------------------------------------------
 
-    async def store_upload(self, expected_sha256: str, chunks: AsyncIterator[bytes], max_length: int) -> int:
+    async def store_upload(
+        self, expected_sha256: str, chunks: AsyncIterator[bytes], max_length: int
+    ) -> int:
         """Stage an image upload, checking its SHA-256 while streaming it to disk."""
         if not _SHA256_RE.match(expected_sha256):
             raise ImageRepositoryError("upload name must be the image's lowercase hex SHA-256")
@@ -309,8 +325,10 @@ class ImageRepository:
     # -- deltas (online role) ----------------------------------------------------
 
     def has_delta(self, base_sha256: str, result_sha256: str) -> bool:
-        return self.deltas is not None and \
-            delta_target_path(base_sha256, result_sha256) in self.deltas.signed.targets
+        return (
+            self.deltas is not None
+            and delta_target_path(base_sha256, result_sha256) in self.deltas.signed.targets
+        )
 
     def find_by_sha256(self, sha256: str) -> TargetFile | None:
         """The published full image with this SHA-256, if any."""
@@ -325,7 +343,9 @@ class ImageRepository:
     def add_delta(self, delta_file: Path, custom: DeltaCustom) -> TargetFile:
         """Publish ``delta_file`` as a target of the deltas role (moves the file)."""
         if self._deltas_signer is None or not self._delegates_deltas():
-            raise ImageRepositoryError("this repository's targets do not delegate deltas to an online key")
+            raise ImageRepositoryError(
+                "this repository's targets do not delegate deltas to an online key"
+            )
         path = delta_target_path(custom.base_sha256, custom.result_sha256)
         target = TargetFile.from_file(path, str(delta_file), ["sha256"])
         target.unrecognized_fields["custom"] = custom.to_custom()
@@ -344,7 +364,9 @@ class ImageRepository:
         signed.version += 1
         signed.expires = (datetime.now(UTC) + _DELTAS_EXPIRY).replace(microsecond=0)
         self._sign(self.deltas, self._deltas_signer)
-        write_atomic(self.metadata_dir / f"{signed.version}.{DELTAS_ROLE}.json", _to_bytes(self.deltas))
+        write_atomic(
+            self.metadata_dir / f"{signed.version}.{DELTAS_ROLE}.json", _to_bytes(self.deltas)
+        )
         self._publish_snapshot_and_timestamp()
 
     def _check_targets(self, targets: Iterable[TargetFile]) -> list[tuple[Path, Path]]:
@@ -352,9 +374,13 @@ class ImageRepository:
         for target in targets:
             where = f"target {target.path!r}"
             if not _PATH_RE.match(target.path) or ".." in target.path.split("/"):
-                raise ImageRepositoryError(f"{where}: path must be relative, without '..' or odd characters")
+                raise ImageRepositoryError(
+                    f"{where}: path must be relative, without '..' or odd characters"
+                )
             if target.path.startswith(DELTAS_PATH_PATTERN.removesuffix("*")):
-                raise ImageRepositoryError(f"{where}: {DELTAS_PATH_PATTERN} belongs to the online deltas role")
+                raise ImageRepositoryError(
+                    f"{where}: {DELTAS_PATH_PATTERN} belongs to the online deltas role"
+                )
             if list(target.hashes) != ["sha256"] or not _SHA256_RE.match(target.hashes["sha256"]):
                 raise ImageRepositoryError(f"{where}: hashes must be exactly one lowercase sha256")
             try:
@@ -368,7 +394,9 @@ class ImageRepository:
                 continue
             staged = self.uploads_dir / target.hashes["sha256"]
             if not staged.exists():
-                raise ImageRepositoryError(f"{where}: image not uploaded (PUT it to /api/v1/image/uploads/<sha256> first)")
+                raise ImageRepositoryError(
+                    f"{where}: image not uploaded (PUT it to /api/v1/image/uploads/<sha256> first)"
+                )
             if staged.stat().st_size != target.length:
                 raise ImageRepositoryError(
                     f"{where}: uploaded image is {staged.stat().st_size} bytes, metadata says {target.length}"
@@ -386,7 +414,9 @@ class ImageRepository:
                 self.root.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
                 new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
             except UnsignedMetadataError as exc:
-                raise ImageRepositoryError(f"root metadata is not signed by old and new root keys: {exc}") from exc
+                raise ImageRepositoryError(
+                    f"root metadata is not signed by old and new root keys: {exc}"
+                ) from exc
             write_atomic(self.metadata_dir / f"{new.signed.version}.root.json", data)
             self.root = new
             return new

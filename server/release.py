@@ -53,13 +53,24 @@ def fetch_verified_targets(server_url: str, trusted_root: bytes) -> Metadata[Tar
         try:
             updater.refresh()
         except (RepositoryError, DownloadError, OSError) as exc:
-            raise PublishError(f"cannot verify the image repository's current metadata: {exc}") from exc
+            raise PublishError(
+                f"cannot verify the image repository's current metadata: {exc}"
+            ) from exc
         return Metadata[Targets].from_file(f"{tmp}/targets.json")
 
 
-def publish_image(client: AdminClient, image: Path, hardware_ids: list[str], version: str,
-                  signers: list[Signer], trusted_root: bytes, *, release_counter: int | None = None,
-                  filepath: str | None = None, requires: dict[str, str] | None = None) -> Published:
+def publish_image(
+    client: AdminClient,
+    image: Path,
+    hardware_ids: list[str],
+    version: str,
+    signers: list[Signer],
+    trusted_root: bytes,
+    *,
+    release_counter: int | None = None,
+    filepath: str | None = None,
+    requires: dict[str, str] | None = None,
+) -> Published:
     """Publish ``image`` (see module docstring) and return what was published."""
     if not image.is_file():
         raise PublishError(f"{image}: no such file")
@@ -71,7 +82,9 @@ def publish_image(client: AdminClient, image: Path, hardware_ids: list[str], ver
     target = TargetFile.from_file(filepath, str(image), ["sha256"])
     existing = targets.targets.get(filepath)
     if existing is not None and existing.hashes != target.hashes:
-        raise PublishError(f"{filepath!r} is already published with different content: pick a new version")
+        raise PublishError(
+            f"{filepath!r} is already published with different content: pick a new version"
+        )
     counters = [
         image_custom(t).release_counter
         for t in targets.targets.values()
@@ -99,8 +112,12 @@ def publish_image(client: AdminClient, image: Path, hardware_ids: list[str], ver
     sha256 = target.hashes["sha256"]
     try:
         client.upload_file(sha256, image)
-        client.request("POST", "/api/v1/image/targets", body=targets_md.to_bytes(JSONSerializer(compact=False)),
-                       headers={"Content-Type": "application/json"})
+        client.request(
+            "POST",
+            "/api/v1/image/targets",
+            body=targets_md.to_bytes(JSONSerializer(compact=False)),
+            headers={"Content-Type": "application/json"},
+        )
     except ApiClientError as exc:
         raise PublishError(str(exc)) from exc
     return Published(filepath, target.length, sha256, release_counter, targets.version)

@@ -104,8 +104,9 @@ def _key_name(repository: str, role: str) -> str:
     return f"{repository}-{role}"
 
 
-def _resumable_signers(config: ServerConfig, repository: str, roles: Sequence[str], password: bytes,
-                       root: Root) -> dict[str, CryptoSigner] | None:
+def _resumable_signers(
+    config: ServerConfig, repository: str, roles: Sequence[str], password: bytes, root: Root
+) -> dict[str, CryptoSigner] | None:
     """The new keys of a rotation that stopped after storing ``root``, or None if none is in progress.
 
     Each role's new key is still pending or already moved into place (step 4).
@@ -120,7 +121,9 @@ def _resumable_signers(config: ServerConfig, repository: str, roles: Sequence[st
             os.replace(pub, config.keys_dir / pub.name)
         in_progress |= key.exists()
         try:
-            signers[role] = load_signer(key if key.exists() else config.keys_dir / key.name, password)
+            signers[role] = load_signer(
+                key if key.exists() else config.keys_dir / key.name, password
+            )
         except KeyFileError:
             return None
     return signers if in_progress and _names_exactly(root, signers) else None
@@ -130,8 +133,9 @@ def _names_exactly(root: Root, signers: dict[str, CryptoSigner]) -> bool:
     return all(root.roles[role].keyids == [s.public_key.keyid] for role, s in signers.items())
 
 
-def _new_root(current: Metadata[Root], signers: dict[str, CryptoSigner],
-              root_signers: Sequence[Signer]) -> Metadata[Root]:
+def _new_root(
+    current: Metadata[Root], signers: dict[str, CryptoSigner], root_signers: Sequence[Signer]
+) -> Metadata[Root]:
     new = Metadata(copy.deepcopy(current.signed))
     root = new.signed
     root.version += 1
@@ -154,9 +158,17 @@ def _new_root(current: Metadata[Root], signers: dict[str, CryptoSigner],
     return new
 
 
-def rotate_online_keys(config: ServerConfig, offline_dir: Path, repository: str, roles: Sequence[str],
-                       password: bytes, offline_password: bytes, *, root_keys: Sequence[Path] = (),
-                       key_type: str = "ed25519") -> RotationResult:
+def rotate_online_keys(
+    config: ServerConfig,
+    offline_dir: Path,
+    repository: str,
+    roles: Sequence[str],
+    password: bytes,
+    offline_password: bytes,
+    *,
+    root_keys: Sequence[Path] = (),
+    key_type: str = "ed25519",
+) -> RotationResult:
     """Rotate ``roles`` of ``repository`` (see module docstring). The server must be stopped."""
     if repository not in ONLINE_ROLES:
         raise RotationError(f"repository must be 'image' or 'director', not {repository!r}")
@@ -165,8 +177,11 @@ def rotate_online_keys(config: ServerConfig, offline_dir: Path, repository: str,
     if bad:
         raise RotationError(
             f"{repository} online roles are {', '.join(ONLINE_ROLES[repository])}; cannot rotate {', '.join(bad)}"
-            + (" (the image targets key is offline: re-sign targets with a new root instead)"
-               if repository == "image" and "targets" in bad else "")
+            + (
+                " (the image targets key is offline: re-sign targets with a new root instead)"
+                if repository == "image" and "targets" in bad
+                else ""
+            )
         )
     ensure_server_stopped(config)
     current, _ = _latest_root(config, repository)
@@ -181,10 +196,16 @@ def rotate_online_keys(config: ServerConfig, offline_dir: Path, repository: str,
             raise RotationError(str(exc)) from exc
         signers = {role: generate_signer(key_type) for role in roles}
         for role, signer in signers.items():
-            save_signer(signer, config.keys_dir / _PENDING_DIR / f"{_key_name(repository, role)}.key", password)
+            save_signer(
+                signer,
+                config.keys_dir / _PENDING_DIR / f"{_key_name(repository, role)}.key",
+                password,
+            )
         new_root = _new_root(current, signers, root_signers)
         data = new_root.to_bytes(_SERIALIZER)
-        write_atomic(_metadata_dir(config, repository) / f"{new_root.signed.version}.root.json", data)
+        write_atomic(
+            _metadata_dir(config, repository) / f"{new_root.signed.version}.root.json", data
+        )
         trusted_copy = Path(offline_dir) / f"{repository}-root.json"
         if trusted_copy.parent.is_dir():
             write_atomic(trusted_copy, data)
@@ -200,8 +221,14 @@ def rotate_online_keys(config: ServerConfig, offline_dir: Path, repository: str,
             os.replace(pending / f"{name}.pub.json", config.keys_dir / f"{name}.pub.json")
 
     resigned = _resign(config, password, repository)
-    return RotationResult(repository, roles, current.signed.version,
-                          {role: s.public_key.keyid for role, s in signers.items()}, resigned, resumed)
+    return RotationResult(
+        repository,
+        roles,
+        current.signed.version,
+        {role: s.public_key.keyid for role, s in signers.items()},
+        resigned,
+        resumed,
+    )
 
 
 def _resign(config: ServerConfig, password: bytes, repository: str) -> int:
@@ -210,16 +237,23 @@ def _resign(config: ServerConfig, password: bytes, repository: str) -> int:
     Returns how many vehicles' director metadata was re-signed.
     """
     try:
-        keys = {name: load_signer(config.keys_dir / f"{name}.key", password) for name in ONLINE_KEYS}
+        keys = {
+            name: load_signer(config.keys_dir / f"{name}.key", password) for name in ONLINE_KEYS
+        }
     except KeyFileError as exc:
         raise RotationError(str(exc)) from exc
     image_repo = ImageRepository(config.image_dir, keys["image-snapshot"], keys["image-timestamp"])
     if repository == "image":
         image_repo.set_online_signers(keys["image-snapshot"], keys["image-timestamp"])
         return 0
-    director = DirectorRepository(config.director_dir, image_repo, keys["director-targets"],
-                                  keys["director-snapshot"], keys["director-timestamp"],
-                                  encrypt_images=config.encrypt_images)
+    director = DirectorRepository(
+        config.director_dir,
+        image_repo,
+        keys["director-targets"],
+        keys["director-snapshot"],
+        keys["director-timestamp"],
+        encrypt_images=config.encrypt_images,
+    )
     try:
         engine = make_engine(config.database_url)
     except Exception as exc:  # driver missing, server down, bad URL

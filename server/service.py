@@ -55,15 +55,22 @@ def _root(signers: dict[str, Signer], prefix: str) -> Metadata[Root]:
     return md
 
 
-def init_server(config: ServerConfig, offline_dir: Path, password: bytes,
-                offline_password: bytes, key_type: str = "ed25519") -> None:
+def init_server(
+    config: ServerConfig,
+    offline_dir: Path,
+    password: bytes,
+    offline_password: bytes,
+    key_type: str = "ed25519",
+) -> None:
     """Create keys, the first metadata of both repositories, the database and the admin token."""
     offline_dir = Path(offline_dir).resolve()
     if offline_dir == config.data_dir or config.data_dir in offline_dir.parents:
         raise ConfigError("the offline keys directory must be outside the server's data directory")
     for directory in (config.data_dir, offline_dir):
         if directory.exists() and any(directory.iterdir()):
-            raise ConfigError(f"{directory} is not empty: refusing to overwrite an existing deployment")
+            raise ConfigError(
+                f"{directory} is not empty: refusing to overwrite an existing deployment"
+            )
     try:
         _init(config, offline_dir, password, offline_password, key_type)
     except BaseException:
@@ -73,8 +80,9 @@ def init_server(config: ServerConfig, offline_dir: Path, password: bytes,
         raise
 
 
-def _init(config: ServerConfig, offline_dir: Path, password: bytes,
-          offline_password: bytes, key_type: str) -> None:
+def _init(
+    config: ServerConfig, offline_dir: Path, password: bytes, offline_password: bytes, key_type: str
+) -> None:
     signers: dict[str, Signer] = {}
     for name in ONLINE_KEYS:
         signer = generate_signer(key_type)
@@ -91,7 +99,11 @@ def _init(config: ServerConfig, offline_dir: Path, password: bytes,
     targets.signed.delegations = deltas_delegation(signers["image-deltas"].public_key)
     targets.sign(signers["image-targets"])
     ImageRepository.initialize(
-        config.image_dir, image_root, targets, signers["image-snapshot"], signers["image-timestamp"],
+        config.image_dir,
+        image_root,
+        targets,
+        signers["image-snapshot"],
+        signers["image-timestamp"],
         signers["image-deltas"],
     )
     director_root = _root(signers, "director")
@@ -120,13 +132,21 @@ def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
     try:
         token = config.admin_token_path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read admin token {config.admin_token_path}: {exc.strerror}") from exc
+        raise ConfigError(
+            f"cannot read admin token {config.admin_token_path}: {exc.strerror}"
+        ) from exc
     image_repo = ImageRepository(
-        config.image_dir, signers["image-snapshot"], signers["image-timestamp"], signers["image-deltas"]
+        config.image_dir,
+        signers["image-snapshot"],
+        signers["image-timestamp"],
+        signers["image-deltas"],
     )
     director = DirectorRepository(
-        config.director_dir, image_repo,
-        signers["director-targets"], signers["director-snapshot"], signers["director-timestamp"],
+        config.director_dir,
+        image_repo,
+        signers["director-targets"],
+        signers["director-snapshot"],
+        signers["director-timestamp"],
         encrypt_images=config.encrypt_images,
     )
     try:
@@ -156,7 +176,9 @@ def run_server(components: ServerComponents, print_url: bool = True) -> None:
     logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     config = components.config
     web.run_app(
-        components.app(), host=config.host, port=config.port,
+        components.app(),
+        host=config.host,
+        port=config.port,
         print=(lambda msg: print(msg, flush=True)) if print_url else None,
         access_log=None,
     )

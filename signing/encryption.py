@@ -97,7 +97,11 @@ class EncryptionInfo:
         return ciphertext_length(self.plaintext_length, self.chunk_size)
 
     def _aad(self) -> bytes:
-        return self.scheme.encode() + self.ephemeral_public_key + self.plaintext_length.to_bytes(8, "big")
+        return (
+            self.scheme.encode()
+            + self.ephemeral_public_key
+            + self.plaintext_length.to_bytes(8, "big")
+        )
 
 
 def ciphertext_length(plaintext_length: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
@@ -132,13 +136,23 @@ def encryption_info(target: TargetFile) -> EncryptionInfo | None:
     hashes_ = raw.get("plaintextHashes")
     sha = hashes_.get("sha256") if isinstance(hashes_, dict) else None
     if not isinstance(sha, str) or not _HEX32_RE.match(sha):
-        raise EncryptionFormatError(f"{where}.plaintextHashes.sha256 must be 64 lowercase hex digits")
-    unknown = set(raw) - {"scheme", "ephemeralPublicKey", "chunkSize", "plaintextLength", "plaintextHashes"}
+        raise EncryptionFormatError(
+            f"{where}.plaintextHashes.sha256 must be 64 lowercase hex digits"
+        )
+    unknown = set(raw) - {
+        "scheme",
+        "ephemeralPublicKey",
+        "chunkSize",
+        "plaintextLength",
+        "plaintextHashes",
+    }
     if unknown:
         raise EncryptionFormatError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     return EncryptionInfo(
-        bytes.fromhex(eph), _int(raw, "chunkSize", where, 1, _MAX_CHUNK_SIZE),
-        _int(raw, "plaintextLength", where, 0, 2**53), sha,
+        bytes.fromhex(eph),
+        _int(raw, "chunkSize", where, 1, _MAX_CHUNK_SIZE),
+        _int(raw, "plaintextLength", where, 0, 2**53),
+        sha,
     )
 
 
@@ -156,7 +170,9 @@ def public_key_hex(key: X25519PrivateKey) -> str:
 
 def parse_public_key(value: Any, where: str = "encryption key") -> X25519PublicKey:
     if not isinstance(value, str) or not _HEX32_RE.match(value):
-        raise EncryptionFormatError(f"{where} must be an X25519 public key as 64 lowercase hex digits")
+        raise EncryptionFormatError(
+            f"{where} must be an X25519 public key as 64 lowercase hex digits"
+        )
     return X25519PublicKey.from_public_bytes(bytes.fromhex(value))
 
 
@@ -174,7 +190,9 @@ def load_encryption_key(path: Path, password: bytes) -> X25519PrivateKey:
     except OSError as exc:
         raise EncryptionFormatError(f"cannot read encryption key {path}: {exc.strerror}") from exc
     except (ValueError, TypeError) as exc:
-        raise EncryptionFormatError(f"cannot decrypt encryption key {path}: wrong password or not PKCS#8") from exc
+        raise EncryptionFormatError(
+            f"cannot decrypt encryption key {path}: wrong password or not PKCS#8"
+        ) from exc
     if not isinstance(key, X25519PrivateKey):
         raise EncryptionFormatError(f"{path} is not an X25519 key")
     return key
@@ -187,9 +205,10 @@ class Writable(Protocol):
     def write(self, data: bytes, /) -> int: ...
 
 
-
 def _derive(shared: bytes, eph_pub: bytes, ecu_pub: bytes) -> AESGCM:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LABEL + eph_pub + ecu_pub).derive(shared)
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=_LABEL + eph_pub + ecu_pub
+    ).derive(shared)
     return AESGCM(key)
 
 
@@ -218,8 +237,13 @@ def _chunks(src: BinaryIO, total: int, size: int) -> Iterator[tuple[int, bool, b
         yield i, last, data
 
 
-def encrypt_stream(src: BinaryIO, dst: Writable, recipient: X25519PublicKey, plaintext_length: int,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> EncryptionInfo:
+def encrypt_stream(
+    src: BinaryIO,
+    dst: Writable,
+    recipient: X25519PublicKey,
+    plaintext_length: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> EncryptionInfo:
     """Encrypt ``plaintext_length`` bytes of ``src`` for ``recipient`` into ``dst``."""
     ephemeral = X25519PrivateKey.generate()
     eph_pub = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -235,7 +259,9 @@ def encrypt_stream(src: BinaryIO, dst: Writable, recipient: X25519PublicKey, pla
     return EncryptionInfo(eph_pub, chunk_size, plaintext_length, digest.hexdigest())
 
 
-def decrypt_stream(src: BinaryIO, dst: Writable, key: X25519PrivateKey, info: EncryptionInfo) -> None:
+def decrypt_stream(
+    src: BinaryIO, dst: Writable, key: X25519PrivateKey, info: EncryptionInfo
+) -> None:
     """Decrypt ``src`` into ``dst``; raise :class:`DecryptionError` unless every check passes.
 
     ``dst`` may hold partial plaintext when this raises: the caller discards it.
@@ -259,10 +285,14 @@ def decrypt_stream(src: BinaryIO, dst: Writable, key: X25519PrivateKey, info: En
         try:
             plain = aead.decrypt(_nonce(i, last), data, aad)
         except InvalidTag as exc:
-            raise DecryptionError(f"chunk {i} of {count} fails authentication (tampered, or not for this ECU)") from exc
+            raise DecryptionError(
+                f"chunk {i} of {count} fails authentication (tampered, or not for this ECU)"
+            ) from exc
         digest.update(plain)
         dst.write(plain)
     if src.read(1):
         raise DecryptionError("ciphertext continues after its final chunk")
     if digest.hexdigest() != info.plaintext_sha256:
-        raise DecryptionError("decrypted image's sha256 differs from the director's and image repository's")
+        raise DecryptionError(
+            "decrypted image's sha256 differs from the director's and image repository's"
+        )

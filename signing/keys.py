@@ -91,7 +91,9 @@ def load_signer(path: Path, password: bytes) -> CryptoSigner:
     try:
         return CryptoSigner(private_key, public)
     except Exception as exc:  # KeyMismatchError, ValueError
-        raise KeyFileError(f"private key {path} does not match {public_key_path(Path(path))}") from exc
+        raise KeyFileError(
+            f"private key {path} does not match {public_key_path(Path(path))}"
+        ) from exc
 
 
 def public_key_to_dict(key: Key) -> dict[str, Any]:

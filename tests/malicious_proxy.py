@@ -75,13 +75,27 @@ class MaliciousProxy:
             new_body = request_rewrite(request.method, path, body)
             if new_body is not None:
                 body = new_body
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization", "range")}
-        async with aiohttp.ClientSession() as session, session.request(
-            request.method, self.upstream + request.path_qs, data=body or None, headers=headers
-        ) as resp:
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("content-type", "authorization", "range")
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method, self.upstream + request.path_qs, data=body or None, headers=headers
+            ) as resp,
+        ):
             data = await resp.read()
-            status, ctype = resp.status, resp.headers.get("Content-Type", "application/octet-stream")
-            passed = {k: v for k, v in resp.headers.items() if k.lower() in ("content-range", "etag", "last-modified")}
+            status, ctype = (
+                resp.status,
+                resp.headers.get("Content-Type", "application/octet-stream"),
+            )
+            passed = {
+                k: v
+                for k, v in resp.headers.items()
+                if k.lower() in ("content-range", "etag", "last-modified")
+            }
         for rewrite in self.rewrites:
             new = rewrite(path, data)
             if new is not None:
@@ -92,7 +106,9 @@ class MaliciousProxy:
                 return await self._stream(request, chunks, ctype)
         return web.Response(body=data, status=status, headers={"Content-Type": ctype, **passed})
 
-    async def _stream(self, request: web.Request, chunks: AsyncIterator[bytes], ctype: str) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, chunks: AsyncIterator[bytes], ctype: str
+    ) -> web.StreamResponse:
         # no Content-Length: chunked transfer, so the client cannot know where the body ends
         resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
         await resp.prepare(request)
@@ -126,7 +142,9 @@ def resign(data: bytes, signers: list[Any], mutate: Callable[[Any], None]) -> by
     return md.to_bytes(JSONSerializer(compact=False))
 
 
-def endless(matches: Callable[[str], bool], filler: bytes = b" " * 65536, limit: int = 64 * 1024**2) -> Stream:
+def endless(
+    matches: Callable[[str], bool], filler: bytes = b" " * 65536, limit: int = 64 * 1024**2
+) -> Stream:
     """Answer requests whose path ``matches`` with the real body followed by data without end.
 
     Without a length, as a chunked body. It does stop after ``limit`` bytes:
@@ -149,7 +167,9 @@ def endless(matches: Callable[[str], bool], filler: bytes = b" " * 65536, limit:
     return stream
 
 
-def trickle(matches: Callable[[str], bool], bytes_per_second: float, forever: bool = True) -> Stream:
+def trickle(
+    matches: Callable[[str], bool], bytes_per_second: float, forever: bool = True
+) -> Stream:
     """Answer requests whose path ``matches`` with the real body at ``bytes_per_second``.
 
     With ``forever`` the connection then stays open, dribbling spaces at the

@@ -16,7 +16,9 @@ from tests.uptake_fixtures import ServerProcess, Vehicle, sample
 
 def _uboot(directory: Path) -> tuple[str, Path]:
     if not all(shutil.which(t) for t in ("fw_printenv", "fw_setenv", "mkenvimage")):
-        pytest.skip("needs fw_printenv/fw_setenv (apt: libubootenv-tool) and mkenvimage (apt: u-boot-tools)")
+        pytest.skip(
+            "needs fw_printenv/fw_setenv (apt: libubootenv-tool) and mkenvimage (apt: u-boot-tools)"
+        )
     return "uboot", make_uboot_env(directory, {"bootcmd": "run distro_bootcmd"})
 
 
@@ -33,7 +35,9 @@ def test_update_and_rollback_through_a_real_boot_environment(
     vehicle = Vehicle(tmp_path, server, secondaries=False)
     (tmp_path / "bootenv").mkdir()
     kind, env_path = bootloader(tmp_path / "bootenv")
-    text = vehicle.config_path.read_text().replace('type = "file"', f'type = "{kind}"\nboot_env = "{env_path}"')
+    text = vehicle.config_path.read_text().replace(
+        'type = "file"', f'type = "{kind}"\nboot_env = "{env_path}"'
+    )
     vehicle.config_path.write_text(text)
     env = make_boot_environment(load_config(vehicle.config_path))
 
@@ -42,12 +46,16 @@ def test_update_and_rollback_through_a_real_boot_environment(
     assert vehicle.run_once().report["outcomes"][vehicle.primary]["result"] == "installed"
     variables = env.read()
     assert variables["boot_slot"] == "b" and variables["upgrade_available"] == "0"
-    assert variables.get("bootcmd") == "run distro_bootcmd" or kind == "grub"  # other variables untouched
+    assert (
+        variables.get("bootcmd") == "run distro_bootcmd" or kind == "grub"
+    )  # other variables untouched
 
     broken = server.publish(sample("rpi-gateway", "2.0.0"), "rpi-gateway", "2.0.0")
     server.assign(vehicle.vin, vehicle.primary, broken.filepath)
     outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
-    assert outcome["result"] == "rolled_back"  # bootcount passed bootlimit: the bootloader fell back
+    assert (
+        outcome["result"] == "rolled_back"
+    )  # bootcount passed bootlimit: the bootloader fell back
     variables = env.read()
     assert variables["boot_slot"] == "b" and variables["upgrade_available"] == "0"
     assert vehicle.booted_image() == good.filepath

@@ -15,12 +15,14 @@ from client.config import AgentConfigError, load_config, parse_config
 from tests.uptake_fixtures import ENV, ServerProcess, Vehicle, sample
 
 
-def test_install_waits_while_a_precondition_fails(server: ServerProcess, vehicle: Vehicle, tmp_path: Path) -> None:
+def test_install_waits_while_a_precondition_fails(
+    server: ServerProcess, vehicle: Vehicle, tmp_path: Path
+) -> None:
     battery_ok = tmp_path / "battery-ok"
     with open(vehicle.config_path, "a") as f:
         f.write(
-            "\n[[preconditions]]\nname = \"battery\"\n"
-            f"command = [\"sh\", \"-c\", \"test -e {battery_ok} || {{ echo 'battery at 12 %, need 30 %'; exit 1; }}\"]\n"
+            '\n[[preconditions]]\nname = "battery"\n'
+            f'command = ["sh", "-c", "test -e {battery_ok} || {{ echo \'battery at 12 %, need 30 %\'; exit 1; }}"]\n'
         )
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
@@ -31,7 +33,10 @@ def test_install_waits_while_a_precondition_fails(server: ServerProcess, vehicle
     record = server.vehicle(vehicle.vin)
     assert record["assignments"][0]["status"] == "pending"
     primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
-    assert primary["last_install"]["result"] == "postponed" and "battery" in primary["last_install"]["detail"]
+    assert (
+        primary["last_install"]["result"] == "postponed"
+        and "battery" in primary["last_install"]["detail"]
+    )
     battery_ok.touch()
     report = vehicle.run_once().report
     assert report["waiting"] == ""
@@ -41,7 +46,9 @@ def test_install_waits_while_a_precondition_fails(server: ServerProcess, vehicle
 def test_precondition_hook_that_raises_blocks_the_install() -> None:
     from client.preconditions import Precondition, unmet_precondition
 
-    assert unmet_precondition([Precondition("consent", hook="json:loads")]) is not None  # raises TypeError
+    assert (
+        unmet_precondition([Precondition("consent", hook="json:loads")]) is not None
+    )  # raises TypeError
     assert unmet_precondition([Precondition("true", command=("true",))]) is None
 
 
@@ -50,25 +57,42 @@ def test_precondition_hook_that_raises_blocks_the_install() -> None:
     [
         ("[agent]\n", "agent.state_dir is required"),
         ('[agent]\nstate_dir="s"\nserver_url="ftp://x"\nvin="V"\n', "must start with http"),
-        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\npoll_interval=-1\n[primary]\necu_serial="E"\nhardware_id="h"\n',
-         "agent.poll_interval must be > 0"),
-        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
-         '[installer]\ntype="lilo"\n', "installer.type must be one of"),
-        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\nbogus=1\n',
-         "unknown key(s) in [primary]: bogus"),
-        ('[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
-         '[[preconditions]]\nname="x"\n', "needs exactly one of command"),
+        (
+            '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\npoll_interval=-1\n[primary]\necu_serial="E"\nhardware_id="h"\n',
+            "agent.poll_interval must be > 0",
+        ),
+        (
+            '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
+            '[installer]\ntype="lilo"\n',
+            "installer.type must be one of",
+        ),
+        (
+            '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\nbogus=1\n',
+            "unknown key(s) in [primary]: bogus",
+        ),
+        (
+            '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
+            '[[preconditions]]\nname="x"\n',
+            "needs exactly one of command",
+        ),
         ("not = [toml", "not valid TOML"),
     ],
 )
 def test_bad_configuration_names_file_and_key(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(toml)
-    with pytest.raises(AgentConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as err:
+    with pytest.raises(
+        AgentConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ) as err:
         load_config(path)
     assert str(path) in str(err.value)
-    proc = subprocess.run([sys.executable, "-m", "uptake", "agent", "run", "--once", "--config", str(path)],
-                          env=ENV, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uptake", "agent", "run", "--once", "--config", str(path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" in proc.stderr
 
 
@@ -76,15 +100,39 @@ def test_example_configuration_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "client" / "agent.example.toml"
     config = load_config(example)
     assert config.preconditions and config.health_check.commands
-    assert parse_config({"agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
-                         "primary": {"ecu_serial": "E", "hardware_id": "h"}}).poll_interval == 300
+    assert (
+        parse_config(
+            {
+                "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
+                "primary": {"ecu_serial": "E", "hardware_id": "h"},
+            }
+        ).poll_interval
+        == 300
+    )
 
 
-def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(server: ServerProcess, vehicle: Vehicle) -> None:
-    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 0.5\nmanifest_heartbeat = 0.5")
+def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
+    text = vehicle.config_path.read_text().replace(
+        "poll_interval = 300", "poll_interval = 0.5\nmanifest_heartbeat = 0.5"
+    )
     vehicle.config_path.write_text(text)
-    proc = subprocess.Popen([sys.executable, "-m", "uptake", "-v", "agent", "run", "--config", str(vehicle.config_path)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uptake",
+            "-v",
+            "agent",
+            "run",
+            "--config",
+            str(vehicle.config_path),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while server.vehicle(vehicle.vin)["manifests_accepted"] < 2:
@@ -93,7 +141,9 @@ def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(server: ServerPro
         gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
         server.assign(vehicle.vin, vehicle.primary, gw.filepath)
         while vehicle.booted_image() != gw.filepath:
-            assert time.monotonic() < deadline + 30, "the running agent did not install the new assignment"
+            assert time.monotonic() < deadline + 30, (
+                "the running agent did not install the new assignment"
+            )
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -107,8 +157,22 @@ def test_status_reports_slots_and_boot_state(server: ServerProcess, vehicle: Veh
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     vehicle.run_once()
-    proc = subprocess.run([sys.executable, "-m", "uptake", "agent", "status", "--json", "--config", str(vehicle.config_path)],
-                          env=ENV, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uptake",
+            "agent",
+            "status",
+            "--json",
+            "--config",
+            str(vehicle.config_path),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     status = json.loads(proc.stdout)
     assert status["boot"]["boot_slot"] == "b"
     assert status["slot_images"]["b"]["filepath"] == gw.filepath
@@ -122,8 +186,12 @@ def test_command_installer_installs_and_rolls_back_with_the_users_commands(
 
     target = tmp_path / "custom-target"
     target.mkdir()
-    vehicle = Vehicle(tmp_path, server, secondaries=False,
-                      health_check=[[a.replace("{slot_path}", str(target / "firmware")) for a in SELFTEST]])
+    vehicle = Vehicle(
+        tmp_path,
+        server,
+        secondaries=False,
+        health_check=[[a.replace("{slot_path}", str(target / "firmware")) for a in SELFTEST]],
+    )
     text = vehicle.config_path.read_text().replace(
         'type = "file"',
         'type = "command"\n'
@@ -140,12 +208,16 @@ def test_command_installer_installs_and_rolls_back_with_the_users_commands(
     server.assign(vehicle.vin, vehicle.primary, broken.filepath)
     outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
     assert outcome["result"] == "rolled_back" and "self-test" in outcome["detail"]
-    assert (target / "firmware").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()  # rollback ran
+    assert (target / "firmware").read_bytes() == sample(
+        "rpi-gateway", "1.1.0"
+    ).read_bytes()  # rollback ran
     record = server.vehicle(vehicle.vin)
     assert record["ecus"][0]["installed"]["filepath"] == good.filepath
 
 
-def test_idle_polls_do_not_resend_an_unchanged_manifest(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_idle_polls_do_not_resend_an_unchanged_manifest(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     vehicle.run_once()
     accepted = server.vehicle(vehicle.vin)["manifests_accepted"]
     for _ in range(3):
@@ -160,14 +232,18 @@ def test_idle_polls_do_not_resend_an_unchanged_manifest(server: ServerProcess, v
     primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
     assert primary["installed"]["filepath"] == gw.filepath
     # and an unchanged vehicle still reports at the heartbeat
-    text = vehicle.config_path.read_text().replace("poll_interval = 300", "poll_interval = 300\nmanifest_heartbeat = 0.01")
+    text = vehicle.config_path.read_text().replace(
+        "poll_interval = 300", "poll_interval = 300\nmanifest_heartbeat = 0.01"
+    )
     vehicle.config_path.write_text(text)
     before = server.vehicle(vehicle.vin)["manifests_accepted"]
     vehicle.run_once()
     assert server.vehicle(vehicle.vin)["manifests_accepted"] == before + 1
 
 
-def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     """A restart without a reboot (killed agent, reboot command that did nothing) is not the trial boot."""
     text = vehicle.config_path.read_text().replace('reboot = "simulate"', 'reboot = ["true"]')
     vehicle.config_path.write_text(text)
@@ -191,12 +267,18 @@ def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(server: ServerP
     assert vehicle.boot_env()["upgrade_available"] == "0" and vehicle.booted_image() == gw.filepath
 
 
-def test_failing_reboot_command_is_a_clear_error_and_resumes(server: ServerProcess, vehicle: Vehicle) -> None:
-    text = vehicle.config_path.read_text().replace('reboot = "simulate"', 'reboot = ["sh", "-c", "echo no permission >&2; exit 1"]')
+def test_failing_reboot_command_is_a_clear_error_and_resumes(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
+    text = vehicle.config_path.read_text().replace(
+        'reboot = "simulate"', 'reboot = ["sh", "-c", "echo no permission >&2; exit 1"]'
+    )
     vehicle.config_path.write_text(text)
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
-    proc = subprocess.run(vehicle.argv(), env=ENV, capture_output=True, text=True, check=False, timeout=60)
+    proc = subprocess.run(
+        vehicle.argv(), env=ENV, capture_output=True, text=True, check=False, timeout=60
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "reboot command sh exited 1: no permission" in proc.stderr
     assert vehicle.state().journal is not None and vehicle.boot_env()["upgrade_available"] == "1"

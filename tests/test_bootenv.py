@@ -267,4 +267,3 @@ def test_unset_bootlimit_means_no_fallback(tmp_path: Path) -> None:
     env.write({"boot_slot": "b", "upgrade_available": "1"})
     assert [simulate_bootloader(env) for _ in range(20)] == ["b"] * 20
     assert env.read()["bootcount"] == "20"
-

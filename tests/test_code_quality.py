@@ -21,7 +21,9 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_is_clean() -> None:
-    proc = subprocess.run([_tool("ruff"), "check", "."], cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [_tool("ruff"), "check", "."], cwd=REPO, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -31,10 +33,16 @@ def test_mypy_strict_is_clean_on_signing_and_client() -> None:
 
 
 def test_server_and_client_do_not_import_each_other() -> None:
-    for package, forbidden in (("client", "server"), ("server", "client"), ("signing", "server"),
-                               ("signing", "client"), ("hil", "server")):
+    for package, forbidden in (
+        ("client", "server"),
+        ("server", "client"),
+        ("signing", "server"),
+        ("signing", "client"),
+        ("hil", "server"),
+    ):
         for source in (REPO / package).rglob("*.py"):
             for line in source.read_text().splitlines():
                 stripped = line.strip()
-                assert not stripped.startswith((f"import {forbidden}", f"from {forbidden}.", f"from {forbidden} ")), \
-                    f"{source.relative_to(REPO)} imports {forbidden}: {stripped}"
+                assert not stripped.startswith(
+                    (f"import {forbidden}", f"from {forbidden}.", f"from {forbidden} ")
+                ), f"{source.relative_to(REPO)} imports {forbidden}: {stripped}"

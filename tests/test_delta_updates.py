@@ -24,7 +24,9 @@ def _image(tmp_path: Path, version: str, tweak: int = 0) -> Path:
     for i in range(tweak):
         pad[i * 4099 % len(pad)] ^= 0x5A
     path = tmp_path / f"gateway-{version}.elf"
-    path.write_bytes(sample("rpi-gateway", "1.0.0" if version == "1.0.0" else "1.1.0").read_bytes() + bytes(pad))
+    path.write_bytes(
+        sample("rpi-gateway", "1.0.0" if version == "1.0.0" else "1.1.0").read_bytes() + bytes(pad)
+    )
     return path
 
 
@@ -49,7 +51,9 @@ def _vehicle_on_v1(server: ServerProcess, tmp_path: Path, server_url: str | None
     return vehicle
 
 
-def test_delta_update_installs_a_byte_identical_image(server: ServerProcess, tmp_path: Path) -> None:
+def test_delta_update_installs_a_byte_identical_image(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     vehicle = _vehicle_on_v1(server, tmp_path)
     v2_file = _image(tmp_path, "1.1.0", tweak=40)
     v2 = server.publish(v2_file, "rpi-gateway", "1.1.0")
@@ -57,11 +61,18 @@ def test_delta_update_installs_a_byte_identical_image(server: ServerProcess, tmp
     assert delta["length"] < v2.length / 10
     server.assign(vehicle.vin, vehicle.primary, v2.filepath)
     outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
-    assert outcome == {"filepath": v2.filepath, "result": "installed", "detail": "", "method": "delta"}
+    assert outcome == {
+        "filepath": v2.filepath,
+        "result": "installed",
+        "detail": "",
+        "method": "delta",
+    }
     slot = vehicle.boot_env()["boot_slot"]
     assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == v2_file.read_bytes()
     primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
-    assert primary["installed"]["sha256"] == v2.sha256 and primary["last_install"]["method"] == "delta"
+    assert (
+        primary["installed"]["sha256"] == v2.sha256 and primary["last_install"]["method"] == "delta"
+    )
 
 
 def _deltas_key(server: ServerProcess):  # type: ignore[no-untyped-def]
@@ -85,8 +96,11 @@ def _serve_forged_delta(proxy: MaliciousProxy, server: ServerProcess, forged: by
     def rewrite(path: str, body: bytes) -> bytes | None:
         if path.startswith("/image/metadata/") and path.endswith(".deltas.json"):
             return resign(body, [signer], mutate)
-        if "t" in forged_target and path.startswith("/image/targets/deltas/") and \
-                forged_target["t"].hashes["sha256"] in path:
+        if (
+            "t" in forged_target
+            and path.startswith("/image/targets/deltas/")
+            and forged_target["t"].hashes["sha256"] in path
+        ):
             return forged
         return None
 
@@ -94,7 +108,9 @@ def _serve_forged_delta(proxy: MaliciousProxy, server: ServerProcess, forged: by
 
 
 @pytest.mark.parametrize("attack", ["corrupted", "wrong_base", "wrong_result"])
-def test_bad_delta_is_refused_and_the_full_image_installed(server: ServerProcess, tmp_path: Path, attack: str) -> None:
+def test_bad_delta_is_refused_and_the_full_image_installed(
+    server: ServerProcess, tmp_path: Path, attack: str
+) -> None:
     proxy = MaliciousProxy(server.url)
     try:
         vehicle = _vehicle_on_v1(server, tmp_path, server_url=proxy.url)
@@ -122,13 +138,20 @@ def test_bad_delta_is_refused_and_the_full_image_installed(server: ServerProcess
         assert "delta refused" in outcome["detail"] and expected in outcome["detail"], outcome
         slot = vehicle.boot_env()["boot_slot"]
         assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == v2_file.read_bytes()
-        primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
-        assert primary["last_install"]["method"] == "full" and "delta refused" in primary["last_install"]["detail"]
+        primary = next(
+            e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary
+        )
+        assert (
+            primary["last_install"]["method"] == "full"
+            and "delta refused" in primary["last_install"]["detail"]
+        )
     finally:
         proxy.close()
 
 
-def test_secondary_update_is_rebuilt_from_a_delta_by_the_primary(server: ServerProcess, tmp_path: Path) -> None:
+def test_secondary_update_is_rebuilt_from_a_delta_by_the_primary(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     def bms(version: str, tweak: int) -> Path:
         pad = bytearray(PAD)
         for i in range(tweak):
@@ -154,7 +177,12 @@ def test_secondary_update_is_rebuilt_from_a_delta_by_the_primary(server: ServerP
         assert not [r for r in proxy.requests if r.endswith("bms.bin") or "bms-1.1.0" in r]
         assert any("/image/targets/deltas/" in r for r in proxy.requests)
         state = vehicle.secondary_state()
-        bank = vehicle.state_dir / "secondaries" / vehicle.secondary / f"bank-{json.loads((vehicle.state_dir / 'secondaries' / vehicle.secondary / 'bootenv.json').read_bytes())['boot_slot']}.bin"
+        bank = (
+            vehicle.state_dir
+            / "secondaries"
+            / vehicle.secondary
+            / f"bank-{json.loads((vehicle.state_dir / 'secondaries' / vehicle.secondary / 'bootenv.json').read_bytes())['boot_slot']}.bin"
+        )
         assert bank.read_bytes() == v2_file.read_bytes()
         assert state["last_install"]["result"] == "installed"
     finally:

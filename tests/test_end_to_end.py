@@ -22,7 +22,9 @@ def _install_v110(server: ServerProcess, vehicle: Vehicle) -> tuple[str, str]:
     return gw.filepath, bms.filepath
 
 
-def test_update_installs_primary_and_secondary_and_reports(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_update_installs_primary_and_secondary_and_reports(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     gw, bms = _install_v110(server, vehicle)
     report = vehicle.run_once().report
     assert report["outcomes"][vehicle.primary]["result"] == "installed"
@@ -31,7 +33,9 @@ def test_update_installs_primary_and_secondary_and_reports(server: ServerProcess
     # the primary booted the new slot, committed, and the slot holds exactly the image
     env = vehicle.boot_env()
     assert env["boot_slot"] == "b" and env["upgrade_available"] == "0"
-    assert (vehicle.state_dir / "slots" / "b.img").read_bytes() == sample("rpi-gateway", "1.1.0").read_bytes()
+    assert (vehicle.state_dir / "slots" / "b.img").read_bytes() == sample(
+        "rpi-gateway", "1.1.0"
+    ).read_bytes()
     assert vehicle.booted_image() == gw
     record = server.vehicle(vehicle.vin)
     installed = {e["serial"]: e["installed"]["filepath"] for e in record["ecus"]}
@@ -43,7 +47,9 @@ def test_update_installs_primary_and_secondary_and_reports(server: ServerProcess
     assert again["directed"] == [] and again["outcomes"] == {}
 
 
-def test_failed_health_check_rolls_back_and_is_reported(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_failed_health_check_rolls_back_and_is_reported(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     gw, _ = _install_v110(server, vehicle)
     vehicle.run_once()
     broken = server.publish(sample("rpi-gateway", "2.0.0"), "rpi-gateway", "2.0.0")
@@ -63,7 +69,9 @@ def test_failed_health_check_rolls_back_and_is_reported(server: ServerProcess, v
     assert vehicle.run_once().report["directed"] == []
 
 
-def test_agent_killed_during_health_check_resumes_after_restart(server: ServerProcess, tmp_path: Path) -> None:
+def test_agent_killed_during_health_check_resumes_after_restart(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     marker = tmp_path / "hang-health-check"
     hang = ["sh", "-c", f"test ! -e {marker} || sleep 60"]
     vehicle = Vehicle(tmp_path, server, secondaries=False, health_check=[hang, SELFTEST])
@@ -83,10 +91,14 @@ def test_agent_killed_during_health_check_resumes_after_restart(server: ServerPr
     assert report["outcomes"][vehicle.primary]["result"] == "installed"
     assert vehicle.state().journal is None
     assert vehicle.booted_image() == gw.filepath
-    assert next(e for e in server.vehicle(vehicle.vin)["ecus"])["installed"]["filepath"] == gw.filepath
+    assert (
+        next(e for e in server.vehicle(vehicle.vin)["ecus"])["installed"]["filepath"] == gw.filepath
+    )
 
 
-def test_agent_killed_at_random_points_always_ends_consistent(server: ServerProcess, tmp_path: Path) -> None:
+def test_agent_killed_at_random_points_always_ends_consistent(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     # a larger image so the kills land in download, write and trial phases
     big = tmp_path / "gateway-big.elf"
     big.write_bytes(sample("rpi-gateway", "1.1.0").read_bytes() + bytes(range(256)) * 64 * 1024)
@@ -146,7 +158,9 @@ def _online_signer(server: ServerProcess, name: str):  # type: ignore[no-untyped
     return load_signer(server.data_dir / "keys" / f"{name}.key", PASSWORD.encode())
 
 
-def test_director_target_hash_mismatch_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+def test_director_target_hash_mismatch_is_refused(
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
@@ -157,8 +171,11 @@ def test_director_target_hash_mismatch_is_refused(server: ServerProcess, proxied
             target.hashes["sha256"] = "0" * 64
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [signer], other_hash)
-        if path.startswith("/director/") and path.endswith(".targets.json") else None
+        lambda path, body: (
+            resign(body, [signer], other_hash)
+            if path.startswith("/director/") and path.endswith(".targets.json")
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "hash differs" in report["verification_error"]
@@ -166,14 +183,19 @@ def test_director_target_hash_mismatch_is_refused(server: ServerProcess, proxied
     _assert_attack_recorded(server, vehicle, "hash differs")
 
 
-def test_metadata_signed_by_unknown_key_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+def test_metadata_signed_by_unknown_key_is_refused(
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     stranger = generate_signer()
     proxy.rewrites.append(
-        lambda path, body: resign(body, [stranger], lambda s: None)
-        if path == "/image/metadata/timestamp.json" else None
+        lambda path, body: (
+            resign(body, [stranger], lambda s: None)
+            if path == "/image/metadata/timestamp.json"
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "UnsignedMetadataError" in report["verification_error"]
@@ -181,7 +203,9 @@ def test_metadata_signed_by_unknown_key_is_refused(server: ServerProcess, proxie
     _assert_attack_recorded(server, vehicle, "timestamp")
 
 
-def test_expired_timestamp_is_refused(server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+def test_expired_timestamp_is_refused(
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     signer = _online_signer(server, "director-timestamp")
 
@@ -189,25 +213,34 @@ def test_expired_timestamp_is_refused(server: ServerProcess, proxied: tuple[Mali
         signed.expires = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [signer], expire) if path.endswith("/metadata/timestamp.json")
-        and path.startswith("/director/") else None
+        lambda path, body: (
+            resign(body, [signer], expire)
+            if path.endswith("/metadata/timestamp.json") and path.startswith("/director/")
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "ExpiredMetadataError" in report["verification_error"]
     _assert_attack_recorded(server, vehicle, "expired")
 
 
-def test_interrupted_download_is_postponed_not_failed_and_resumes(server: ServerProcess, tmp_path: Path) -> None:
+def test_interrupted_download_is_postponed_not_failed_and_resumes(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     proxy = MaliciousProxy(server.url)
     try:
         vehicle = Vehicle(tmp_path, server, server_url=proxy.url, secondaries=False)
         gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
         server.assign(vehicle.vin, vehicle.primary, gw.filepath)
         # the link drops: the image body ends after 100 bytes
-        proxy.rewrites.append(lambda path, body: body[:100] if path.endswith("gateway.elf") else None)
+        proxy.rewrites.append(
+            lambda path, body: body[:100] if path.endswith("gateway.elf") else None
+        )
         outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
         assert outcome["result"] == "postponed" and "resumes" in outcome["detail"], outcome
-        assert vehicle.state().ecu(vehicle.primary).attacks_detected == ""  # a network blip is no attack
+        assert (
+            vehicle.state().ecu(vehicle.primary).attacks_detected == ""
+        )  # a network blip is no attack
         record = server.vehicle(vehicle.vin)
         assert record["assignments"][0]["status"] == "pending" and record["security_events"] == []
         partial = next((vehicle.state_dir / "downloads").glob("*.part"))
@@ -222,12 +255,16 @@ def test_interrupted_download_is_postponed_not_failed_and_resumes(server: Server
         proxy.close()
 
 
-def test_secondary_killed_during_its_trial_boot_finishes_after_restart(server: ServerProcess, tmp_path: Path) -> None:
+def test_secondary_killed_during_its_trial_boot_finishes_after_restart(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     marker = tmp_path / "hang-health-check"
     hang = ["sh", "-c", f"test ! -e {marker} || sleep 60"]
     vehicle = Vehicle(tmp_path, server, health_check=[hang, SELFTEST])
     # the interrupted trial boot counts as one failed boot: allow a second one
-    text = vehicle.config_path.read_text().replace("options = { health_check", "options = { bootlimit = 2, health_check")
+    text = vehicle.config_path.read_text().replace(
+        "options = { health_check", "options = { bootlimit = 2, health_check"
+    )
     vehicle.config_path.write_text(text)
     bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
     server.assign(vehicle.vin, vehicle.secondary, bms.filepath)
@@ -245,4 +282,7 @@ def test_secondary_killed_during_its_trial_boot_finishes_after_restart(server: S
     state = vehicle.secondary_state()
     assert state["last_install"]["result"] == "installed" and not state.get("trial")
     ecu = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.secondary)
-    assert ecu["installed"]["filepath"] == bms.filepath and ecu["last_install"]["result"] == "installed"
+    assert (
+        ecu["installed"]["filepath"] == bms.filepath
+        and ecu["last_install"]["result"] == "installed"
+    )

@@ -15,8 +15,14 @@ from tests.uptake_fixtures import ServerProcess, Vehicle
 http = urllib3.PoolManager(retries=False)
 
 
-def call(server: ServerProcess, method: str, path: str, body: Any = None, token: bool = True,
-         raw: bytes | None = None) -> tuple[int, Any]:
+def call(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: bool = True,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {server.admin.token}"} if token else {}
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     resp = http.request(method, server.url + path, body=data, headers=headers)
@@ -38,9 +44,22 @@ BAD_REQUESTS = [
     ("POST", "/api/v1/vehicles", [], None),
     ("POST", "/api/v1/vehicles", {"vin": 5, "primary_ecu_serial": "x", "ecus": []}, None),
     ("POST", "/api/v1/vehicles", {"vin": "V", "primary_ecu_serial": "x", "ecus": "nope"}, None),
-    ("POST", "/api/v1/vehicles", {"vin": "V", "primary_ecu_serial": "x", "ecus": [{"serial": "x"}]}, None),
-    ("POST", "/api/v1/vehicles", {"vin": "V", "primary_ecu_serial": "x",
-                                  "ecus": [{"serial": "x", "hardware_id": "h", "public_key": {"keyid": "k"}}]}, None),
+    (
+        "POST",
+        "/api/v1/vehicles",
+        {"vin": "V", "primary_ecu_serial": "x", "ecus": [{"serial": "x"}]},
+        None,
+    ),
+    (
+        "POST",
+        "/api/v1/vehicles",
+        {
+            "vin": "V",
+            "primary_ecu_serial": "x",
+            "ecus": [{"serial": "x", "hardware_id": "h", "public_key": {"keyid": "k"}}],
+        },
+        None,
+    ),
     ("POST", "/api/v1/vehicles", {"vin": "bad vin!", "primary_ecu_serial": "x", "ecus": []}, None),
     ("GET", "/api/v1/vehicles/NOPE", None, None),
     ("POST", "/api/v1/vehicles/NOPE/assignments", {"ecu_serial": "E", "filepath": "f"}, None),
@@ -64,19 +83,28 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("method", "path", "body", "raw"), BAD_REQUESTS)
-def test_bad_requests_get_json_4xx(shared_server: ServerProcess, method: str, path: str, body: Any,
-                                   raw: bytes | None) -> None:
+def test_bad_requests_get_json_4xx(
+    shared_server: ServerProcess, method: str, path: str, body: Any, raw: bytes | None
+) -> None:
     status, data = call(shared_server, method, path, body, raw=raw)
     assert_client_error(status, data)
 
 
 @pytest.mark.parametrize("path", ["/api/v1/vehicles", "/api/v1/images", "/api/v1/vehicles/X"])
 def test_admin_endpoints_need_the_token(shared_server: ServerProcess, path: str) -> None:
-    status, data = call(shared_server, "GET" if "images" in path or path.endswith("X") else "POST", path, {}, token=False)
+    status, data = call(
+        shared_server,
+        "GET" if "images" in path or path.endswith("X") else "POST",
+        path,
+        {},
+        token=False,
+    )
     assert_client_error(status, data, 401)
 
 
-def test_manifest_problems_are_refused_and_recorded(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_manifest_problems_are_refused_and_recorded(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     url = f"/api/v1/vehicles/{vehicle.vin}/manifest"
     stranger = generate_signer()
     report = EcuVersionReport(vehicle.primary, NO_IMAGE, 10**6).sign(stranger)
@@ -86,9 +114,26 @@ def test_manifest_problems_are_refused_and_recorded(server: ServerProcess, vehic
     assert "signed" in data["error"]["message"]
     # wrong VIN inside the manifest, wrong types, missing primary report
     for doc in (
-        {"signed": {"vin": "OTHER", "primary_ecu_serial": vehicle.primary, "ecu_version_reports": {}}, "signatures": [{"keyid": "a", "sig": "b"}]},
-        {"signed": {"vin": vehicle.vin, "primary_ecu_serial": 7, "ecu_version_reports": {}}, "signatures": [{"keyid": "a", "sig": "b"}]},
-        {"signed": {"vin": vehicle.vin, "primary_ecu_serial": vehicle.primary, "ecu_version_reports": {}}, "signatures": [{"keyid": "a", "sig": "b"}]},
+        {
+            "signed": {
+                "vin": "OTHER",
+                "primary_ecu_serial": vehicle.primary,
+                "ecu_version_reports": {},
+            },
+            "signatures": [{"keyid": "a", "sig": "b"}],
+        },
+        {
+            "signed": {"vin": vehicle.vin, "primary_ecu_serial": 7, "ecu_version_reports": {}},
+            "signatures": [{"keyid": "a", "sig": "b"}],
+        },
+        {
+            "signed": {
+                "vin": vehicle.vin,
+                "primary_ecu_serial": vehicle.primary,
+                "ecu_version_reports": {},
+            },
+            "signatures": [{"keyid": "a", "sig": "b"}],
+        },
     ):
         status, data = call(server, "POST", url, doc, token=False)
         assert_client_error(status, data)
@@ -118,11 +163,16 @@ def test_server_never_answered_500(shared_server: ServerProcess) -> None:
     assert "Traceback" not in shared_server.log()
 
 
-def test_malformed_http_is_refused_without_a_traceback_in_the_log(shared_server: ServerProcess) -> None:
+def test_malformed_http_is_refused_without_a_traceback_in_the_log(
+    shared_server: ServerProcess,
+) -> None:
     import socket
 
-    for raw in (b"GET / HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n", b"NOT-HTTP\x00\x01\r\n\r\n",
-                b"POST /api/v1/vehicles HTTP/1.1\r\nContent-Length: nope\r\n\r\n"):
+    for raw in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
+        b"NOT-HTTP\x00\x01\r\n\r\n",
+        b"POST /api/v1/vehicles HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+    ):
         with socket.create_connection(("127.0.0.1", shared_server.port), timeout=5) as conn:
             conn.sendall(raw)
             answer = conn.recv(1024)

@@ -40,7 +40,12 @@ def test_update_cycle_on_postgresql(tmp_path: Path, pg_url: str) -> None:
         report = vehicle.run_once().report
         assert report["outcomes"][vehicle.primary]["result"] == "installed"
         record = server.vehicle(vehicle.vin)
-        assert next(e for e in record["ecus"] if e["serial"] == vehicle.primary)["installed"]["filepath"] == gw.filepath
+        assert (
+            next(e for e in record["ecus"] if e["serial"] == vehicle.primary)["installed"][
+                "filepath"
+            ]
+            == gw.filepath
+        )
         assert record["assignments"][0]["status"] == "installed"
         # a restart keeps everything (the state is in PostgreSQL, not in the process)
         server.stop()

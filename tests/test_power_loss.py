@@ -35,9 +35,13 @@ def _assert_bootable(vehicle: Vehicle) -> None:
     image = state.slot_images.get(slot)
     if image is None:
         # only the factory state (nothing ever installed) boots an unrecorded slot
-        assert not any(state.slot_images.values()) or (env["upgrade_available"] == "0" and slot == "a"), (env, state)
+        assert not any(state.slot_images.values()) or (
+            env["upgrade_available"] == "0" and slot == "a"
+        ), (env, state)
         return
-    assert _slot_sha256(vehicle, slot, image.length) == image.hashes["sha256"], f"slot {slot} is not the image the state claims"
+    assert _slot_sha256(vehicle, slot, image.length) == image.hashes["sha256"], (
+        f"slot {slot} is not the image the state claims"
+    )
 
 
 @pytest.mark.slow
@@ -45,7 +49,10 @@ def _assert_bootable(vehicle: Vehicle) -> None:
 def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("UPTAKE_POWER_LOSS_SEED", "20261121")))
     vehicle = Vehicle(tmp_path, server, secondaries=False, health_check=[SELFTEST])
-    good, broken = sample("rpi-gateway", "1.1.0").read_bytes(), sample("rpi-gateway", "2.0.0").read_bytes()
+    good, broken = (
+        sample("rpi-gateway", "1.1.0").read_bytes(),
+        sample("rpi-gateway", "2.0.0").read_bytes(),
+    )
     current = ""
     kills = iteration = 0
     phases: dict[str, int] = {}
@@ -87,6 +94,8 @@ def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_
             current = pub.filepath
         assert vehicle.booted_image() == current, f"iteration {iteration}: expected {current}"
         _assert_bootable(vehicle)
-        primary = next(e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary)
+        primary = next(
+            e for e in server.vehicle(vehicle.vin)["ecus"] if e["serial"] == vehicle.primary
+        )
         assert primary["installed"]["filepath"] == current, "the manifest does not tell the truth"
     print(f"\n{kills} SIGKILLs over {iteration} installs; journal phase at the kill: {phases}")

@@ -28,35 +28,65 @@ from signing.metadata import (
 # -- requires --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, version, ok", [
-    (">=1.1.0", "1.1.0", True), (">=1.1.0", "1.0.9", False), (">=1.1", "1.10.0", True),
-    (">=1.1.0,<2", "1.9.9", True), (">=1.1.0,<2", "2.0.0", False), ("==2", "2.0.0.0", True),
-    ("!=1.2.3", "1.2.3", False), (">1", "1.0.1", True), ("<=3.0", "3.0.1", False),
-    (">=1.0", "1.0.0-rc1", False),  # not a dotted decimal version: never satisfies
-])
+@pytest.mark.parametrize(
+    "spec, version, ok",
+    [
+        (">=1.1.0", "1.1.0", True),
+        (">=1.1.0", "1.0.9", False),
+        (">=1.1", "1.10.0", True),
+        (">=1.1.0,<2", "1.9.9", True),
+        (">=1.1.0,<2", "2.0.0", False),
+        ("==2", "2.0.0.0", True),
+        ("!=1.2.3", "1.2.3", False),
+        (">1", "1.0.1", True),
+        ("<=3.0", "3.0.1", False),
+        (">=1.0", "1.0.0-rc1", False),  # not a dotted decimal version: never satisfies
+    ],
+)
 def test_requirement_specs(spec: str, version: str, ok: bool) -> None:
     (req,) = parse_requires({"stm32f4-bms": spec}, "t")
     assert req.allows(version) is ok
 
 
-@pytest.mark.parametrize("value", [
-    {}, [], "x", {"bms": ""}, {"bms": "1.0"}, {"bms": ">=x"}, {"bms": ">=01.0"}, {"bad id": ">=1"},
-    {"bms": ">= 1.0"}, {"bms": ">=1.0,"}, {"bms": 3}, {"bms": ">=1.2.3.4.5"}, {f"h{i}": ">=1" for i in range(33)},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        [],
+        "x",
+        {"bms": ""},
+        {"bms": "1.0"},
+        {"bms": ">=x"},
+        {"bms": ">=01.0"},
+        {"bad id": ">=1"},
+        {"bms": ">= 1.0"},
+        {"bms": ">=1.0,"},
+        {"bms": 3},
+        {"bms": ">=1.2.3.4.5"},
+        {f"h{i}": ">=1" for i in range(33)},
+    ],
+)
 def test_malformed_requires_are_refused_naming_the_entry(value: object) -> None:
     with pytest.raises(MetadataFormatError, match=r"t: custom\.requires"):
         parse_requires(value, "t")
 
 
 def _image(version: str, **requires: str) -> ImageCustom:
-    return ImageCustom(("x",), 1, version, requires=parse_requires(requires, "t") if requires else ())
+    return ImageCustom(
+        ("x",), 1, version, requires=parse_requires(requires, "t") if requires else ()
+    )
 
 
 def test_unmet_requirements_sees_the_whole_vehicle() -> None:
     gw = EcuImage("GW", "rpi-gateway", "gw/1.1.0", _image("1.1.0", **{"stm32f4-bms": ">=1.1.0"}))
-    assert unmet_requirements([gw, EcuImage("BMS", "stm32f4-bms", "bms/1.1.0", _image("1.1.0"))]) == []
+    assert (
+        unmet_requirements([gw, EcuImage("BMS", "stm32f4-bms", "bms/1.1.0", _image("1.1.0"))]) == []
+    )
     old_bms = EcuImage("BMS", "stm32f4-bms", "bms/1.0.0", _image("1.0.0"))
-    assert "GW requires stm32f4-bms >=1.1.0, but BMS would run bms/1.0.0" in unmet_requirements([gw, old_bms])[0]
+    assert (
+        "GW requires stm32f4-bms >=1.1.0, but BMS would run bms/1.0.0"
+        in unmet_requirements([gw, old_bms])[0]
+    )
     unknown = EcuImage("BMS", "stm32f4-bms", "", None)
     assert "no known image" in unmet_requirements([gw, unknown])[0]
     assert "has no stm32f4-bms ECU" in unmet_requirements([gw])[0]
@@ -94,13 +124,16 @@ def test_encryption_round_trips(data: bytes, chunk: int) -> None:
     assert data[:32] not in ct or len(data) < 16
 
 
-@pytest.mark.parametrize("tamper", [
-    lambda ct: ct[:-1],  # truncated
-    lambda ct: ct + b"\0",  # extended
-    lambda ct: ct[:10] + bytes([ct[10] ^ 1]) + ct[11:],  # bit flip
-    lambda ct: ct[80:160] + ct[:80] + ct[160:],  # chunks reordered (64 + 16 bytes each)
-    lambda ct: ct[:80] + ct[160:],  # a chunk dropped
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda ct: ct[:-1],  # truncated
+        lambda ct: ct + b"\0",  # extended
+        lambda ct: ct[:10] + bytes([ct[10] ^ 1]) + ct[11:],  # bit flip
+        lambda ct: ct[80:160] + ct[:80] + ct[160:],  # chunks reordered (64 + 16 bytes each)
+        lambda ct: ct[:80] + ct[160:],  # a chunk dropped
+    ],
+)
 def test_tampered_ciphertext_does_not_decrypt(tamper: object) -> None:
     ct, info = _encrypt(os.urandom(300))
     with pytest.raises(DecryptionError):
@@ -120,8 +153,14 @@ def test_encryption_info_is_parsed_strictly() -> None:
     good = info.to_custom()  # type: ignore[attr-defined]
     target = TargetFile(1, {"sha256": "0" * 64}, "a/b", {"custom": {"encryption": good}})
     assert encryption_info(target) == info
-    for bad in ({**good, "scheme": "aes-ecb"}, {**good, "chunkSize": 0}, {**good, "extra": 1},
-                {**good, "ephemeralPublicKey": "00"}, {**good, "plaintextLength": -1}, "x"):
+    for bad in (
+        {**good, "scheme": "aes-ecb"},
+        {**good, "chunkSize": 0},
+        {**good, "extra": 1},
+        {**good, "ephemeralPublicKey": "00"},
+        {**good, "plaintextLength": -1},
+        "x",
+    ):
         target = TargetFile(1, {"sha256": "0" * 64}, "a/b", {"custom": {"encryption": bad}})
         with pytest.raises(EncryptionFormatError, match="a/b"):
             encryption_info(target)

@@ -36,26 +36,45 @@ def _vehicle(server: ServerProcess, tmp_path: Path, server_url: str) -> Iterator
     director_root = (server.offline_dir / "director-root.json").read_bytes()
     state_dir = tmp_path / "vehicle"
     config_path = provision_vehicle(
-        state_dir, vin=VIN, server_url=server_url, primary=EcuSpec("GW-UDS-1", "rpi-gateway"), secondaries=[],
-        image_root=(server.offline_dir / "image-root.json").read_bytes(), director_root=director_root,
-        password=PASSWORD.encode(), health_check=[SELFTEST],
+        state_dir,
+        vin=VIN,
+        server_url=server_url,
+        primary=EcuSpec("GW-UDS-1", "rpi-gateway"),
+        secondaries=[],
+        image_root=(server.offline_dir / "image-root.json").read_bytes(),
+        director_root=director_root,
+        password=PASSWORD.encode(),
+        health_check=[SELFTEST],
     )
     # the secondary's key is made at its own factory; only the public key reaches the fleet
     ecu_dir = tmp_path / "ecu"
     public = UptaneEcuFirmware.provision(ecu_dir, director_root, PASSWORD.encode())
     registration = json.loads((state_dir / "registration.json").read_bytes())
-    registration["ecus"].append({"serial": ECU, "hardware_id": "stm32f4-bms",
-                                 "public_key": public_key_to_dict(load_public_key(public))})
+    registration["ecus"].append(
+        {
+            "serial": ECU,
+            "hardware_id": "stm32f4-bms",
+            "public_key": public_key_to_dict(load_public_key(public)),
+        }
+    )
     server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
     with open(config_path, "a") as f:
-        f.write(f'\n[[secondaries]]\necu_serial = "{ECU}"\nhardware_id = "stm32f4-bms"\ntransport = "uds"\n'
-                f'options = {{ interface = "virtual", channel = "{channel}", security_secret = "{SIMULATOR_SECRET.hex()}" }}\n')
+        f.write(
+            f'\n[[secondaries]]\necu_serial = "{ECU}"\nhardware_id = "stm32f4-bms"\ntransport = "uds"\n'
+            f'options = {{ interface = "virtual", channel = "{channel}", security_secret = "{SIMULATOR_SECRET.hex()}" }}\n'
+        )
     firmware = UptaneEcuFirmware(ecu_dir, ECU, "stm32f4-bms", VIN, PASSWORD.encode())
     bus = can.Bus(interface="virtual", channel=channel)
-    ecu = UdsEcuSimulator(bus, ecu_dir / "flash", EcuConfig(
-        serial=ECU, hardware="stm32f4-bms", dependency_check=firmware.dependency_check,
-        version_report=firmware.version_report,
-    ))
+    ecu = UdsEcuSimulator(
+        bus,
+        ecu_dir / "flash",
+        EcuConfig(
+            serial=ECU,
+            hardware="stm32f4-bms",
+            dependency_check=firmware.dependency_check,
+            version_report=firmware.version_report,
+        ),
+    )
     ecu.power_on()
     try:
         yield UdsVehicle(Agent(load_config(config_path), PASSWORD.encode()), ecu, firmware)
@@ -95,7 +114,9 @@ def test_primary_flashes_uds_secondary_and_forwards_its_signed_report(
     assert uds_vehicle.agent.run_cycle().directed == []
 
 
-def test_uds_secondary_refuses_director_metadata_signed_by_an_attacker(server: ServerProcess, tmp_path: Path) -> None:
+def test_uds_secondary_refuses_director_metadata_signed_by_an_attacker(
+    server: ServerProcess, tmp_path: Path
+) -> None:
     """A primary fooled (or compromised) into passing forged director targets: the ECU's own check refuses."""
     from signing.keys import generate_signer
 
@@ -118,4 +139,3 @@ def test_uds_secondary_refuses_director_metadata_signed_by_an_attacker(server: S
         assert report.installed_image.filepath == ""  # still the factory image
     finally:
         vehicle_gen.close()
-

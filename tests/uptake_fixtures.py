@@ -46,7 +46,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_http(
+    url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     http = urllib3.PoolManager(retries=False, timeout=1.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,7 +83,9 @@ class ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uptake", "server", "run", "--data-dir", str(self.data_dir)],
-            env=ENV, stdout=log, stderr=subprocess.STDOUT,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         wait_for_http(f"{self.url}/health", proc=self.proc)
 
@@ -99,11 +103,15 @@ class ServerProcess:
 
     def publish(self, image: Path, hardware_id: str, version: str, **kwargs: Any) -> Published:
         root = (self.offline_dir / "image-root.json").read_bytes()
-        return publish_image(self.admin, image, [hardware_id], version, [self.targets_signer], root, **kwargs)
+        return publish_image(
+            self.admin, image, [hardware_id], version, [self.targets_signer], root, **kwargs
+        )
 
     def assign(self, vin: str, ecu: str, filepath: str) -> dict[str, Any]:
         result: dict[str, Any] = self.admin.request(
-            "POST", f"/api/v1/vehicles/{vin}/assignments", json_body={"ecu_serial": ecu, "filepath": filepath}
+            "POST",
+            f"/api/v1/vehicles/{vin}/assignments",
+            json_body={"ecu_serial": ecu, "filepath": filepath},
         )
         return result
 
@@ -127,35 +135,60 @@ class AgentRun:
 class Vehicle:
     """A provisioned agent (primary ``GW-<n>`` + local secondary ``BMS-<n>``) registered with a server."""
 
-    def __init__(self, tmp: Path, server: ServerProcess, vin: str = "VIN0001", server_url: str | None = None,
-                 secondaries: bool = True, health_check: list[list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        server: ServerProcess,
+        vin: str = "VIN0001",
+        server_url: str | None = None,
+        secondaries: bool = True,
+        health_check: list[list[str]] | None = None,
+    ) -> None:
         self.vin = vin
         self.primary = f"GW-{vin}"
         self.secondary = f"BMS-{vin}"
         self.state_dir = tmp / f"vehicle-{vin}"
         checks = [SELFTEST] if health_check is None else health_check
         self.config_path = provision_vehicle(
-            self.state_dir, vin=vin, server_url=server_url or server.url,
+            self.state_dir,
+            vin=vin,
+            server_url=server_url or server.url,
             primary=EcuSpec(self.primary, "rpi-gateway"),
             secondaries=[EcuSpec(self.secondary, "stm32f4-bms")] if secondaries else [],
             image_root=(server.offline_dir / "image-root.json").read_bytes(),
             director_root=(server.offline_dir / "director-root.json").read_bytes(),
-            password=PASSWORD.encode(), health_check=checks, secondary_health_check=checks,
+            password=PASSWORD.encode(),
+            health_check=checks,
+            secondary_health_check=checks,
         )
         registration = json.loads((self.state_dir / "registration.json").read_bytes())
         server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "uptake", "agent", "run", "--config", str(self.config_path), "--once", "--json"]
+        return [
+            sys.executable,
+            "-m",
+            "uptake",
+            "agent",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--once",
+            "--json",
+        ]
 
     def run_once(self, timeout: float = 120) -> AgentRun:
-        proc = subprocess.run(self.argv(), env=ENV, capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            self.argv(), env=ENV, capture_output=True, timeout=timeout, check=False
+        )
         run = AgentRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
         assert run.returncode == 0, f"agent failed: {run.stderr}"
         return run
 
     def spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv(), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            self.argv(), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
 
     def state(self) -> AgentState:
         return StateStore(self.state_dir / "state.json").load()
@@ -172,5 +205,7 @@ class Vehicle:
         return image.filepath if image else ""
 
     def secondary_state(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads((self.state_dir / "secondaries" / self.secondary / "state.json").read_bytes())
+        result: dict[str, Any] = json.loads(
+            (self.state_dir / "secondaries" / self.secondary / "state.json").read_bytes()
+        )
         return result

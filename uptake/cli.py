@@ -47,7 +47,13 @@ class _LazyGroup(click.Group):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             # Only a missing third-party dependency means "extra not installed".
-            if exc.name and exc.name.split(".")[0] in {"signing", "server", "client", "hil", "uptake"}:
+            if exc.name and exc.name.split(".")[0] in {
+                "signing",
+                "server",
+                "client",
+                "hil",
+                "uptake",
+            }:
                 raise
             missing = exc.name
 
@@ -70,8 +76,14 @@ class _LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="UPTAKE_LOG_FORMAT",
-              show_default=True, help="json: one JSON object per line (journald, log shippers).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="UPTAKE_LOG_FORMAT",
+    show_default=True,
+    help="json: one JSON object per line (journald, log shippers).",
+)
 @click.version_option(package_name="uptake")
 def cli(verbose: int, log_format: str) -> None:
     """Uptake: secure over-the-air updates for vehicles (Uptane on TUF).
@@ -88,10 +100,13 @@ def cli(verbose: int, log_format: str) -> None:
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _JsonFormatter() if log_format == "json"
+        _JsonFormatter()
+        if log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
+    logging.basicConfig(
+        level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler]
+    )
 
 
 class _JsonFormatter(logging.Formatter):

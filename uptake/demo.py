@@ -85,7 +85,9 @@ def run_demo(workdir: Path) -> None:
     from signing.keys import load_signer
 
     if not _SAMPLES.is_dir():
-        raise DemoFailed(f"sample firmware not found at {_SAMPLES}: run the demo from a clone of the repository")
+        raise DemoFailed(
+            f"sample firmware not found at {_SAMPLES}: run the demo from a clone of the repository"
+        )
     password = secrets.token_urlsafe(16)
     env = {**os.environ, "UPTAKE_SERVER_KEY_PASSWORD": password, "UPTAKE_KEY_PASSWORD": password}
     port = _free_port()
@@ -95,16 +97,26 @@ def run_demo(workdir: Path) -> None:
 
     _step("1. Key ceremony")
     init_server(config, offline, password.encode(), password.encode())
-    click.echo(f"   online keys (image snapshot/timestamp, director targets/snapshot/timestamp): {config.keys_dir}")
-    click.echo(f"   offline keys (image root/targets, director root), kept away from the server: {offline}")
+    click.echo(
+        f"   online keys (image snapshot/timestamp, director targets/snapshot/timestamp): {config.keys_dir}"
+    )
+    click.echo(
+        f"   offline keys (image root/targets, director root), kept away from the server: {offline}"
+    )
 
     _step(f"2. Server on {url}")
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "uptake", "server", "run", "--data-dir", str(config.data_dir)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uptake", "server", "run", "--data-dir", str(config.data_dir)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_up(url, proc)
-        click.echo("   image repository at /image/, director at /director/<VIN>/, admin API at /api/v1/")
+        click.echo(
+            "   image repository at /image/, director at /director/<VIN>/, admin API at /api/v1/"
+        )
         admin = AdminClient.from_token_file(url, config.admin_token_path)
         targets_key = load_signer(offline / "image-targets.key", password.encode())
         image_root = (offline / "image-root.json").read_bytes()
@@ -113,29 +125,55 @@ def run_demo(workdir: Path) -> None:
         vehicle_dir = workdir / "vehicle"
         selftest = [sys.executable, "-m", "uptake.firmware_info", "selftest", "{slot_path}"]
         agent_config = provision_vehicle(
-            vehicle_dir, vin="DEMO-VIN-0001", server_url=url,
-            primary=EcuSpec("GW-0001", "rpi-gateway"), secondaries=[EcuSpec("BMS-0001", "stm32f4-bms")],
-            image_root=image_root, director_root=(offline / "director-root.json").read_bytes(),
-            password=password.encode(), health_check=[selftest], secondary_health_check=[selftest],
+            vehicle_dir,
+            vin="DEMO-VIN-0001",
+            server_url=url,
+            primary=EcuSpec("GW-0001", "rpi-gateway"),
+            secondaries=[EcuSpec("BMS-0001", "stm32f4-bms")],
+            image_root=image_root,
+            director_root=(offline / "director-root.json").read_bytes(),
+            password=password.encode(),
+            health_check=[selftest],
+            secondary_health_check=[selftest],
         )
         import json
 
-        admin.request("POST", "/api/v1/vehicles", json_body=json.loads((vehicle_dir / "registration.json").read_bytes()))
-        click.echo(f"   ECU keys generated on the vehicle, public keys registered; agent config {agent_config}")
+        admin.request(
+            "POST",
+            "/api/v1/vehicles",
+            json_body=json.loads((vehicle_dir / "registration.json").read_bytes()),
+        )
+        click.echo(
+            f"   ECU keys generated on the vehicle, public keys registered; agent config {agent_config}"
+        )
         os.environ["UPTAKE_KEY_PASSWORD"] = password
-        agent = Agent(load_config(agent_config), password.encode(), narrate=lambda m: click.echo(f"   [agent] {m}"))
+        agent = Agent(
+            load_config(agent_config),
+            password.encode(),
+            narrate=lambda m: click.echo(f"   [agent] {m}"),
+        )
 
         def release(version: str) -> dict[str, str]:
             paths = {}
             for hw, name in _IMAGES.items():
-                pub = publish_image(admin, _SAMPLES / hw / version / name, [hw], version, [targets_key], image_root)
-                click.echo(f"   published {pub.filepath}: {pub.length} bytes, release counter {pub.release_counter},"
-                           f" signed with the offline targets key (targets v{pub.targets_version})")
+                pub = publish_image(
+                    admin, _SAMPLES / hw / version / name, [hw], version, [targets_key], image_root
+                )
+                click.echo(
+                    f"   published {pub.filepath}: {pub.length} bytes, release counter {pub.release_counter},"
+                    f" signed with the offline targets key (targets v{pub.targets_version})"
+                )
                 paths[hw] = pub.filepath
-            admin.request("POST", "/api/v1/vehicles/DEMO-VIN-0001/assignments",
-                          json_body={"ecu_serial": "GW-0001", "filepath": paths["rpi-gateway"]})
-            admin.request("POST", "/api/v1/vehicles/DEMO-VIN-0001/assignments",
-                          json_body={"ecu_serial": "BMS-0001", "filepath": paths["stm32f4-bms"]})
+            admin.request(
+                "POST",
+                "/api/v1/vehicles/DEMO-VIN-0001/assignments",
+                json_body={"ecu_serial": "GW-0001", "filepath": paths["rpi-gateway"]},
+            )
+            admin.request(
+                "POST",
+                "/api/v1/vehicles/DEMO-VIN-0001/assignments",
+                json_body={"ecu_serial": "BMS-0001", "filepath": paths["stm32f4-bms"]},
+            )
             click.echo("   director: GW-0001 and BMS-0001 assigned; per-vehicle targets re-signed")
             return paths
 
@@ -144,17 +182,28 @@ def run_demo(workdir: Path) -> None:
             for _ in range(300):
                 listing = admin.request("GET", "/api/v1/deltas")
                 for job in listing["jobs"]:
-                    if job["result_filepath"] == filepath and job["status"] != "queued" and job["status"] != "running":
-                        click.echo(f"   server made a delta to {filepath}: {job['status']}, "
-                                   f"{job['delta_length']} bytes instead of {job['result_length']} ({job['detail']})")
+                    if (
+                        job["result_filepath"] == filepath
+                        and job["status"] != "queued"
+                        and job["status"] != "running"
+                    ):
+                        click.echo(
+                            f"   server made a delta to {filepath}: {job['status']}, "
+                            f"{job['delta_length']} bytes instead of {job['result_length']} ({job['detail']})"
+                        )
                         return
                 time.sleep(0.1)
             raise DemoFailed(f"no delta job for {filepath} finished within 30 s")
 
         def server_view() -> dict[str, dict[str, str]]:
             rec = admin.request("GET", "/api/v1/vehicles/DEMO-VIN-0001")
-            return {e["serial"]: {"installed": e["installed"]["filepath"], "last": e["last_install"]["result"]}
-                    for e in rec["ecus"]}
+            return {
+                e["serial"]: {
+                    "installed": e["installed"]["filepath"],
+                    "last": e["last_install"]["result"],
+                }
+                for e in rec["ecus"]
+            }
 
         for n, version in ((4, "1.0.0"), (5, "1.1.0")):
             _step(f"{n}. Release {version} and update the vehicle")
@@ -162,34 +211,53 @@ def run_demo(workdir: Path) -> None:
             if version != "1.0.0":  # from 1.0.0 on, the vehicle runs something to diff from
                 wait_for_delta(paths["rpi-gateway"])
             report = agent.run_cycle()
-            _expect(report.outcomes.get("GW-0001") is not None and report.outcomes["GW-0001"].result == "installed",
-                    f"primary installed {paths['rpi-gateway']} and committed it after a healthy boot")
+            _expect(
+                report.outcomes.get("GW-0001") is not None
+                and report.outcomes["GW-0001"].result == "installed",
+                f"primary installed {paths['rpi-gateway']} and committed it after a healthy boot",
+            )
             if version != "1.0.0":
-                _expect(report.outcomes["GW-0001"].method == "delta",
-                        "the primary took the delta from its installed image, applied it from its active slot")
-            _expect(report.outcomes.get("BMS-0001") is not None and report.outcomes["BMS-0001"].result == "installed",
-                    f"secondary verified (partial verification) and installed {paths['stm32f4-bms']}")
+                _expect(
+                    report.outcomes["GW-0001"].method == "delta",
+                    "the primary took the delta from its installed image, applied it from its active slot",
+                )
+            _expect(
+                report.outcomes.get("BMS-0001") is not None
+                and report.outcomes["BMS-0001"].result == "installed",
+                f"secondary verified (partial verification) and installed {paths['stm32f4-bms']}",
+            )
             view = server_view()
-            _expect(view["GW-0001"]["installed"] == paths["rpi-gateway"]
-                    and view["BMS-0001"]["installed"] == paths["stm32f4-bms"],
-                    "the server's record shows both ECUs on the new version (from the signed manifest)")
+            _expect(
+                view["GW-0001"]["installed"] == paths["rpi-gateway"]
+                and view["BMS-0001"]["installed"] == paths["stm32f4-bms"],
+                "the server's record shows both ECUs on the new version (from the signed manifest)",
+            )
 
         _step("6. Release 2.0.0, whose power-on self-test fails")
         good = server_view()["GW-0001"]["installed"]
         paths = release("2.0.0")
         report = agent.run_cycle()
         outcome = report.outcomes.get("GW-0001")
-        _expect(outcome is not None and outcome.result == "rolled_back",
-                f"primary rolled back automatically: {outcome.detail if outcome else ''}")
+        _expect(
+            outcome is not None and outcome.result == "rolled_back",
+            f"primary rolled back automatically: {outcome.detail if outcome else ''}",
+        )
         secondary = report.outcomes.get("BMS-0001")
-        _expect(secondary is not None and secondary.result == "rolled_back",
-                "secondary fell back to its previous bank")
+        _expect(
+            secondary is not None and secondary.result == "rolled_back",
+            "secondary fell back to its previous bank",
+        )
         view = server_view()
-        _expect(view["GW-0001"]["installed"] == good and view["GW-0001"]["last"] == "rolled_back",
-                f"the server's record shows GW-0001 back on {good}, last install rolled back")
+        _expect(
+            view["GW-0001"]["installed"] == good and view["GW-0001"]["last"] == "rolled_back",
+            f"the server's record shows GW-0001 back on {good}, last install rolled back",
+        )
         rec = admin.request("GET", "/api/v1/vehicles/DEMO-VIN-0001")
         failed = [a for a in rec["assignments"] if a["filepath"] == paths["rpi-gateway"]]
-        _expect(bool(failed) and failed[0]["status"] == "failed", "the assignment of 2.0.0 is marked failed")
+        _expect(
+            bool(failed) and failed[0]["status"] == "failed",
+            "the assignment of 2.0.0 is marked failed",
+        )
         again = agent.run_cycle()
         _expect(not again.outcomes, "the next poll does not retry the broken release")
     finally:
@@ -202,14 +270,20 @@ def run_demo(workdir: Path) -> None:
 
 
 @click.command("demo")
-@click.option("--keep", is_flag=True, help="Keep the temporary directory (server data, vehicle state) for inspection.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the temporary directory (server data, vehicle state) for inspection.",
+)
 def demo(keep: bool) -> None:
     """Run a whole update story on loopback: publish, direct, verify, install, report, roll back."""
     workdir = Path(tempfile.mkdtemp(prefix="uptake-demo-"))
     try:
         run_demo(workdir)
     except DemoFailed as exc:
-        click.secho(f"\nDEMO FAILED: {exc}\n(server log: {workdir / 'server.log'})", fg="red", err=True)
+        click.secho(
+            f"\nDEMO FAILED: {exc}\n(server log: {workdir / 'server.log'})", fg="red", err=True
+        )
         keep = True
         sys.exit(1)
     finally:

@@ -42,8 +42,16 @@ from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutco
 
 
 class LocalSecondary(Secondary):
-    def __init__(self, directory: Path, ecu_serial: str, hardware_id: str, vin: str, password: bytes,
-                 health_check: Sequence[Sequence[str]] = (), bootlimit: int = 1) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ecu_serial: str,
+        hardware_id: str,
+        vin: str,
+        password: bytes,
+        health_check: Sequence[Sequence[str]] = (),
+        bootlimit: int = 1,
+    ) -> None:
         self.directory = directory
         self.ecu_serial, self.hardware_id, self.vin = ecu_serial, hardware_id, vin
         self._health_check = health_check
@@ -51,10 +59,13 @@ class LocalSecondary(Secondary):
             self._signer = load_signer(directory / "ecu.key", password)
             self._root = Metadata[Root].from_file(str(directory / "director-root.json"))
         except (KeyFileError, OSError, ValueError) as exc:
-            raise SecondaryError(f"secondary {ecu_serial}: cannot load its key or trusted root: {exc}") from exc
+            raise SecondaryError(
+                f"secondary {ecu_serial}: cannot load its key or trusted root: {exc}"
+            ) from exc
         self._banks = SlotInstaller(
             {"a": directory / "bank-a.bin", "b": directory / "bank-b.bin"},
-            FileBootEnvironment(directory / "bootenv.json"), bootlimit,
+            FileBootEnvironment(directory / "bootenv.json"),
+            bootlimit,
         )
         self._banks.initialize()
         self._state_path = directory / "state.json"
@@ -64,9 +75,17 @@ class LocalSecondary(Secondary):
             state: dict[str, Any] = json.loads(self._state_path.read_bytes())
             return state
         except FileNotFoundError:
-            return {"report_counter": 0, "targets_version": 0, "banks": {}, "attacks": "", "last_install": None}
+            return {
+                "report_counter": 0,
+                "targets_version": 0,
+                "banks": {},
+                "attacks": "",
+                "last_install": None,
+            }
         except (OSError, ValueError) as exc:
-            raise SecondaryError(f"secondary {self.ecu_serial}: state {self._state_path} unreadable: {exc}") from exc
+            raise SecondaryError(
+                f"secondary {self.ecu_serial}: state {self._state_path} unreadable: {exc}"
+            ) from exc
 
     def _save(self, state: dict[str, Any]) -> None:
         write_atomic(self._state_path, json.dumps(state, indent=1, sort_keys=True).encode())
@@ -77,7 +96,11 @@ class LocalSecondary(Secondary):
 
     def installed_image_path(self) -> Path | None:
         state = self._resume_trial()
-        return self._banks.slots[self._banks.state().boot_slot] if self._installed(state).length else None
+        return (
+            self._banks.slots[self._banks.state().boot_slot]
+            if self._installed(state).length
+            else None
+        )
 
     def installed_sha256(self) -> str:
         return self._installed(self._resume_trial()).hashes.get("sha256", "")
@@ -88,7 +111,10 @@ class LocalSecondary(Secondary):
         self._save(state)  # a counter is never signed twice
         last = state["last_install"]
         report = EcuVersionReport(
-            self.ecu_serial, self._installed(state), state["report_counter"], state["attacks"],
+            self.ecu_serial,
+            self._installed(state),
+            state["report_counter"],
+            state["attacks"],
             InstallOutcome.from_dict(last, "last_install") if last else None,
         )
         return report.sign(self._signer)
@@ -98,15 +124,26 @@ class LocalSecondary(Secondary):
         try:
             self._follow_director_roots(update.director_roots)
             verified = verify_director_targets(
-                update.director_targets, self._root, vin=self.vin, ecu_serial=self.ecu_serial,
-                hardware_id=self.hardware_id, min_version=state["targets_version"],
+                update.director_targets,
+                self._root,
+                vin=self.vin,
+                ecu_serial=self.ecu_serial,
+                hardware_id=self.hardware_id,
+                min_version=state["targets_version"],
             )
         except PartialVerificationError as exc:
-            return self._finish(state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc))
+            return self._finish(
+                state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc)
+            )
         state["targets_version"] = verified.version
         target = verified.target
         if target is None or target.path != update.filepath:
-            return self._finish(state, InstallOutcome(update.filepath, "refused", "director lists no such image for this ECU"))
+            return self._finish(
+                state,
+                InstallOutcome(
+                    update.filepath, "refused", "director lists no such image for this ECU"
+                ),
+            )
         current = self._banks.state().boot_slot
         new = other_slot(current)
         state["banks"][new] = None
@@ -116,11 +153,15 @@ class LocalSecondary(Secondary):
                 digest = hashlib.file_digest(image, "sha256")
                 length = image.tell()
             if digest.hexdigest() != target.hashes.get("sha256") or length != target.length:
-                raise PartialVerificationError(f"image {update.filepath} does not match the director's length/sha256")
+                raise PartialVerificationError(
+                    f"image {update.filepath} does not match the director's length/sha256"
+                )
             with open(update.image_path, "rb") as image:
                 self._banks.write(new, image, target.length, target.hashes["sha256"])
         except PartialVerificationError as exc:
-            return self._finish(state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc))
+            return self._finish(
+                state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc)
+            )
         except (InstallError, OSError) as exc:
             return self._finish(state, InstallOutcome(update.filepath, "failed", str(exc)))
         state["banks"][new] = ImageInfo(target.path, target.length, dict(target.hashes)).to_dict()
@@ -151,18 +192,27 @@ class LocalSecondary(Secondary):
                 self._run_trial(state)
             else:  # committed or fallen back just before the interruption
                 booted_new = self._banks.state().boot_slot == state["trial"]["bank"]
-                self._finish(state, InstallOutcome(state["trial"]["filepath"],
-                                                   "installed" if booted_new else "rolled_back"))
+                self._finish(
+                    state,
+                    InstallOutcome(
+                        state["trial"]["filepath"], "installed" if booted_new else "rolled_back"
+                    ),
+                )
             state = self._state()
         return state
 
     def _follow_director_roots(self, roots: tuple[bytes, ...]) -> None:
         newest = follow_root_chain(self._root, roots)
         if newest is not self._root:
-            write_atomic(self.directory / "director-root.json", newest.to_bytes(JSONSerializer(compact=False)))
+            write_atomic(
+                self.directory / "director-root.json",
+                newest.to_bytes(JSONSerializer(compact=False)),
+            )
             self._root = newest
 
-    def _finish(self, state: dict[str, Any], outcome: InstallOutcome, attack: str = "") -> InstallOutcome:
+    def _finish(
+        self, state: dict[str, Any], outcome: InstallOutcome, attack: str = ""
+    ) -> InstallOutcome:
         state["trial"] = None
         state["last_install"] = outcome.to_dict()
         state["attacks"] = attack

@@ -30,13 +30,17 @@ class MetadataBundle:
     director_roots: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        data = json.dumps({
-            "filepath": self.filepath,
-            "targets": base64.b64encode(self.director_targets).decode(),
-            "roots": [base64.b64encode(r).decode() for r in self.director_roots],
-        }).encode()
+        data = json.dumps(
+            {
+                "filepath": self.filepath,
+                "targets": base64.b64encode(self.director_targets).decode(),
+                "roots": [base64.b64encode(r).decode() for r in self.director_roots],
+            }
+        ).encode()
         if len(data) > MAX_BUNDLE_BYTES:
-            raise MetadataBundleError(f"metadata bundle is {len(data)} bytes, more than {MAX_BUNDLE_BYTES}")
+            raise MetadataBundleError(
+                f"metadata bundle is {len(data)} bytes, more than {MAX_BUNDLE_BYTES}"
+            )
         return data
 
     @classmethod
@@ -50,11 +54,19 @@ class MetadataBundle:
         if not isinstance(raw, dict) or not isinstance(raw.get("filepath"), str):
             raise MetadataBundleError("metadata bundle: filepath must be a string")
         roots = raw.get("roots", [])
-        if not isinstance(raw.get("targets"), str) or not isinstance(roots, list) or \
-                not all(isinstance(r, str) for r in roots):
-            raise MetadataBundleError("metadata bundle: targets must be base64, roots a list of base64")
+        if (
+            not isinstance(raw.get("targets"), str)
+            or not isinstance(roots, list)
+            or not all(isinstance(r, str) for r in roots)
+        ):
+            raise MetadataBundleError(
+                "metadata bundle: targets must be base64, roots a list of base64"
+            )
         try:
-            return cls(raw["filepath"], base64.b64decode(raw["targets"], validate=True),
-                       tuple(base64.b64decode(r, validate=True) for r in roots))
+            return cls(
+                raw["filepath"],
+                base64.b64decode(raw["targets"], validate=True),
+                tuple(base64.b64decode(r, validate=True) for r in roots),
+            )
         except binascii.Error as exc:
             raise MetadataBundleError(f"metadata bundle: bad base64 ({exc})") from exc

@@ -52,18 +52,26 @@ def _key_algorithm(options: Mapping[str, Any]) -> KeyAlgorithm | None:
 def uds_config(options: Mapping[str, Any]) -> UdsConfig:
     return UdsConfig(
         addressing=UdsAddressing(
-            request_id=int(options.get("request_id", 0x7E0)), response_id=int(options.get("response_id", 0x7E8)),
+            request_id=int(options.get("request_id", 0x7E0)),
+            response_id=int(options.get("response_id", 0x7E8)),
             can_fd=bool(options.get("can_fd", False)),
         ),
-        timeouts=UdsTimeouts(request=float(options.get("request_timeout", 2.0)),
-                             erase=float(options.get("erase_timeout", 60.0))),
+        timeouts=UdsTimeouts(
+            request=float(options.get("request_timeout", 2.0)),
+            erase=float(options.get("erase_timeout", 60.0)),
+        ),
         key_algorithm=_key_algorithm(options),
     )
 
 
 class UdsSecondary(Secondary):
-    def __init__(self, ecu_serial: str, hardware_id: str, options: Mapping[str, Any],
-                 bus: can.BusABC | None = None) -> None:
+    def __init__(
+        self,
+        ecu_serial: str,
+        hardware_id: str,
+        options: Mapping[str, Any],
+        bus: can.BusABC | None = None,
+    ) -> None:
         self.ecu_serial, self.hardware_id = ecu_serial, hardware_id
         self._options = dict(options)
         self._bus = bus
@@ -76,11 +84,16 @@ class UdsSecondary(Secondary):
         try:
             if self._bus is not None:
                 return UdsFlasher(self._bus, self._config)
-            bus = can.Bus(interface=self._options.get("interface", "socketcan"),
-                          channel=self._options.get("channel", "can0"), fd=self._config.addressing.can_fd)
+            bus = can.Bus(
+                interface=self._options.get("interface", "socketcan"),
+                channel=self._options.get("channel", "can0"),
+                fd=self._config.addressing.can_fd,
+            )
             return UdsFlasher(bus, self._config, owns_bus=True)
         except (can.CanError, OSError, ValueError) as exc:
-            raise SecondaryError(f"secondary {self.ecu_serial}: cannot open its CAN bus: {exc}") from exc
+            raise SecondaryError(
+                f"secondary {self.ecu_serial}: cannot open its CAN bus: {exc}"
+            ) from exc
 
     def version_report(self) -> SignedEnvelope:
         flasher = self._flasher()
@@ -94,9 +107,13 @@ class UdsSecondary(Secondary):
             envelope = SignedEnvelope.from_bytes(raw, f"ECU report of {self.ecu_serial}")
             report = envelope.ecu_report()
         except ManifestError as exc:
-            raise SecondaryError(f"secondary {self.ecu_serial}: unreadable version report: {exc}") from exc
+            raise SecondaryError(
+                f"secondary {self.ecu_serial}: unreadable version report: {exc}"
+            ) from exc
         if report.ecu_serial != self.ecu_serial:
-            raise SecondaryError(f"secondary {self.ecu_serial} answered with a report of {report.ecu_serial}")
+            raise SecondaryError(
+                f"secondary {self.ecu_serial} answered with a report of {report.ecu_serial}"
+            )
         self._last_report = envelope
         return envelope
 
@@ -105,7 +122,9 @@ class UdsSecondary(Secondary):
         return report.ecu_report().installed_image.hashes.get("sha256", "")
 
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
-        bundle = MetadataBundle(update.filepath, update.director_targets, update.director_roots).encode()
+        bundle = MetadataBundle(
+            update.filepath, update.director_targets, update.director_roots
+        ).encode()
         self._last_report = None  # whatever happens next, the ECU's state changes
         flasher = self._flasher()
         try:

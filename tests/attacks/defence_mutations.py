@@ -49,125 +49,285 @@ def _off(condition: str) -> str:
 
 
 MUTATIONS = [
-    Mutation("image hash check on download (agent)", "client/verification.py",
-             "                target.verify_length_and_hashes(f)", "                pass",
-             (A + "test_arbitrary_software.py::test_image_not_signed_by_image_repository_is_refused",)),
-    Mutation("director target must exist in the image repository", "client/verification.py",
-             "        if itarget is None:", _off("        if itarget is None:"),
-             (A + "test_arbitrary_software.py::test_image_signed_by_director_only_is_refused",)),
-    Mutation("only offline-signed top-level targets vouch for images (not the deltas role)",
-             "client/verification.py",
-             "        itarget = image_targets.get(path)",
-             "        itarget = self.image_updater.get_targetinfo(path) if self.image_updater else None",
-             (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",)),
-    Mutation("TUF signature threshold (verify_delegate)", "tuf/api/_payload.py",
-             "        if not result:\n            raise UnsignedMetadataError(",
-             "        if False:\n            raise UnsignedMetadataError(",
-             (A + "test_arbitrary_software.py::test_image_signed_by_image_repository_only_is_refused",)),
-    Mutation("release counter never lower (agent)", "client/verification.py",
-             "            if custom.release_counter < installed:",
-             _off("            if custom.release_counter < installed:"),
-             (A + "test_rollback.py::test_older_image_is_refused",
-              A + "test_rollback.py::test_lower_release_counter_is_refused")),
-    Mutation("TUF snapshot may not lower a metadata version", TMS,
-             "                if new_fileinfo.version < fileinfo.version:",
-             _off("                if new_fileinfo.version < fileinfo.version:"),
-             (A + "test_rollback.py::test_older_metadata_versions_are_refused",)),
-    Mutation("TUF timestamp version never goes back", TMS,
-             "            if new_timestamp.version < self.timestamp.version:",
-             _off("            if new_timestamp.version < self.timestamp.version:"),
-             (A + "test_freeze.py::test_replayed_old_metadata_is_refused",)),
-    Mutation("TUF targets expiry", TMS,
-             "        if new_delegate.is_expired(self.reference_time):",
-             _off("        if new_delegate.is_expired(self.reference_time):"),
-             (A + "test_freeze.py::test_expired_metadata_is_refused[director targets]",)),
-    Mutation("TUF timestamp expiry", TMS,
-             "        if self.timestamp.is_expired(self.reference_time):",
-             _off("        if self.timestamp.is_expired(self.reference_time):"),
-             (A + "test_freeze.py::test_expired_metadata_is_refused[image timestamp]",)),
-    Mutation("director targets bound to this VIN", "client/verification.py",
-             "        if vin != self.vin:", _off("        if vin != self.vin:"),
-             (A + "test_freeze.py::test_director_targets_for_another_vin_are_refused",)),
-    Mutation("TUF targets version must match snapshot", TMS,
-             "        if version != meta.version:", _off("        if version != meta.version:"),
-             (A + "test_mix_and_match.py::test_targets_of_another_version_than_snapshot_names_are_refused",)),
-    Mutation("director hash == image repository hash", "client/verification.py",
-             "            if itarget.hashes.get(alg) != digest:",
-             _off("            if itarget.hashes.get(alg) != digest:"),
-             (A + "test_mix_and_match.py::test_director_target_differing_from_image_repository_is_refused[hash]",)),
-    Mutation("director length == image repository length", "client/verification.py",
-             "        if dtarget.length != itarget.length:", _off("        if dtarget.length != itarget.length:"),
-             (A + "test_mix_and_match.py::test_director_target_differing_from_image_repository_is_refused[length]",)),
-    Mutation("image must list the hardware id", "client/verification.py",
-             "            if hw not in custom.hardware_ids:", _off("            if hw not in custom.hardware_ids:"),
-             (A + "test_mix_and_match.py::test_hardware_id_mismatch_is_refused[image for other hardware]",)),
-    Mutation("ECU must have the hardware id the director names", "client/verification.py",
-             "            if ecus[serial] != hw:", _off("            if ecus[serial] != hw:"),
-             (A + "test_mix_and_match.py::test_hardware_id_mismatch_is_refused[ECU hardware id]",)),
-    Mutation("director may only name this vehicle's ECUs", "client/verification.py",
-             "            if serial not in ecus:", _off("            if serial not in ecus:"),
-             (A + "test_mix_and_match.py::test_ecu_serial_of_another_vehicle_is_refused",)),
-    Mutation("fetcher length cap while streaming", "client/fetcher.py",
-             "            if self.max_length is not None and self.received + len(chunk) > self.max_length:",
-             _off("            if self.max_length is not None and self.received + len(chunk) > self.max_length:"),
-             (A + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[endless image]",
-              A + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[endless image metadata]")),
-    Mutation("fetcher length caps, declared and streamed", "client/fetcher.py",
-             "        if self.max_length is not None and total is not None and total > self.max_length:",
-             _off("        if self.max_length is not None and total is not None and total > self.max_length:"),
-             (A + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[image longer than signed]",
-              A + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[oversized director metadata]"),
-             also=(("            if self.max_length is not None and self.received + len(chunk) > self.max_length:",
-                    _off("            if self.max_length is not None and self.received + len(chunk) > self.max_length:")),)),
-    Mutation("server manifest size limit", "server/app.py",
-             "        if size > limit:", _off("        if size > limit:"),
-             (A + "test_endless_data.py::test_oversized_manifest_is_refused_by_server[streamed]",)),
-    Mutation("fetcher minimum rate", "client/fetcher.py",
-             "        if rate < self._min_rate:", _off("        if rate < self._min_rate:"),
-             (A + "test_slow_retrieval.py::test_trickling_server_is_abandoned_and_reported[image metadata]",)),
-    Mutation("server checks the primary's manifest signature", "server/fleet.py",
-             "        envelope.verify(public_key_from_dict", "        (lambda *a: None)(public_key_from_dict",
-             (A + "test_manifest_forgery.py::test_manifest_tampered_in_flight_is_rejected",)),
-    Mutation("server checks each ECU report signature", "server/fleet.py",
-             "            report_env.verify(public_key_from_dict", "            (lambda *a: None)(public_key_from_dict",
-             (A + "test_manifest_forgery.py::test_ecu_report_with_bad_signature_is_rejected",)),
-    Mutation("server report counter must grow", "server/fleet.py",
-             "            if report.report_counter <= ecu.report_counter:",
-             _off("            if report.report_counter <= ecu.report_counter:"),
-             (A + "test_manifest_forgery.py::test_replayed_report_counter_is_rejected",)),
-    Mutation("server refuses reports from unknown ECUs", "server/fleet.py",
-             "            if ecu is None:\n                raise ManifestError(",
-             "            if False:\n                raise ManifestError(",
-             (A + "test_manifest_forgery.py::test_report_from_unknown_ecu_is_rejected",)),
-    Mutation("server checks the manifest's VIN", "server/fleet.py",
-             "    if manifest.vin != vin:", _off("    if manifest.vin != vin:"),
-             (A + "test_manifest_forgery.py::test_manifest_of_another_vehicle_is_rejected",)),
+    Mutation(
+        "image hash check on download (agent)",
+        "client/verification.py",
+        "                target.verify_length_and_hashes(f)",
+        "                pass",
+        (A + "test_arbitrary_software.py::test_image_not_signed_by_image_repository_is_refused",),
+    ),
+    Mutation(
+        "director target must exist in the image repository",
+        "client/verification.py",
+        "        if itarget is None:",
+        _off("        if itarget is None:"),
+        (A + "test_arbitrary_software.py::test_image_signed_by_director_only_is_refused",),
+    ),
+    Mutation(
+        "only offline-signed top-level targets vouch for images (not the deltas role)",
+        "client/verification.py",
+        "        itarget = image_targets.get(path)",
+        "        itarget = self.image_updater.get_targetinfo(path) if self.image_updater else None",
+        (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",),
+    ),
+    Mutation(
+        "TUF signature threshold (verify_delegate)",
+        "tuf/api/_payload.py",
+        "        if not result:\n            raise UnsignedMetadataError(",
+        "        if False:\n            raise UnsignedMetadataError(",
+        (A + "test_arbitrary_software.py::test_image_signed_by_image_repository_only_is_refused",),
+    ),
+    Mutation(
+        "release counter never lower (agent)",
+        "client/verification.py",
+        "            if custom.release_counter < installed:",
+        _off("            if custom.release_counter < installed:"),
+        (
+            A + "test_rollback.py::test_older_image_is_refused",
+            A + "test_rollback.py::test_lower_release_counter_is_refused",
+        ),
+    ),
+    Mutation(
+        "TUF snapshot may not lower a metadata version",
+        TMS,
+        "                if new_fileinfo.version < fileinfo.version:",
+        _off("                if new_fileinfo.version < fileinfo.version:"),
+        (A + "test_rollback.py::test_older_metadata_versions_are_refused",),
+    ),
+    Mutation(
+        "TUF timestamp version never goes back",
+        TMS,
+        "            if new_timestamp.version < self.timestamp.version:",
+        _off("            if new_timestamp.version < self.timestamp.version:"),
+        (A + "test_freeze.py::test_replayed_old_metadata_is_refused",),
+    ),
+    Mutation(
+        "TUF targets expiry",
+        TMS,
+        "        if new_delegate.is_expired(self.reference_time):",
+        _off("        if new_delegate.is_expired(self.reference_time):"),
+        (A + "test_freeze.py::test_expired_metadata_is_refused[director targets]",),
+    ),
+    Mutation(
+        "TUF timestamp expiry",
+        TMS,
+        "        if self.timestamp.is_expired(self.reference_time):",
+        _off("        if self.timestamp.is_expired(self.reference_time):"),
+        (A + "test_freeze.py::test_expired_metadata_is_refused[image timestamp]",),
+    ),
+    Mutation(
+        "director targets bound to this VIN",
+        "client/verification.py",
+        "        if vin != self.vin:",
+        _off("        if vin != self.vin:"),
+        (A + "test_freeze.py::test_director_targets_for_another_vin_are_refused",),
+    ),
+    Mutation(
+        "TUF targets version must match snapshot",
+        TMS,
+        "        if version != meta.version:",
+        _off("        if version != meta.version:"),
+        (
+            A
+            + "test_mix_and_match.py::test_targets_of_another_version_than_snapshot_names_are_refused",
+        ),
+    ),
+    Mutation(
+        "director hash == image repository hash",
+        "client/verification.py",
+        "            if itarget.hashes.get(alg) != digest:",
+        _off("            if itarget.hashes.get(alg) != digest:"),
+        (
+            A
+            + "test_mix_and_match.py::test_director_target_differing_from_image_repository_is_refused[hash]",
+        ),
+    ),
+    Mutation(
+        "director length == image repository length",
+        "client/verification.py",
+        "        if dtarget.length != itarget.length:",
+        _off("        if dtarget.length != itarget.length:"),
+        (
+            A
+            + "test_mix_and_match.py::test_director_target_differing_from_image_repository_is_refused[length]",
+        ),
+    ),
+    Mutation(
+        "image must list the hardware id",
+        "client/verification.py",
+        "            if hw not in custom.hardware_ids:",
+        _off("            if hw not in custom.hardware_ids:"),
+        (
+            A
+            + "test_mix_and_match.py::test_hardware_id_mismatch_is_refused[image for other hardware]",
+        ),
+    ),
+    Mutation(
+        "ECU must have the hardware id the director names",
+        "client/verification.py",
+        "            if ecus[serial] != hw:",
+        _off("            if ecus[serial] != hw:"),
+        (A + "test_mix_and_match.py::test_hardware_id_mismatch_is_refused[ECU hardware id]",),
+    ),
+    Mutation(
+        "director may only name this vehicle's ECUs",
+        "client/verification.py",
+        "            if serial not in ecus:",
+        _off("            if serial not in ecus:"),
+        (A + "test_mix_and_match.py::test_ecu_serial_of_another_vehicle_is_refused",),
+    ),
+    Mutation(
+        "fetcher length cap while streaming",
+        "client/fetcher.py",
+        "            if self.max_length is not None and self.received + len(chunk) > self.max_length:",
+        _off(
+            "            if self.max_length is not None and self.received + len(chunk) > self.max_length:"
+        ),
+        (
+            A + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[endless image]",
+            A
+            + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[endless image metadata]",
+        ),
+    ),
+    Mutation(
+        "fetcher length caps, declared and streamed",
+        "client/fetcher.py",
+        "        if self.max_length is not None and total is not None and total > self.max_length:",
+        _off(
+            "        if self.max_length is not None and total is not None and total > self.max_length:"
+        ),
+        (
+            A
+            + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[image longer than signed]",
+            A
+            + "test_endless_data.py::test_endless_data_is_cut_off_and_refused[oversized director metadata]",
+        ),
+        also=(
+            (
+                "            if self.max_length is not None and self.received + len(chunk) > self.max_length:",
+                _off(
+                    "            if self.max_length is not None and self.received + len(chunk) > self.max_length:"
+                ),
+            ),
+        ),
+    ),
+    Mutation(
+        "server manifest size limit",
+        "server/app.py",
+        "        if size > limit:",
+        _off("        if size > limit:"),
+        (A + "test_endless_data.py::test_oversized_manifest_is_refused_by_server[streamed]",),
+    ),
+    Mutation(
+        "fetcher minimum rate",
+        "client/fetcher.py",
+        "        if rate < self._min_rate:",
+        _off("        if rate < self._min_rate:"),
+        (
+            A
+            + "test_slow_retrieval.py::test_trickling_server_is_abandoned_and_reported[image metadata]",
+        ),
+    ),
+    Mutation(
+        "server checks the primary's manifest signature",
+        "server/fleet.py",
+        "        envelope.verify(public_key_from_dict",
+        "        (lambda *a: None)(public_key_from_dict",
+        (A + "test_manifest_forgery.py::test_manifest_tampered_in_flight_is_rejected",),
+    ),
+    Mutation(
+        "server checks each ECU report signature",
+        "server/fleet.py",
+        "            report_env.verify(public_key_from_dict",
+        "            (lambda *a: None)(public_key_from_dict",
+        (A + "test_manifest_forgery.py::test_ecu_report_with_bad_signature_is_rejected",),
+    ),
+    Mutation(
+        "server report counter must grow",
+        "server/fleet.py",
+        "            if report.report_counter <= ecu.report_counter:",
+        _off("            if report.report_counter <= ecu.report_counter:"),
+        (A + "test_manifest_forgery.py::test_replayed_report_counter_is_rejected",),
+    ),
+    Mutation(
+        "server refuses reports from unknown ECUs",
+        "server/fleet.py",
+        "            if ecu is None:\n                raise ManifestError(",
+        "            if False:\n                raise ManifestError(",
+        (A + "test_manifest_forgery.py::test_report_from_unknown_ecu_is_rejected",),
+    ),
+    Mutation(
+        "server checks the manifest's VIN",
+        "server/fleet.py",
+        "    if manifest.vin != vin:",
+        _off("    if manifest.vin != vin:"),
+        (A + "test_manifest_forgery.py::test_manifest_of_another_vehicle_is_rejected",),
+    ),
 ]
 
 
 def _pytest(cwd: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-o", "addopts=", *tests],
-        cwd=cwd, capture_output=True, text=True, timeout=900, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rf",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            *tests,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
 
 
 def _scratch_copy(into: Path) -> Path:
     repo = into / "repo"
-    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(
-        ".venv", ".git", ".hypothesis", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__"))
+    shutil.copytree(
+        REPO,
+        repo,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            ".hypothesis",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".pytest_cache",
+            "__pycache__",
+        ),
+    )
     shutil.copytree(TUF, repo / "tuf", ignore=shutil.ignore_patterns("__pycache__"))
     where = subprocess.run(
-        [sys.executable, "-c", "import client.verification, tuf; print(client.verification.__file__, tuf.__file__)"],
-        cwd=repo, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import client.verification, tuf; print(client.verification.__file__, tuf.__file__)",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
-    assert all(Path(p).is_relative_to(repo) for p in where), f"scratch copy not imported first: {where}"
+    assert all(Path(p).is_relative_to(repo) for p in where), (
+        f"scratch copy not imported first: {where}"
+    )
     return repo
 
 
 def main(argv: list[str]) -> int:
-    chosen = [m for m in MUTATIONS if not argv or any(a.lower() in m.name.lower() or
-                                                      any(a in t for t in m.tests) for a in argv)]
+    chosen = [
+        m
+        for m in MUTATIONS
+        if not argv
+        or any(a.lower() in m.name.lower() or any(a in t for t in m.tests) for a in argv)
+    ]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="uptake-mutants-") as tmp:
         repo = _scratch_copy(Path(tmp))
@@ -193,12 +353,16 @@ def main(argv: list[str]) -> int:
             finally:
                 path.write_text(original)
             took = time.monotonic() - start
-            summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
+            summary = (
+                run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
+            )
             if run.returncode == 0 or " passed" in summary:
                 failures += 1
                 print(f"FAIL  {m.name} ({m.file}): a test still passes without it [{summary}]")
             else:
-                print(f"ok    {m.name} ({m.file}) disabled -> defence proven, tests failed [{summary}] {took:.0f}s")
+                print(
+                    f"ok    {m.name} ({m.file}) disabled -> defence proven, tests failed [{summary}] {took:.0f}s"
+                )
                 for line in run.stdout.splitlines():
                     if line.startswith("FAILED"):
                         print(f"        {line[:220]}")

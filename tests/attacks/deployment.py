@@ -58,7 +58,9 @@ class Deployment:
     def publish(self, hardware_id: str, version: str, **kwargs: Any) -> Published:
         key = (hardware_id, version)
         if key not in self.published:
-            self.published[key] = self.server.publish(sample(hardware_id, version), hardware_id, version, **kwargs)
+            self.published[key] = self.server.publish(
+                sample(hardware_id, version), hardware_id, version, **kwargs
+            )
         return self.published[key]
 
     def install(self, ecu: str, image: Published) -> None:
@@ -70,7 +72,9 @@ class Deployment:
             self.baseline = image
 
     def baseline_image_info(self) -> ImageInfo:
-        return ImageInfo(self.baseline.filepath, self.baseline.length, {"sha256": self.baseline.sha256})
+        return ImageInfo(
+            self.baseline.filepath, self.baseline.length, {"sha256": self.baseline.sha256}
+        )
 
     # -- the attacker's tools ------------------------------------------------------
 
@@ -91,9 +95,13 @@ class Deployment:
         return Metadata[Targets].from_file(str(latest)).signed.targets[filepath]
 
     @staticmethod
-    def director_target(image: TargetFile, ecus: dict[str, str], path: str | None = None) -> TargetFile:
+    def director_target(
+        image: TargetFile, ecus: dict[str, str], path: str | None = None
+    ) -> TargetFile:
         """A director target entry installing ``image`` on ``ecus`` (serial -> hardware id)."""
-        return TargetFile(image.length, dict(image.hashes), path or image.path, {"custom": director_custom(ecus)})
+        return TargetFile(
+            image.length, dict(image.hashes), path or image.path, {"custom": director_custom(ecus)}
+        )
 
     def director_path(self, vin: str | None = None) -> str:
         return f"/director/{vin or self.vehicle.vin}/metadata/"
@@ -104,8 +112,11 @@ class Deployment:
         signer = signer or self.online_signer("director-targets")
         prefix = self.director_path()
         self.proxy.rewrites.append(
-            lambda path, body: resign(body, [signer], mutate)
-            if path.startswith(prefix) and path.endswith(".targets.json") else None
+            lambda path, body: (
+                resign(body, [signer], mutate)
+                if path.startswith(prefix) and path.endswith(".targets.json")
+                else None
+            )
         )
 
     # -- the four promises -----------------------------------------------------------

@@ -27,7 +27,9 @@ def test_image_not_signed_by_image_repository_is_refused(deployment: Deployment)
     d = deployment
     new = d.publish(GATEWAY, "1.1.0")
     d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)
-    evil = (EVIL * (new.length // len(EVIL) + 1))[: new.length]  # same length: only the hash can tell
+    evil = (EVIL * (new.length // len(EVIL) + 1))[
+        : new.length
+    ]  # same length: only the hash can tell
     d.proxy.rewrites.append(lambda path, body: evil if path.startswith("/image/targets/") else None)
     d.assert_refused(d.attack(), "hash")
 
@@ -55,8 +57,11 @@ def test_image_signed_by_image_repository_only_is_refused(deployment: Deployment
     image_targets_key = d.server.targets_signer  # offline key of the image repository, stolen
 
     def direct_unassigned(signed: Targets) -> None:
-        signed.targets = {unassigned.filepath: d.director_target(
-            d.image_target(unassigned.filepath), {d.vehicle.primary: GATEWAY})}
+        signed.targets = {
+            unassigned.filepath: d.director_target(
+                d.image_target(unassigned.filepath), {d.vehicle.primary: GATEWAY}
+            )
+        }
 
     # the vehicle fetches targets only when the director's snapshot names a new version:
     # let it see one (a legitimate assignment for the secondary), then swap in the forgery
@@ -83,8 +88,11 @@ def test_image_signed_by_the_online_deltas_role_is_refused(deployment: Deploymen
         signed.targets[evil.path] = evil
 
     d.proxy.rewrites.append(
-        lambda path, body: resign(body, [deltas_key], add_evil)
-        if path.startswith("/image/metadata/") and path.endswith(".deltas.json") else None
+        lambda path, body: (
+            resign(body, [deltas_key], add_evil)
+            if path.startswith("/image/metadata/") and path.endswith(".deltas.json")
+            else None
+        )
     )
     d.proxy.rewrites.append(lambda path, body: EVIL if path.endswith("evil-firmware") else None)
 

@@ -30,7 +30,9 @@ MAGIC = b"UPTKFWI1"
 
 
 @pytest.fixture
-def encrypting(server: ServerProcess, tmp_path: Path) -> Iterator[tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]]:
+def encrypting(
+    server: ServerProcess, tmp_path: Path
+) -> Iterator[tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]]:
     server.stop()
     config_path = server.data_dir / "server.json"
     config = json.loads(config_path.read_bytes())
@@ -50,7 +52,8 @@ def _record(proxy: MaliciousProxy, wire: list[tuple[str, bytes]]) -> None:
 
 
 def test_eavesdropper_sees_no_plaintext_and_the_update_installs(
-        server: ServerProcess, encrypting: tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]) -> None:
+    server: ServerProcess, encrypting: tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]
+) -> None:
     proxy, vehicle, wire = encrypting
     image = sample("rpi-gateway", "1.1.0").read_bytes()
     assert MAGIC in image
@@ -69,15 +72,18 @@ def test_eavesdropper_sees_no_plaintext_and_the_update_installs(
 
     seen = b"".join(body for _, body in wire)
     assert MAGIC not in seen
-    leaked = [i for i in range(len(image) - 63) if image[i:i + 64] in seen]
+    leaked = [i for i in range(len(image) - 63) if image[i : i + 64] in seen]
     assert leaked == [], f"{len(leaked)} 64-byte windows of the image crossed the wire"
     paths = [p for p, _ in wire]
-    assert any(p.startswith(f"/director/{vehicle.vin}/targets/{vehicle.primary}/") for p in paths), paths
+    assert any(
+        p.startswith(f"/director/{vehicle.vin}/targets/{vehicle.primary}/") for p in paths
+    ), paths
     assert not any(p.startswith("/image/targets/") for p in paths), paths
 
 
 def test_tampered_ciphertext_is_refused_and_reported(
-        server: ServerProcess, encrypting: tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]) -> None:
+    server: ServerProcess, encrypting: tuple[MaliciousProxy, Vehicle, list[tuple[str, bytes]]]
+) -> None:
     proxy, vehicle, _ = encrypting
     old = server.publish(sample("rpi-gateway", "1.0.0"), "rpi-gateway", "1.0.0")
     server.assign(vehicle.vin, vehicle.primary, old.filepath)
@@ -85,7 +91,9 @@ def test_tampered_ciphertext_is_refused_and_reported(
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
 
-    stored = next((server.data_dir / "director" / "encrypted" / vehicle.vin).rglob("1.1.0/*.gateway.elf"))
+    stored = next(
+        (server.data_dir / "director" / "encrypted" / vehicle.vin).rglob("1.1.0/*.gateway.elf")
+    )
     tampered = bytearray(stored.read_bytes())
     tampered[100] ^= 0x01
     tampered_sha = hashlib.sha256(tampered).hexdigest()
@@ -95,8 +103,11 @@ def test_tampered_ciphertext_is_refused_and_reported(
         signed.targets[gw.filepath].hashes = {"sha256": tampered_sha}
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [stolen], point_at_tampered)
-        if path.startswith("/director/") and path.endswith(".targets.json") else None
+        lambda path, body: (
+            resign(body, [stolen], point_at_tampered)
+            if path.startswith("/director/") and path.endswith(".targets.json")
+            else None
+        )
     )
     proxy.rewrites.append(
         lambda path, body: bytes(tampered) if path.endswith(f"{tampered_sha}.gateway.elf") else None
@@ -115,12 +126,23 @@ def test_per_vehicle_encryption_flag(server: ServerProcess, tmp_path: Path) -> N
 
     ecu_key = generate_encryption_key()
     plain = Vehicle(tmp_path, server, vin="PLAIN01", secondaries=False)
-    server.admin.request("POST", "/api/v1/vehicles", json_body={
-        "vin": "SECRET1", "primary_ecu_serial": "GW-SECRET1", "encrypt_images": True,
-        "ecus": [{"serial": "GW-SECRET1", "hardware_id": "rpi-gateway",
-                  "public_key": public_key_to_dict(generate_signer().public_key),
-                  "encryption_key": public_key_hex(ecu_key)}],
-    })
+    server.admin.request(
+        "POST",
+        "/api/v1/vehicles",
+        json_body={
+            "vin": "SECRET1",
+            "primary_ecu_serial": "GW-SECRET1",
+            "encrypt_images": True,
+            "ecus": [
+                {
+                    "serial": "GW-SECRET1",
+                    "hardware_id": "rpi-gateway",
+                    "public_key": public_key_to_dict(generate_signer().public_key),
+                    "encryption_key": public_key_hex(ecu_key),
+                }
+            ],
+        },
+    )
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(plain.vin, plain.primary, gw.filepath)
     server.assign("SECRET1", "GW-SECRET1", gw.filepath)
@@ -128,9 +150,13 @@ def test_per_vehicle_encryption_flag(server: ServerProcess, tmp_path: Path) -> N
     def director_target(vin: str) -> dict[str, Any]:
         ts = json.loads(server.admin.get_bytes(f"/director/{vin}/metadata/timestamp.json"))
         snap_v = ts["signed"]["meta"]["snapshot.json"]["version"]
-        snap = json.loads(server.admin.get_bytes(f"/director/{vin}/metadata/{snap_v}.snapshot.json"))
+        snap = json.loads(
+            server.admin.get_bytes(f"/director/{vin}/metadata/{snap_v}.snapshot.json")
+        )
         targets_v = snap["signed"]["meta"]["targets.json"]["version"]
-        targets = json.loads(server.admin.get_bytes(f"/director/{vin}/metadata/{targets_v}.targets.json"))
+        targets = json.loads(
+            server.admin.get_bytes(f"/director/{vin}/metadata/{targets_v}.targets.json")
+        )
         result: dict[str, Any] = targets["signed"]["targets"][gw.filepath]
         return result
 
@@ -140,9 +166,11 @@ def test_per_vehicle_encryption_flag(server: ServerProcess, tmp_path: Path) -> N
     assert info["plaintextHashes"]["sha256"] == gw.sha256 and info["plaintextLength"] == gw.length
     assert secret["length"] > gw.length
     served = server.admin.get_bytes(
-        f"/director/SECRET1/targets/GW-SECRET1/rpi-gateway/1.1.0/{secret['hashes']['sha256']}.gateway.elf")
+        f"/director/SECRET1/targets/GW-SECRET1/rpi-gateway/1.1.0/{secret['hashes']['sha256']}.gateway.elf"
+    )
     assert hashlib.sha256(served).hexdigest() == secret["hashes"]["sha256"] and MAGIC not in served
     # another vehicle's path does not reach this copy
     with pytest.raises(ApiClientError, match="404"):
         server.admin.get_bytes(
-            f"/director/PLAIN01/targets/GW-SECRET1/rpi-gateway/1.1.0/{secret['hashes']['sha256']}.gateway.elf")
+            f"/director/PLAIN01/targets/GW-SECRET1/rpi-gateway/1.1.0/{secret['hashes']['sha256']}.gateway.elf"
+        )

@@ -51,7 +51,9 @@ def test_expired_metadata_is_refused(deployment: Deployment, role: str) -> None:
     else:
         key = d.online_signer("image-timestamp")
         d.proxy.rewrites.append(
-            lambda path, body: resign(body, [key], _expire) if path == "/image/metadata/timestamp.json" else None
+            lambda path, body: (
+                resign(body, [key], _expire) if path == "/image/metadata/timestamp.json" else None
+            )
         )
         needle = "timestamp.json is expired"
     d.server.assign(d.vehicle.vin, d.vehicle.primary, d.publish(GATEWAY, "1.1.0").filepath)
@@ -71,7 +73,9 @@ def _refused_by_vehicle(vehicle: Vehicle, filepath: str) -> None:
 def test_director_targets_for_another_vin_are_refused(deployment: Deployment) -> None:
     d = deployment
     new = d.publish(GATEWAY, "1.1.0")
-    d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)  # this vehicle: targets v3, an update
+    d.server.assign(
+        d.vehicle.vin, d.vehicle.primary, new.filepath
+    )  # this vehicle: targets v3, an update
     other = Vehicle(d.tmp, d.server, vin="VIN0002", secondaries=False)
     d.server.assign(other.vin, other.primary, new.filepath)  # the other: v2 ...
     _refused_by_vehicle(other, new.filepath)  # ... and v3 with nothing to install
@@ -79,7 +83,10 @@ def test_director_targets_for_another_vin_are_refused(deployment: Deployment) ->
     assert d.upstream(f"{theirs}3.targets.json").count(b'"length"') == 0
     # freeze: serve this vehicle the other's genuine, empty targets of the same version
     d.proxy.rewrites.append(
-        lambda path, body: d.upstream(path.replace(mine, theirs))
-        if path.startswith(mine) and path.endswith(".targets.json") else None
+        lambda path, body: (
+            d.upstream(path.replace(mine, theirs))
+            if path.startswith(mine) and path.endswith(".targets.json")
+            else None
+        )
     )
     d.assert_refused(d.attack(), "are for VIN 'VIN0002'")

@@ -50,7 +50,8 @@ def _install_gateway(server: ServerProcess, vehicle: Vehicle) -> str:
 
 
 def test_director_key_alone_cannot_install_an_image_missing_from_the_image_repo(
-        server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     installed = _install_gateway(server, vehicle)
     stolen = online_signer(server, "director-targets")
@@ -63,10 +64,15 @@ def test_director_key_alone_cannot_install_an_image_missing_from_the_image_repo(
         signed.targets = {evil.path: evil}
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [stolen], direct_evil)
-        if path.startswith("/director/") and path.endswith(".targets.json") else None
+        lambda path, body: (
+            resign(body, [stolen], direct_evil)
+            if path.startswith("/director/") and path.endswith(".targets.json")
+            else None
+        )
     )
-    proxy.rewrites.append(lambda path, body: EVIL if path.endswith("gateway.elf") and "9.9.9" in path else None)
+    proxy.rewrites.append(
+        lambda path, body: EVIL if path.endswith("gateway.elf") and "9.9.9" in path else None
+    )
     report = vehicle.run_once().report
     assert "not in the image repository" in report["verification_error"]
     assert report["outcomes"] == {}
@@ -76,28 +82,49 @@ def test_director_key_alone_cannot_install_an_image_missing_from_the_image_repo(
 
 
 def test_image_snapshot_and_timestamp_keys_alone_cannot_forge_targets(
-        server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     installed = _install_gateway(server, vehicle)
     new = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, new.filepath)
-    snapshot_key, timestamp_key = online_signer(server, "image-snapshot"), online_signer(server, "image-timestamp")
+    snapshot_key, timestamp_key = (
+        online_signer(server, "image-snapshot"),
+        online_signer(server, "image-timestamp"),
+    )
     meta = server.data_dir / "image-repo" / "metadata"
-    snap_v = json.loads((meta / "timestamp.json").read_bytes())["signed"]["meta"]["snapshot.json"]["version"]
-    targets_v = json.loads((meta / f"{snap_v}.snapshot.json").read_bytes())["signed"]["meta"]["targets.json"]["version"]
-    forged_targets = resign((meta / f"{targets_v}.targets.json").read_bytes(), [snapshot_key, timestamp_key],
-                            lambda s: _swap_image(s, new.filepath, targets_v + 1))
-    forged_snapshot = resign((meta / f"{snap_v}.snapshot.json").read_bytes(), [snapshot_key],
-                             lambda s: _point_snapshot(s, snap_v + 1, targets_v + 1))
+    snap_v = json.loads((meta / "timestamp.json").read_bytes())["signed"]["meta"]["snapshot.json"][
+        "version"
+    ]
+    targets_v = json.loads((meta / f"{snap_v}.snapshot.json").read_bytes())["signed"]["meta"][
+        "targets.json"
+    ]["version"]
+    forged_targets = resign(
+        (meta / f"{targets_v}.targets.json").read_bytes(),
+        [snapshot_key, timestamp_key],
+        lambda s: _swap_image(s, new.filepath, targets_v + 1),
+    )
+    forged_snapshot = resign(
+        (meta / f"{snap_v}.snapshot.json").read_bytes(),
+        [snapshot_key],
+        lambda s: _point_snapshot(s, snap_v + 1, targets_v + 1),
+    )
     forged = {
         "/image/metadata/timestamp.json": resign(
-            (meta / "timestamp.json").read_bytes(), [timestamp_key],
-            lambda s: setattr(s, "snapshot_meta", MetaFile(version=snap_v + 1)) or setattr(s, "version", s.version + 1)),
+            (meta / "timestamp.json").read_bytes(),
+            [timestamp_key],
+            lambda s: (
+                setattr(s, "snapshot_meta", MetaFile(version=snap_v + 1))
+                or setattr(s, "version", s.version + 1)
+            ),
+        ),
         f"/image/metadata/{snap_v + 1}.snapshot.json": forged_snapshot,
         f"/image/metadata/{targets_v + 1}.targets.json": forged_targets,
     }
     proxy.rewrites.append(lambda path, body: forged.get(path))
-    proxy.rewrites.append(lambda path, body: EVIL if path.endswith("gateway.elf") and "1.1.0" in path else None)
+    proxy.rewrites.append(
+        lambda path, body: EVIL if path.endswith("gateway.elf") and "1.1.0" in path else None
+    )
     report = vehicle.run_once().report
     assert "UnsignedMetadataError" in report["verification_error"]
     assert "targets" in report["verification_error"]
@@ -121,9 +148,24 @@ def _point_snapshot(signed: Any, version: int, targets_version: int) -> None:
 
 def _rotate(server: ServerProcess, repository: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "uptake", "server", "rotate-keys", "--data-dir", str(server.data_dir),
-         "--offline-keys-dir", str(server.offline_dir), "--repository", repository, "--json"],
-        env=ENV, capture_output=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "uptake",
+            "server",
+            "rotate-keys",
+            "--data-dir",
+            str(server.data_dir),
+            "--offline-keys-dir",
+            str(server.offline_dir),
+            "--repository",
+            repository,
+            "--json",
+        ],
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -131,7 +173,8 @@ def _rotate(server: ServerProcess, repository: str) -> dict[str, Any]:
 
 
 def test_rotation_refuses_old_keys_and_restores_service(
-        server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
@@ -141,9 +184,23 @@ def test_rotation_refuses_old_keys_and_restores_service(
 
     # the running server refuses to rotate under it; stopped, it rotates both repositories
     refused = subprocess.run(
-        [sys.executable, "-m", "uptake", "server", "rotate-keys", "--data-dir", str(server.data_dir),
-         "--offline-keys-dir", str(server.offline_dir), "--repository", "director"],
-        env=ENV, capture_output=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "uptake",
+            "server",
+            "rotate-keys",
+            "--data-dir",
+            str(server.data_dir),
+            "--offline-keys-dir",
+            str(server.offline_dir),
+            "--repository",
+            "director",
+        ],
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert refused.returncode != 0 and b"stop" in refused.stderr
     server.stop()
@@ -152,30 +209,46 @@ def test_rotation_refuses_old_keys_and_restores_service(
     server.start()
     assert director["root_version"] == 2 and director["vehicles_resigned"] == 1
     assert image["root_version"] == 2 and image["roles"] == ["snapshot", "timestamp"]
-    assert online_signer(server, "director-targets").public_key.keyid != old_director_targets.public_key.keyid
+    assert (
+        online_signer(server, "director-targets").public_key.keyid
+        != old_director_targets.public_key.keyid
+    )
 
     # attacker with the old director targets key directs a published image nobody assigned
     def direct_gateway(signed: Any) -> None:
         target = TargetFile(gw.length, {"sha256": gw.sha256}, gw.filepath)
-        target.unrecognized_fields["custom"] = {"ecuIdentifiers": {vehicle.primary: {"hardwareId": "rpi-gateway"}}}
+        target.unrecognized_fields["custom"] = {
+            "ecuIdentifiers": {vehicle.primary: {"hardwareId": "rpi-gateway"}}
+        }
         signed.targets = {gw.filepath: target}
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [old_director_targets], direct_gateway)
-        if path.startswith("/director/") and path.endswith(".targets.json") else None
+        lambda path, body: (
+            resign(body, [old_director_targets], direct_gateway)
+            if path.startswith("/director/") and path.endswith(".targets.json")
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "director repository: UnsignedMetadataError" in report["verification_error"]
     assert report["outcomes"] == {} and vehicle.booted_image() == ""
     assert_attack_reported(server, vehicle, "UnsignedMetadataError")
-    assert json.loads((vehicle.state_dir / "metadata" / "director" / "root.json").read_bytes())["signed"]["version"] == 2
+    assert (
+        json.loads((vehicle.state_dir / "metadata" / "director" / "root.json").read_bytes())[
+            "signed"
+        ]["version"]
+        == 2
+    )
 
     # attacker with the old image timestamp key replays a timestamp signed with it
     proxy.rewrites.clear()
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     proxy.rewrites.append(
-        lambda path, body: resign(body, [old_image_timestamp], lambda s: setattr(s, "version", s.version + 1))
-        if path == "/image/metadata/timestamp.json" else None
+        lambda path, body: (
+            resign(body, [old_image_timestamp], lambda s: setattr(s, "version", s.version + 1))
+            if path == "/image/metadata/timestamp.json"
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "image repository: UnsignedMetadataError" in report["verification_error"]
@@ -190,7 +263,10 @@ def test_rotation_refuses_old_keys_and_restores_service(
     assert report["outcomes"][vehicle.primary]["result"] == "installed"
     assert report["outcomes"][vehicle.secondary]["result"] == "installed", report
     assert vehicle.booted_image() == gw.filepath
-    assert installed_on_server(server, vehicle) == {vehicle.primary: gw.filepath, vehicle.secondary: bms.filepath}
+    assert installed_on_server(server, vehicle) == {
+        vehicle.primary: gw.filepath,
+        vehicle.secondary: bms.filepath,
+    }
     assert vehicle.state().ecu(vehicle.primary).attacks_detected == ""
 
 
@@ -203,9 +279,23 @@ def test_interrupted_rotation_resumes(server: ServerProcess, vehicle: Vehicle) -
     blocker.unlink()
     blocker.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "uptake", "server", "rotate-keys", "--data-dir", str(server.data_dir),
-         "--offline-keys-dir", str(server.offline_dir), "--repository", "director"],
-        env=ENV, capture_output=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "uptake",
+            "server",
+            "rotate-keys",
+            "--data-dir",
+            str(server.data_dir),
+            "--offline-keys-dir",
+            str(server.offline_dir),
+            "--repository",
+            "director",
+        ],
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 1 and b"Traceback" not in proc.stderr, proc.stderr
     assert (server.data_dir / "director" / "metadata" / "2.root.json").exists()
@@ -213,9 +303,13 @@ def test_interrupted_rotation_resumes(server: ServerProcess, vehicle: Vehicle) -
     result = _rotate(server, "director")
     assert result["resumed"] and result["root_version"] == 2
     assert not (server.data_dir / "director" / "metadata" / "3.root.json").exists()
-    root = json.loads((server.data_dir / "director" / "metadata" / "2.root.json").read_bytes())["signed"]
+    root = json.loads((server.data_dir / "director" / "metadata" / "2.root.json").read_bytes())[
+        "signed"
+    ]
     for role in ("targets", "snapshot", "timestamp"):
-        assert root["roles"][role]["keyids"] == [online_signer(server, f"director-{role}").public_key.keyid]
+        assert root["roles"][role]["keyids"] == [
+            online_signer(server, f"director-{role}").public_key.keyid
+        ]
     server.start()
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     assert vehicle.run_once().report["outcomes"][vehicle.primary]["result"] == "installed"

@@ -45,8 +45,11 @@ def _primary_key(vehicle: Vehicle) -> Any:
 
 def _post(d: Deployment, body: bytes, vin: str | None = None) -> tuple[int, dict[str, Any]]:
     resp = urllib3.PoolManager(retries=False, timeout=30.0).request(
-        "POST", f"{d.server.url}/api/v1/vehicles/{vin or d.vehicle.vin}/manifest", body=body,
-        headers={"Content-Type": "application/json"})
+        "POST",
+        f"{d.server.url}/api/v1/vehicles/{vin or d.vehicle.vin}/manifest",
+        body=body,
+        headers={"Content-Type": "application/json"},
+    )
     return resp.status, json.loads(resp.data)
 
 
@@ -58,11 +61,20 @@ def _re_signed(body: bytes, signer: Any, mutate: Callable[[dict[str, Any]], None
 
 
 def _ecus(record: dict[str, Any]) -> dict[str, Any]:
-    return {e["serial"]: (e["installed"], e["report_counter"], e["attacks_detected"]) for e in record["ecus"]}
+    return {
+        e["serial"]: (e["installed"], e["report_counter"], e["attacks_detected"])
+        for e in record["ecus"]
+    }
 
 
-def _assert_rejected(d: Deployment, before: dict[str, Any], status: int, answer: dict[str, Any],
-                     expected_status: int, needle: str) -> None:
+def _assert_rejected(
+    d: Deployment,
+    before: dict[str, Any],
+    status: int,
+    answer: dict[str, Any],
+    expected_status: int,
+    needle: str,
+) -> None:
     assert status == expected_status, answer
     assert needle.lower() in answer["error"]["message"].lower(), answer
     after = d.server.vehicle(d.vehicle.vin)
@@ -92,7 +104,10 @@ def test_manifest_tampered_in_flight_is_rejected(deployment: Deployment) -> None
     assert not report["manifest_accepted"]
     d.proxy.request_rewrites.clear()
     after = d.server.vehicle(d.vehicle.vin)
-    assert "vehicle manifest" in after["last_rejection"] and "does not verify" in after["last_rejection"]
+    assert (
+        "vehicle manifest" in after["last_rejection"]
+        and "does not verify" in after["last_rejection"]
+    )
     # replay the tampered body once more, directly, to check the answer itself
     tampered = claim_other_image("POST", "/manifest", _agent(d.vehicle).build_manifest())
     assert tampered is not None
@@ -109,9 +124,13 @@ def test_ecu_report_with_bad_signature_is_rejected(deployment: Deployment) -> No
         report = signed["ecu_version_reports"][d.vehicle.secondary]["signed"]
         report["installed_image"]["filepath"] = "stm32f4-bms/6.6.6/bms.bin"
 
-    forged = _re_signed(_agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), lie_about_secondary)
+    forged = _re_signed(
+        _agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), lie_about_secondary
+    )
     status, answer = _post(d, forged)
-    _assert_rejected(d, before, status, answer, 403, f"ECU report of {d.vehicle.secondary}: signature")
+    _assert_rejected(
+        d, before, status, answer, 403, f"ECU report of {d.vehicle.secondary}: signature"
+    )
 
 
 def test_replayed_report_counter_is_rejected(deployment: Deployment) -> None:
@@ -138,7 +157,9 @@ def test_report_from_unknown_ecu_is_rejected(deployment: Deployment, whose: str)
 
     forged = _re_signed(_agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), add_rogue)
     status, answer = _post(d, forged)
-    _assert_rejected(d, before, status, answer, 400, f"ECU report from '{serial}', which is not an ECU")
+    _assert_rejected(
+        d, before, status, answer, 400, f"ECU report from '{serial}', which is not an ECU"
+    )
 
 
 def test_manifest_of_another_vehicle_is_rejected(deployment: Deployment) -> None:

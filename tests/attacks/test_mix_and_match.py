@@ -26,7 +26,8 @@ from tests.uptake_fixtures import Vehicle
 
 @pytest.mark.parametrize("repository", ["image", "director"])
 def test_targets_of_another_version_than_snapshot_names_are_refused(
-        deployment: Deployment, repository: str) -> None:
+    deployment: Deployment, repository: str
+) -> None:
     d = deployment
     new = d.publish(GATEWAY, "1.1.0")  # a new image targets version, and then a new director one
     d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)
@@ -43,7 +44,9 @@ def test_targets_of_another_version_than_snapshot_names_are_refused(
 
 
 @pytest.mark.parametrize("field", ["hash", "length"])
-def test_director_target_differing_from_image_repository_is_refused(deployment: Deployment, field: str) -> None:
+def test_director_target_differing_from_image_repository_is_refused(
+    deployment: Deployment, field: str
+) -> None:
     d = deployment
     new = d.publish(GATEWAY, "1.1.0")
     other = d.publish(GATEWAY, "2.0.0")  # real, signed bytes, just not the ones this path names
@@ -67,16 +70,23 @@ def test_hardware_id_mismatch_is_refused(deployment: Deployment, lie: str) -> No
     gateway = d.publish(GATEWAY, "1.1.0")
 
     def mismatch(signed: Targets) -> None:
-        if lie == "image for other hardware":  # the BMS image to the gateway, claimed as gateway hardware
+        if (
+            lie == "image for other hardware"
+        ):  # the BMS image to the gateway, claimed as gateway hardware
             target = d.director_target(d.image_target(bms.filepath), {d.vehicle.primary: GATEWAY})
         else:  # the gateway image to the secondary, claiming the secondary is a gateway
-            target = d.director_target(d.image_target(gateway.filepath), {d.vehicle.secondary: GATEWAY})
+            target = d.director_target(
+                d.image_target(gateway.filepath), {d.vehicle.secondary: GATEWAY}
+            )
         signed.targets = {target.path: target}
 
     d.on_director_targets(mismatch)
     d.server.assign(d.vehicle.vin, d.vehicle.primary, gateway.filepath)
-    needle = "image repository lists it for stm32f4-bms" if lie == "image for other hardware" \
+    needle = (
+        "image repository lists it for stm32f4-bms"
+        if lie == "image for other hardware"
         else f"ECU {d.vehicle.secondary} is 'stm32f4-bms', director says 'rpi-gateway'"
+    )
     d.assert_refused(d.attack(), needle)
 
 

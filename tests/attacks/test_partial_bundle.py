@@ -40,12 +40,15 @@ def _baseline(server: ServerProcess, vehicle: Vehicle) -> tuple[str, str]:
     return gw.filepath, bms.filepath
 
 
-def test_director_dropping_half_a_bundle_is_refused(server: ServerProcess,
-                                                     proxied: tuple[MaliciousProxy, Vehicle]) -> None:
+def test_director_dropping_half_a_bundle_is_refused(
+    server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
+) -> None:
     proxy, vehicle = proxied
     old_gw, old_bms = _baseline(server, vehicle)
     bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
-    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0", requires=NEEDS_BMS_11)
+    gw = server.publish(
+        sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0", requires=NEEDS_BMS_11
+    )
 
     # the director refuses the gateway alone...
     with pytest.raises(ApiClientError, match=r"409.*requires stm32f4-bms >=1\.1\.0"):
@@ -60,15 +63,21 @@ def test_director_dropping_half_a_bundle_is_refused(server: ServerProcess,
         signed.targets = {p: t for p, t in signed.targets.items() if p != bms.filepath}
 
     proxy.rewrites.append(
-        lambda path, body: resign(body, [stolen], drop_bms)
-        if path.startswith("/director/") and path.endswith(".targets.json") else None
+        lambda path, body: (
+            resign(body, [stolen], drop_bms)
+            if path.startswith("/director/") and path.endswith(".targets.json")
+            else None
+        )
     )
     report = vehicle.run_once().report
     assert "partial bundle refused" in report["verification_error"]
     assert report["outcomes"] == {}
     assert vehicle.booted_image() == old_gw
     assert vehicle.secondary_state()["banks"][_booted_bank(vehicle)]["filepath"] == old_bms
-    assert installed_on_server(server, vehicle) == {vehicle.primary: old_gw, vehicle.secondary: old_bms}
+    assert installed_on_server(server, vehicle) == {
+        vehicle.primary: old_gw,
+        vehicle.secondary: old_bms,
+    }
     assert_attack_reported(server, vehicle, "partial bundle")
 
     # the whole bundle, undisturbed, installs: the BMS the gateway needs first
@@ -76,21 +85,35 @@ def test_director_dropping_half_a_bundle_is_refused(server: ServerProcess,
     report = vehicle.run_once().report
     assert list(report["outcomes"]) == [vehicle.secondary, vehicle.primary]
     assert {o["result"] for o in report["outcomes"].values()} == {"installed"}
-    assert installed_on_server(server, vehicle) == {vehicle.primary: gw.filepath, vehicle.secondary: bms.filepath}
+    assert installed_on_server(server, vehicle) == {
+        vehicle.primary: gw.filepath,
+        vehicle.secondary: bms.filepath,
+    }
 
 
 def _booted_bank(vehicle: Vehicle) -> str:
     import json
 
-    env = json.loads((vehicle.state_dir / "secondaries" / vehicle.secondary / "bootenv.json").read_bytes())
+    env = json.loads(
+        (vehicle.state_dir / "secondaries" / vehicle.secondary / "bootenv.json").read_bytes()
+    )
     return str(env["boot_slot"])
 
 
-def test_dependent_is_not_installed_when_its_dependency_fails(server: ServerProcess, vehicle: Vehicle) -> None:
+def test_dependent_is_not_installed_when_its_dependency_fails(
+    server: ServerProcess, vehicle: Vehicle
+) -> None:
     old_gw, old_bms = _baseline(server, vehicle)
-    broken_bms = server.publish(sample("stm32f4-bms", "2.0.0"), "stm32f4-bms", "2.0.0")  # fails its self-test
-    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.2.0",
-                        filepath="rpi-gateway/1.2.0/gateway.elf", requires={"stm32f4-bms": ">=2.0.0"})
+    broken_bms = server.publish(
+        sample("stm32f4-bms", "2.0.0"), "stm32f4-bms", "2.0.0"
+    )  # fails its self-test
+    gw = server.publish(
+        sample("rpi-gateway", "1.1.0"),
+        "rpi-gateway",
+        "1.2.0",
+        filepath="rpi-gateway/1.2.0/gateway.elf",
+        requires={"stm32f4-bms": ">=2.0.0"},
+    )
     server.assign(vehicle.vin, vehicle.secondary, broken_bms.filepath)
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     report = vehicle.run_once().report
@@ -101,6 +124,9 @@ def test_dependent_is_not_installed_when_its_dependency_fails(server: ServerProc
     assert vehicle.booted_image() == old_gw
     record = server.vehicle(vehicle.vin)
     assert {a["filepath"]: a["status"] for a in record["assignments"]}[gw.filepath] == "failed"
-    assert installed_on_server(server, vehicle) == {vehicle.primary: old_gw, vehicle.secondary: old_bms}
+    assert installed_on_server(server, vehicle) == {
+        vehicle.primary: old_gw,
+        vehicle.secondary: old_bms,
+    }
     # nothing incompatible is directed afterwards
     assert vehicle.run_once().report["directed"] == []

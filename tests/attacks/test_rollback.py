@@ -34,7 +34,9 @@ def _direct_instead(d: Deployment, filepath: str) -> None:
     target = d.director_target(d.image_target(filepath), {d.vehicle.primary: GATEWAY})
 
     def swap(signed: Targets) -> None:
-        signed.targets = {p: t for p, t in signed.targets.items() if d.vehicle.primary not in director_ecus(t)}
+        signed.targets = {
+            p: t for p, t in signed.targets.items() if d.vehicle.primary not in director_ecus(t)
+        }
         signed.targets[filepath] = target
 
     d.on_director_targets(swap)
@@ -55,7 +57,10 @@ def test_older_image_is_refused(deployment: Deployment) -> None:
 def test_older_metadata_versions_are_refused(deployment: Deployment) -> None:
     d = deployment
     prefix = d.director_path()
-    timestamp_key, snapshot_key = d.online_signer("director-timestamp"), d.online_signer("director-snapshot")
+    timestamp_key, snapshot_key = (
+        d.online_signer("director-timestamp"),
+        d.online_signer("director-snapshot"),
+    )
 
     def newer_timestamp(signed: Timestamp) -> None:
         signed.version += 1
@@ -75,8 +80,11 @@ def test_older_metadata_versions_are_refused(deployment: Deployment) -> None:
         return resign(real, [snapshot_key], point_back)
 
     d.proxy.rewrites.append(
-        lambda path, body: resign(body, [timestamp_key], newer_timestamp)
-        if path == f"{prefix}timestamp.json" else None
+        lambda path, body: (
+            resign(body, [timestamp_key], newer_timestamp)
+            if path == f"{prefix}timestamp.json"
+            else None
+        )
     )
     d.proxy.rewrites.append(snapshot_pointing_back)
     d.assert_refused(d.attack(), "targets.json version")
@@ -87,7 +95,9 @@ def _publish_with_counter(d: Deployment, tmp: Path, version: str, counter: int) 
     image = tmp / f"gateway-{version}.elf"
     image.write_bytes(sample(GATEWAY, "1.1.0").read_bytes() + b"\0 backdoor " * 16)
     filepath = f"{GATEWAY}/{version}/gateway.elf"
-    md = fetch_verified_targets(d.server.url, (d.server.offline_dir / "image-root.json").read_bytes())
+    md = fetch_verified_targets(
+        d.server.url, (d.server.offline_dir / "image-root.json").read_bytes()
+    )
     target = TargetFile.from_file(filepath, str(image), ["sha256"])
     target.unrecognized_fields["custom"] = ImageCustom((GATEWAY,), counter, version).to_custom()
     md.signed.targets[filepath] = target
@@ -96,8 +106,12 @@ def _publish_with_counter(d: Deployment, tmp: Path, version: str, counter: int) 
     md.signatures.clear()
     md.sign(d.server.targets_signer)
     d.server.admin.upload_file(target.hashes["sha256"], image)
-    d.server.admin.request("POST", "/api/v1/image/targets", body=md.to_bytes(JSONSerializer(compact=False)),
-                           headers={"Content-Type": "application/json"})
+    d.server.admin.request(
+        "POST",
+        "/api/v1/image/targets",
+        body=md.to_bytes(JSONSerializer(compact=False)),
+        headers={"Content-Type": "application/json"},
+    )
     return filepath
 
 

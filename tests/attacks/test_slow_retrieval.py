@@ -33,7 +33,9 @@ def test_trickling_server_is_abandoned_and_reported(deployment: Deployment, what
     matches = {
         "image": lambda path: path.startswith("/image/targets/"),
         "image metadata": lambda path: path == "/image/metadata/timestamp.json",
-        "director metadata": lambda path: path.startswith(director) and path.endswith(".targets.json"),
+        "director metadata": lambda path: (
+            path.startswith(director) and path.endswith(".targets.json")
+        ),
     }[what]
     d.proxy.streams.append(trickle(matches, bytes_per_second=50))
     d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)

@@ -16,8 +16,9 @@ def online_signer(server: ServerProcess, name: str) -> Any:
 def assert_attack_reported(server: ServerProcess, vehicle: Vehicle, needle: str) -> None:
     """The primary kept ``needle`` in attacks_detected, its manifest said so, the server recorded it."""
     state = vehicle.state()
-    assert needle.lower() in state.ecu(vehicle.primary).attacks_detected.lower(), \
-        state.ecu(vehicle.primary).attacks_detected
+    assert needle.lower() in state.ecu(vehicle.primary).attacks_detected.lower(), state.ecu(
+        vehicle.primary
+    ).attacks_detected
     record = server.vehicle(vehicle.vin)
     primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
     assert needle.lower() in primary["attacks_detected"].lower(), primary["attacks_detected"]

@@ -73,8 +73,9 @@ def delta(data: bytes) -> None:
     if not data:
         return
     method = ("bsdiff", "zstd-dict", "windows")[data[0] % 3]
-    patch = fmt.encode_delta(method, (len(_OLD), hashlib.sha256(_OLD).digest()),
-                             (len(data) * 4, bytes(32)), data[1:])
+    patch = fmt.encode_delta(
+        method, (len(_OLD), hashlib.sha256(_OLD).digest()), (len(data) * 4, bytes(32)), data[1:]
+    )
     with contextlib.suppress(DeltaError):
         apply_delta(io.BytesIO(_OLD), io.BytesIO(patch), io.BytesIO())
 
@@ -120,19 +121,34 @@ def state(data: bytes) -> None:
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
-    "manifest": manifest, "delta": delta, "delta-header": delta_header, "agent-config": agent_config,
-    "server-config": server_config, "metadata": metadata, "state": state,
+    "manifest": manifest,
+    "delta": delta,
+    "delta-header": delta_header,
+    "agent-config": agent_config,
+    "server-config": server_config,
+    "metadata": metadata,
+    "state": state,
 }
 
 
 def _seeds(name: str) -> list[bytes]:
     """Valid inputs to start from: JSON and TOML are parsed in C, invisible to coverage."""
     image = ImageInfo("rpi-gateway/1.0.0/gateway.elf", len(_OLD), {"sha256": "ab" * 32})
-    report = EcuVersionReport("GW-1", image, 3, "", InstallOutcome(image.filepath, "installed")).sign(_KEY)
+    report = EcuVersionReport(
+        "GW-1", image, 3, "", InstallOutcome(image.filepath, "installed")
+    ).sign(_KEY)
     targets = Targets(version=2)
-    target = TargetFile(3, {"sha256": "ab" * 32}, "a/b.bin",
-                        {"custom": {**ImageCustom(("hw",), 1, "1.0").to_custom(),
-                                    **director_custom({"GW-1": "hw"})}})
+    target = TargetFile(
+        3,
+        {"sha256": "ab" * 32},
+        "a/b.bin",
+        {
+            "custom": {
+                **ImageCustom(("hw",), 1, "1.0").to_custom(),
+                **director_custom({"GW-1": "hw"}),
+            }
+        },
+    )
     targets.targets[target.path] = target
     set_director_vin(targets, "VIN1")
     example = Path(__file__).resolve().parents[2] / "client" / "agent.example.toml"
@@ -141,10 +157,14 @@ def _seeds(name: str) -> list[bytes]:
         "delta": [b"\x00" + bytes(64)],
         "delta-header": [fmt.encode_delta("bsdiff", (1, bytes(32)), (1, bytes(32)), b"x")],
         "agent-config": [example.read_bytes()],
-        "server-config": [b'{"host": "127.0.0.1", "port": 8080, "database_url": "", "encrypt_images": false}'],
+        "server-config": [
+            b'{"host": "127.0.0.1", "port": 8080, "database_url": "", "encrypt_images": false}'
+        ],
         "metadata": [Metadata(targets).to_bytes()],
-        "state": [b'{"ecus": {"GW-1": {"attacks_detected": "", "last_install": null, "release_counter": 2,'
-                  b' "report_counter": 9}}, "slot_images": {"a": null}, "journal": null}'],
+        "state": [
+            b'{"ecus": {"GW-1": {"attacks_detected": "", "last_install": null, "release_counter": 2,'
+            b' "report_counter": 9}}, "slot_images": {"a": null}, "journal": null}'
+        ],
     }[name]
 
 

@@ -8,17 +8,22 @@ from typing import Any
 from hypothesis import strategies as st
 
 _scalars = (
-    st.none() | st.booleans()
+    st.none()
+    | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40)
-    | st.sampled_from(["", "sha256", "rpi-gateway", "GW-VIN0001", "0" * 64, "installed", "full", "delta"])
+    | st.sampled_from(
+        ["", "sha256", "rpi-gateway", "GW-VIN0001", "0" * 64, "installed", "full", "delta"]
+    )
 )
 
 #: Any JSON value, small.
 json_values = st.recursive(
     _scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=12,
 )
 

@@ -22,6 +22,8 @@ from tests.fuzz.strategies import edited, json_values
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "client" / "agent.example.toml"
 EXAMPLE_TEXT = EXAMPLE.read_text()
+
+
 def _check(config: AgentConfig) -> None:
     assert isinstance(config.vin, str) and isinstance(config.server_url, str)
     assert config.server_url.startswith(("http://", "https://"))
@@ -41,8 +43,14 @@ def test_edited_agent_config(raw: Any) -> None:
 
 
 @fuzz_settings
-@given(st.text(max_size=300) | st.builds(lambda cut, junk: EXAMPLE_TEXT[:cut] + junk + EXAMPLE_TEXT[cut:],
-                                          st.integers(0, len(EXAMPLE_TEXT)), st.text(max_size=20)))
+@given(
+    st.text(max_size=300)
+    | st.builds(
+        lambda cut, junk: EXAMPLE_TEXT[:cut] + junk + EXAMPLE_TEXT[cut:],
+        st.integers(0, len(EXAMPLE_TEXT)),
+        st.text(max_size=20),
+    )
+)
 def test_agent_config_text(tmp_path: Path, text: str) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(text)
@@ -51,9 +59,13 @@ def test_agent_config_text(tmp_path: Path, text: str) -> None:
 
 
 @fuzz_settings
-@given(st.binary(max_size=128) | json_values.map(lambda v: json.dumps(v).encode())
-       | edited({"host": "127.0.0.1", "port": 8443, "database_url": "", "encrypt_images": False})
-       .map(lambda v: json.dumps(v).encode()))
+@given(
+    st.binary(max_size=128)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | edited({"host": "127.0.0.1", "port": 8443, "database_url": "", "encrypt_images": False}).map(
+        lambda v: json.dumps(v).encode()
+    )
+)
 def test_server_config(tmp_path: Path, data: bytes) -> None:
     (tmp_path / "server.json").write_bytes(data)
     try:

@@ -32,8 +32,11 @@ NEW = sample("rpi-gateway", "1.1.0").read_bytes()
 def _make(tmp: Path, method: str) -> bytes:
     (tmp / "old").write_bytes(OLD)
     (tmp / "new").write_bytes(NEW * 8)
-    options = {"whole_limit": 0, "window_size": 4096, "base_budget": 8192} if method == "windows" \
+    options = (
+        {"whole_limit": 0, "window_size": 4096, "base_budget": 8192}
+        if method == "windows"
         else {"methods": [method]}
+    )
     create_delta(tmp / "old", tmp / "new", tmp / method, workers=1, **options)
     return (tmp / method).read_bytes()
 
@@ -59,14 +62,21 @@ def _apply(tmp: Path, patch: bytes) -> None:
         return
     header = fmt.decode_header(io.BytesIO(patch))
     result = out.read_bytes()
-    assert len(result) == header.result_length and hashlib.sha256(result).digest() == header.result_sha256
+    assert (
+        len(result) == header.result_length
+        and hashlib.sha256(result).digest() == header.result_sha256
+    )
     assert applied is not None
 
 
 def _reframed(original: bytes, payload: bytes) -> bytes:
     header = fmt.decode_header(io.BytesIO(original))
-    return fmt.encode_delta(header.method, (header.base_length, header.base_sha256),
-                            (header.result_length, header.result_sha256), payload)
+    return fmt.encode_delta(
+        header.method,
+        (header.base_length, header.base_sha256),
+        (header.result_length, header.result_sha256),
+        payload,
+    )
 
 
 @st.composite
@@ -78,11 +88,13 @@ def _payload_edit(draw: st.DrawFn, payload: bytes) -> bytes:
         if action == "flip" and data:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif action == "set" and data:
-            data[at:at + 8] = draw(st.sampled_from([b"\xff" * 8, b"\x00" * 8, b"\x7f\xff\xff\xff\xff\xff\xff\xff"]))
+            data[at : at + 8] = draw(
+                st.sampled_from([b"\xff" * 8, b"\x00" * 8, b"\x7f\xff\xff\xff\xff\xff\xff\xff"])
+            )
         elif action == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif action == "delete":
-            del data[at:at + draw(st.integers(1, 16))]
+            del data[at : at + draw(st.integers(1, 16))]
         else:
             del data[at:]
     return bytes(data)
@@ -97,8 +109,9 @@ def test_valid_deltas_apply(tmp_path: Path, deltas: dict[str, bytes]) -> None:
 @fuzz_settings
 @pytest.mark.parametrize("method", ["bsdiff", "zstd-dict", "windows"])
 @given(data=st.data())
-def test_mutated_payload_reframed(tmp_path: Path, deltas: dict[str, bytes], method: str,
-                                  data: st.DataObject) -> None:
+def test_mutated_payload_reframed(
+    tmp_path: Path, deltas: dict[str, bytes], method: str, data: st.DataObject
+) -> None:
     original = deltas[method]
     start = fmt.decode_header(io.BytesIO(original)).encoded_length
     _apply(tmp_path, _reframed(original, data.draw(_payload_edit(original[start:]))))
@@ -106,13 +119,18 @@ def test_mutated_payload_reframed(tmp_path: Path, deltas: dict[str, bytes], meth
 
 @fuzz_settings
 @given(data=st.data())
-def test_mutated_header_fields(tmp_path: Path, deltas: dict[str, bytes], data: st.DataObject) -> None:
+def test_mutated_header_fields(
+    tmp_path: Path, deltas: dict[str, bytes], data: st.DataObject
+) -> None:
     original = deltas[data.draw(st.sampled_from(sorted(deltas)))]
     header = fmt.decode_header(io.BytesIO(original))
-    payload = original[header.encoded_length:]
-    lengths = st.integers(0, fmt.MAX_IMAGE_LENGTH) | st.sampled_from([0, len(OLD), len(NEW) * 8, len(NEW) * 8 + 1])
+    payload = original[header.encoded_length :]
+    lengths = st.integers(0, fmt.MAX_IMAGE_LENGTH) | st.sampled_from(
+        [0, len(OLD), len(NEW) * 8, len(NEW) * 8 + 1]
+    )
     digests = st.binary(min_size=32, max_size=32) | st.sampled_from(
-        [header.base_sha256, header.result_sha256, hashlib.sha256(OLD).digest()])
+        [header.base_sha256, header.result_sha256, hashlib.sha256(OLD).digest()]
+    )
     try:
         patch = fmt.encode_delta(
             data.draw(st.sampled_from(["bsdiff", "zstd-dict", "windows", "stored", "zz"])),

@@ -61,10 +61,18 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     vehicle = Vehicle(tmp, server, secondaries=False)
     image = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, image.filepath)
-    manifest = json.loads(Agent(load_config(vehicle.config_path), PASSWORD.encode()).build_manifest())
-    yield Target(server, vehicle, server.config.admin_token_path.read_text().strip(), manifest,
-                 load_signer(vehicle.state_dir / "keys" / "primary.key", PASSWORD.encode()), image.filepath,
-                 urllib3.PoolManager(retries=False, timeout=30.0))
+    manifest = json.loads(
+        Agent(load_config(vehicle.config_path), PASSWORD.encode()).build_manifest()
+    )
+    yield Target(
+        server,
+        vehicle,
+        server.config.admin_token_path.read_text().strip(),
+        manifest,
+        load_signer(vehicle.state_dir / "keys" / "primary.key", PASSWORD.encode()),
+        image.filepath,
+        urllib3.PoolManager(retries=False, timeout=30.0),
+    )
     log = server.log()
     server.stop()
     assert "Traceback" not in log, log[-5000:]
@@ -73,10 +81,27 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 def _param_values(t: Target, name: str) -> st.SearchStrategy[str]:
     real = {
         "vin": [t.vehicle.vin, "NOPE", "a" * 129],
-        "file": ["1.root.json", "2.root.json", "timestamp.json", "1.targets.json", "1.snapshot.json",
-                 "0.root.json", "99999999999999999999.targets.json", ".hidden", "root.json",
-                 "9" * 300 + ".root.json", "\u00b2.targets.json", "\u0663.root.json"],
-        "path": [t.image_path, "rpi-gateway/1.1.0/gateway.elf", "../server.json", "a/../../b", "x" * 300],
+        "file": [
+            "1.root.json",
+            "2.root.json",
+            "timestamp.json",
+            "1.targets.json",
+            "1.snapshot.json",
+            "0.root.json",
+            "99999999999999999999.targets.json",
+            ".hidden",
+            "root.json",
+            "9" * 300 + ".root.json",
+            "\u00b2.targets.json",
+            "\u0663.root.json",
+        ],
+        "path": [
+            t.image_path,
+            "rpi-gateway/1.1.0/gateway.elf",
+            "../server.json",
+            "a/../../b",
+            "x" * 300,
+        ],
         "sha256": ["0" * 64, "A" * 64, "zz"],
     }.get(name, ["x"])
     # mostly known-interesting values (2:1), so the generated requests get past the routing
@@ -93,16 +118,29 @@ def _resigned_manifest(t: Target, signed: Any) -> bytes:
         for report in signed["ecu_version_reports"].values():
             if isinstance(report["signed"].get("report_counter"), int):
                 report["signed"]["report_counter"] = next(_counter)
-            report["signatures"] = SignedEnvelope.create(report["signed"], t.primary_key).to_dict()["signatures"]
+            report["signatures"] = SignedEnvelope.create(report["signed"], t.primary_key).to_dict()[
+                "signatures"
+            ]
         return SignedEnvelope.create(signed, t.primary_key).to_bytes()
     except Exception:  # the edit made it unsignable (a float, a non-dict): send it as it is
         return json.dumps({"signed": signed, "signatures": []}).encode()
 
 
-_REGISTRATION = {"vin": "VINFUZZ", "primary_ecu_serial": "GW-FUZZ",
-                 "ecus": [{"serial": "GW-FUZZ", "hardware_id": "rpi-gateway",
-                           "public_key": {"keytype": "ed25519", "scheme": "ed25519",
-                                          "keyval": {"public": "ab" * 32}}}]}
+_REGISTRATION = {
+    "vin": "VINFUZZ",
+    "primary_ecu_serial": "GW-FUZZ",
+    "ecus": [
+        {
+            "serial": "GW-FUZZ",
+            "hardware_id": "rpi-gateway",
+            "public_key": {
+                "keytype": "ed25519",
+                "scheme": "ed25519",
+                "keyval": {"public": "ab" * 32},
+            },
+        }
+    ],
+}
 
 
 @st.composite
@@ -110,14 +148,26 @@ def requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes | None, dict[s
     method, route = draw(st.sampled_from(ROUTES))
     if draw(st.integers(0, 9)) == 0:
         method = draw(st.sampled_from(["get", "post", "put", "delete", "patch"]))
-    path = _PARAM.sub(lambda m: quote(draw(_param_values(t, m.group(1))), safe="/" if m.group(1) == "path" else ""),
-                      route)
-    headers = {"Content-Type": draw(st.sampled_from(["application/json", "application/octet-stream", "text/plain"]))}
+    path = _PARAM.sub(
+        lambda m: quote(
+            draw(_param_values(t, m.group(1))), safe="/" if m.group(1) == "path" else ""
+        ),
+        route,
+    )
+    headers = {
+        "Content-Type": draw(
+            st.sampled_from(["application/json", "application/octet-stream", "text/plain"])
+        )
+    }
     auth = draw(st.sampled_from(["none", "wrong", "right"]))
     if auth != "none":
         # legal header characters (obs-text included): malformed HTTP is refused by aiohttp's parser
-        wrong = draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
-                             max_size=20))
+        wrong = draw(
+            st.text(
+                st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                max_size=20,
+            )
+        )
         headers["Authorization"] = f"Bearer {t.token if auth == 'right' else wrong}"
     kind = draw(st.sampled_from(["none", "bytes", "json", "valid-ish"]))
     body: bytes | None = None
@@ -131,9 +181,13 @@ def requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes | None, dict[s
         elif route == "/api/v1/vehicles":
             body = json.dumps(draw(edited(_REGISTRATION, max_edits=2))).encode()
         elif route.endswith("/assignments"):
-            body = json.dumps(draw(edited({"ecu_serial": t.vehicle.primary, "filepath": t.image_path}))).encode()
+            body = json.dumps(
+                draw(edited({"ecu_serial": t.vehicle.primary, "filepath": t.image_path}))
+            ).encode()
         else:
-            body = json.dumps(draw(edited({"signed": {"_type": "targets", "version": 2}, "signatures": []}))).encode()
+            body = json.dumps(
+                draw(edited({"signed": {"_type": "targets", "version": 2}, "signatures": []}))
+            ).encode()
     return method.upper(), path, body, headers
 
 
@@ -145,20 +199,25 @@ def test_every_handler_answers_4xx_json_never_500(target: Target, data: st.DataO
     assert resp.status < 500, (method, path, body, resp.status, resp.data[:500])
     if resp.status >= 400:
         answer = json.loads(resp.data)
-        assert answer["error"]["status"] == resp.status and isinstance(answer["error"]["message"], str), answer
+        assert answer["error"]["status"] == resp.status and isinstance(
+            answer["error"]["message"], str
+        ), answer
 
 
 def test_routes_were_found() -> None:
     assert ("post", "/api/v1/vehicles/{vin}/manifest") in ROUTES and len(ROUTES) >= 10
 
 
-@pytest.mark.parametrize("path", [
-    "/director/{vin}/metadata/" + "9" * 30 + ".targets.json",   # beyond SQLite's integers
-    "/director/{vin}/metadata/" + "9" * 300 + ".root.json",     # a file name the OS refuses
-    "/director/{vin}/metadata/%C2%B2.targets.json",              # "²".isdigit() is True
-    "/image/targets/" + "x" * 300,
-    "/image/metadata/" + "9" * 300 + ".root.json",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/director/{vin}/metadata/" + "9" * 30 + ".targets.json",  # beyond SQLite's integers
+        "/director/{vin}/metadata/" + "9" * 300 + ".root.json",  # a file name the OS refuses
+        "/director/{vin}/metadata/%C2%B2.targets.json",  # "²".isdigit() is True
+        "/image/targets/" + "x" * 300,
+        "/image/metadata/" + "9" * 300 + ".root.json",
+    ],
+)
 def test_requests_that_once_answered_500(target: Target, path: str) -> None:
     resp = target.http.request("GET", target.server.url + path.format(vin=target.vehicle.vin))
     assert resp.status == 404, resp.data
@@ -166,6 +225,9 @@ def test_requests_that_once_answered_500(target: Target, path: str) -> None:
 
 
 def test_non_ascii_admin_token_is_refused_not_crashed(target: Target) -> None:
-    resp = target.http.request("GET", target.server.url + "/api/v1/images",
-                               headers={"Authorization": "Bearer \u00e9t\u00e9"})
+    resp = target.http.request(
+        "GET",
+        target.server.url + "/api/v1/images",
+        headers={"Authorization": "Bearer \u00e9t\u00e9"},
+    )
     assert resp.status == 401, resp.data

@@ -34,7 +34,9 @@ _IMAGE = ImageInfo("rpi-gateway/1.0.0/gateway.elf", 2592, {"sha256": "ab" * 32})
 
 def _valid() -> bytes:
     reports = {
-        "GW-1": EcuVersionReport("GW-1", _IMAGE, 7, "", InstallOutcome(_IMAGE.filepath, "installed")).sign(PRIMARY),
+        "GW-1": EcuVersionReport(
+            "GW-1", _IMAGE, 7, "", InstallOutcome(_IMAGE.filepath, "installed")
+        ).sign(PRIMARY),
         "BMS-1": EcuVersionReport("BMS-1", ImageInfo("", 0, {}), 3, "hash differs").sign(SECONDARY),
     }
     return VehicleManifest("VIN1", "GW-1", reports).sign(PRIMARY).to_bytes()
@@ -48,7 +50,9 @@ def _parse_and_verify(data: bytes) -> None:
         envelope, manifest = parse_vehicle_manifest(data)
         envelope.verify(PRIMARY.public_key, "vehicle manifest")
         for serial, report in manifest.ecu_version_reports.items():
-            report.verify((PRIMARY if serial == "GW-1" else SECONDARY).public_key, f"ECU report of {serial}")
+            report.verify(
+                (PRIMARY if serial == "GW-1" else SECONDARY).public_key, f"ECU report of {serial}"
+            )
             report.ecu_report()
         manifest.reports()
     except ManifestError:
@@ -94,20 +98,29 @@ def test_edited_manifest_signed_again(signed: Any) -> None:
 @fuzz_settings
 @given(st.binary(max_size=64), st.integers(0, len(VALID)))
 def test_spliced_bytes(junk: bytes, at: int) -> None:
-    _parse_and_verify(VALID[:at] + junk + VALID[at + len(junk):])
+    _parse_and_verify(VALID[:at] + junk + VALID[at + len(junk) :])
 
 
 _ids = st.from_regex(r"[A-Za-z0-9._:\-]{1,20}", fullmatch=True)
 
 
 @fuzz_settings
-@given(serial=_ids, counter=st.integers(0, 2**63 - 1), attacks=st.text(max_size=200),
-       filepath=st.text(max_size=100), length=st.integers(0, 2**40),
-       result=st.sampled_from(["installed", "rolled_back", "refused", "failed"]), detail=st.text(max_size=200))
-def test_any_valid_report_roundtrips(serial: str, counter: int, attacks: str, filepath: str, length: int,
-                                     result: str, detail: str) -> None:
+@given(
+    serial=_ids,
+    counter=st.integers(0, 2**63 - 1),
+    attacks=st.text(max_size=200),
+    filepath=st.text(max_size=100),
+    length=st.integers(0, 2**40),
+    result=st.sampled_from(["installed", "rolled_back", "refused", "failed"]),
+    detail=st.text(max_size=200),
+)
+def test_any_valid_report_roundtrips(
+    serial: str, counter: int, attacks: str, filepath: str, length: int, result: str, detail: str
+) -> None:
     image = ImageInfo(filepath, length, {"sha256": "cd" * 32})
-    report = EcuVersionReport(serial, image, counter, attacks, InstallOutcome(filepath or "x", result, detail))
+    report = EcuVersionReport(
+        serial, image, counter, attacks, InstallOutcome(filepath or "x", result, detail)
+    )
     data = VehicleManifest("VIN1", serial, {serial: report.sign(PRIMARY)}).sign(PRIMARY).to_bytes()
     envelope, manifest = parse_vehicle_manifest(data)
     envelope.verify(PRIMARY.public_key, "vehicle manifest")

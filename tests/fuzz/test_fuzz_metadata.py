@@ -53,7 +53,14 @@ _SER = JSONSerializer(compact=False)
 
 
 @fuzz_settings
-@given(json_values | edited(ImageCustom(("rpi-gateway",), 3, "1.1.0", parse_requires({"stm32f4-bms": ">=1.1.0"}, "seed")).to_custom()))
+@given(
+    json_values
+    | edited(
+        ImageCustom(
+            ("rpi-gateway",), 3, "1.1.0", parse_requires({"stm32f4-bms": ">=1.1.0"}, "seed")
+        ).to_custom()
+    )
+)
 def test_image_custom(custom: Any) -> None:
     with contextlib.suppress(MetadataFormatError):
         image_custom(TargetFile(1, {"sha256": "00" * 32}, "a/b", {"custom": custom}))
@@ -103,8 +110,12 @@ _NEXT = 10**9  # stands for "the repository's next version" in the template belo
 
 def _image_targets_template() -> dict[str, Any]:
     targets = Targets(version=_NEXT, expires=expiry("targets"))
-    target = TargetFile(3, {"sha256": "ab" * 32}, "rpi-gateway/9.9.9/gateway.elf",
-                        {"custom": ImageCustom(("rpi-gateway",), 9, "9.9.9").to_custom()})
+    target = TargetFile(
+        3,
+        {"sha256": "ab" * 32},
+        "rpi-gateway/9.9.9/gateway.elf",
+        {"custom": ImageCustom(("rpi-gateway",), 9, "9.9.9").to_custom()},
+    )
     targets.targets[target.path] = target
     result: dict[str, Any] = Metadata(targets).to_dict()["signed"]
     return result
@@ -144,8 +155,11 @@ def test_accept_targets_bytes(repos: Repos, data: bytes) -> None:
 def _valid_director_targets() -> dict[str, Any]:
     targets = Targets(version=5, expires=expiry("targets"))
     targets.targets["rpi-gateway/1.1.0/gateway.elf"] = TargetFile(
-        2664, {"sha256": "cd" * 32}, "rpi-gateway/1.1.0/gateway.elf",
-        {"custom": director_custom({"GW-1": "rpi-gateway", "BMS-1": "stm32f4-bms"})})
+        2664,
+        {"sha256": "cd" * 32},
+        "rpi-gateway/1.1.0/gateway.elf",
+        {"custom": director_custom({"GW-1": "rpi-gateway", "BMS-1": "stm32f4-bms"})},
+    )
     set_director_vin(targets, "VIN1")
     result: dict[str, Any] = Metadata(targets).to_dict()["signed"]
     return result
@@ -157,13 +171,21 @@ def test_secondary_partial_verification(repos: Repos, signed: Any) -> None:
     assume(isinstance(signed, dict))
     data = _signed(signed, repos.director_targets_key)
     with contextlib.suppress(PartialVerificationError):
-        verify_director_targets(data, repos.director_root, vin="VIN1", ecu_serial="BMS-1",
-                                hardware_id="stm32f4-bms", min_version=2)
+        verify_director_targets(
+            data,
+            repos.director_root,
+            vin="VIN1",
+            ecu_serial="BMS-1",
+            hardware_id="stm32f4-bms",
+            min_version=2,
+        )
 
 
 @fuzz_settings
-@given(st.binary(max_size=512) | edited(json.loads(_SER.serialize(Metadata(Targets())))).map(
-    lambda d: json.dumps(d).encode()))
+@given(
+    st.binary(max_size=512)
+    | edited(json.loads(_SER.serialize(Metadata(Targets())))).map(lambda d: json.dumps(d).encode())
+)
 def test_tuf_metadata_from_bytes(data: bytes) -> None:
     with contextlib.suppress(DeserializationError):
         md = Metadata.from_bytes(data)
@@ -176,14 +198,26 @@ def test_tuf_metadata_from_bytes(data: bytes) -> None:
 
 
 _STATE = {
-    "ecus": {"GW-1": {"attacks_detected": "", "last_install": None, "release_counter": 2, "report_counter": 9}},
-    "slot_images": {"a": None, "b": {"filepath": "x", "fileinfo": {"length": 3, "hashes": {"sha256": "ab" * 32}}}},
+    "ecus": {
+        "GW-1": {
+            "attacks_detected": "",
+            "last_install": None,
+            "release_counter": 2,
+            "report_counter": 9,
+        }
+    },
+    "slot_images": {
+        "a": None,
+        "b": {"filepath": "x", "fileinfo": {"length": 3, "hashes": {"sha256": "ab" * 32}}},
+    },
     "journal": None,
 }
 
 
 @fuzz_settings
-@given(data=st.binary(max_size=256) | edited(_STATE, max_edits=3).map(lambda d: json.dumps(d).encode()))
+@given(
+    data=st.binary(max_size=256) | edited(_STATE, max_edits=3).map(lambda d: json.dumps(d).encode())
+)
 def test_agent_state(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "state.json"
     path.write_bytes(data)
