@@ -12,13 +12,15 @@ JSON (OLPC canonical JSON, via securesystemslib) of ``signed``.
 
 Parsing is strict: any missing, extra-typed or out-of-range field raises
 :class:`ManifestFormatError` whose message names the field path
-(``ecu_version_reports.BMS-001.signed.report_counter``...).
+(``ecu_version_reports.BMS-001.signed.report_counter``...). The JSON is
+parsed with bounded size and depth (:mod:`signing.json_limits`), and VINs,
+ECU serials, image paths and hashes follow :mod:`signing.names`.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +28,13 @@ from securesystemslib.exceptions import FormatError, UnverifiedSignatureError, V
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Key, Signature, Signer
 
+from signing.exceptions import UptakeError
+from signing.json_limits import UntrustedJsonError, parse_json
+from signing.names import InvalidNameError, check_hashes, check_name, check_target_path
+
 #: Upper bound on a serialised manifest; the server refuses larger bodies.
 MAX_MANIFEST_BYTES = 1024 * 1024
 _MAX_ECUS = 256
-_HASH_RE = re.compile(r"^[0-9a-f]{32,128}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 #: Outcomes an ECU can report for its last install attempt.
 INSTALL_RESULTS = ("installed", "rolled_back", "refused", "failed", "postponed")
@@ -38,7 +42,7 @@ INSTALL_RESULTS = ("installed", "rolled_back", "refused", "failed", "postponed")
 FAILED_RESULTS = ("rolled_back", "refused", "failed")
 
 
-class ManifestError(Exception):
+class ManifestError(UptakeError):
     """Base class of manifest and report errors."""
 
 
@@ -69,8 +73,16 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _str(d: dict[str, Any], key: str, where: str, *, pattern: re.Pattern[str] | None = None,
-         allow_empty: bool = False, max_len: int = 1024) -> str:
+def _str(
+    d: dict[str, Any],
+    key: str,
+    where: str,
+    *,
+    grammar: Callable[[object, str], str] | None = None,
+    allow_empty: bool = False,
+    max_len: int = 1024,
+) -> str:
+    """A string field; with ``grammar`` (:mod:`signing.names`), a name or target path."""
     value = d.get(key)
     path = f"{where}.{key}" if where else key
     if not isinstance(value, str):
@@ -79,8 +91,11 @@ def _str(d: dict[str, Any], key: str, where: str, *, pattern: re.Pattern[str] | 
         raise ManifestFormatError(path, "must not be empty")
     if len(value) > max_len:
         raise ManifestFormatError(path, f"longer than {max_len} characters")
-    if pattern is not None and value and not pattern.match(value):
-        raise ManifestFormatError(path, f"{value!r} has characters that are not allowed")
+    if grammar is not None and value:
+        try:
+            grammar(value, path)
+        except InvalidNameError as exc:
+            raise ManifestFormatError(path, exc.problem) from exc
     return value
 
 
@@ -104,18 +119,23 @@ class ImageInfo:
     hashes: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"filepath": self.filepath, "fileinfo": {"length": self.length, "hashes": dict(self.hashes)}}
+        return {
+            "filepath": self.filepath,
+            "fileinfo": {"length": self.length, "hashes": dict(self.hashes)},
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ImageInfo:
         d = _obj(data, where)
-        filepath = _str(d, "filepath", where, allow_empty=True)
+        filepath = _str(d, "filepath", where, allow_empty=True, grammar=check_target_path)
         info = _obj(d.get("fileinfo"), f"{where}.fileinfo")
         length = _int(info, "length", f"{where}.fileinfo")
         hashes = _obj(info.get("hashes"), f"{where}.fileinfo.hashes")
-        for alg, digest in hashes.items():
-            if not isinstance(digest, str) or not _HASH_RE.match(digest):
-                raise ManifestFormatError(f"{where}.fileinfo.hashes.{alg}", "must be a lowercase hex digest")
+        if hashes or filepath:  # only "no image" (factory state) reports no hashes
+            try:
+                check_hashes(hashes, f"{where}.fileinfo.hashes")
+            except InvalidNameError as exc:
+                raise ManifestFormatError(exc.where, exc.problem) from exc
         return cls(filepath, length, dict(hashes))
 
 
@@ -133,18 +153,30 @@ class InstallOutcome:
     method: str = "full"  # "full" or "delta"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"filepath": self.filepath, "result": self.result, "detail": self.detail, "method": self.method}
+        return {
+            "filepath": self.filepath,
+            "result": self.result,
+            "detail": self.detail,
+            "method": self.method,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> InstallOutcome:
         d = _obj(data, where)
         result = _str(d, "result", where)
         if result not in INSTALL_RESULTS:
-            raise ManifestFormatError(f"{where}.result", f"must be one of {', '.join(INSTALL_RESULTS)}")
+            raise ManifestFormatError(
+                f"{where}.result", f"must be one of {', '.join(INSTALL_RESULTS)}"
+            )
         method = _str(d, "method", where)
         if method not in ("full", "delta"):
             raise ManifestFormatError(f"{where}.method", "must be 'full' or 'delta'")
-        return cls(_str(d, "filepath", where), result, _str(d, "detail", where, allow_empty=True, max_len=4096), method)
+        return cls(
+            _str(d, "filepath", where, grammar=check_target_path),
+            result,
+            _str(d, "detail", where, allow_empty=True, max_len=4096),
+            method,
+        )
 
 
 # -- ECU version report -------------------------------------------------------
@@ -176,11 +208,15 @@ class EcuVersionReport:
         d = _obj(data, where)
         last = d.get("last_install")
         return cls(
-            ecu_serial=_str(d, "ecu_serial", where, pattern=_ID_RE),
-            installed_image=ImageInfo.from_dict(d.get("installed_image"), f"{where}.installed_image"),
+            ecu_serial=_str(d, "ecu_serial", where, grammar=check_name),
+            installed_image=ImageInfo.from_dict(
+                d.get("installed_image"), f"{where}.installed_image"
+            ),
             report_counter=_int(d, "report_counter", where),
             attacks_detected=_str(d, "attacks_detected", where, allow_empty=True, max_len=4096),
-            last_install=None if last is None else InstallOutcome.from_dict(last, f"{where}.last_install"),
+            last_install=None
+            if last is None
+            else InstallOutcome.from_dict(last, f"{where}.last_install"),
         )
 
     def sign(self, signer: Signer) -> SignedEnvelope:
@@ -202,7 +238,9 @@ class VehicleManifest:
         return {
             "vin": self.vin,
             "primary_ecu_serial": self.primary_ecu_serial,
-            "ecu_version_reports": {s: e.to_dict() for s, e in sorted(self.ecu_version_reports.items())},
+            "ecu_version_reports": {
+                s: e.to_dict() for s, e in sorted(self.ecu_version_reports.items())
+            },
         }
 
     @classmethod
@@ -214,23 +252,35 @@ class VehicleManifest:
         reports: dict[str, SignedEnvelope] = {}
         for serial, env in reports_raw.items():
             rwhere = f"{where}.ecu_version_reports.{serial}"
+            try:
+                check_name(serial, f"{where}.ecu_version_reports key")
+            except InvalidNameError as exc:
+                raise ManifestFormatError(exc.where, exc.problem) from exc
             envelope = SignedEnvelope.from_dict(env, rwhere)
             report = envelope.ecu_report(rwhere)
             if report.ecu_serial != serial:
-                raise ManifestFormatError(f"{rwhere}.signed.ecu_serial", f"says {report.ecu_serial!r}, listed under {serial!r}")
+                raise ManifestFormatError(
+                    f"{rwhere}.signed.ecu_serial",
+                    f"says {report.ecu_serial!r}, listed under {serial!r}",
+                )
             reports[serial] = envelope
         manifest = cls(
-            vin=_str(d, "vin", where, pattern=_ID_RE),
-            primary_ecu_serial=_str(d, "primary_ecu_serial", where, pattern=_ID_RE),
+            vin=_str(d, "vin", where, grammar=check_name),
+            primary_ecu_serial=_str(d, "primary_ecu_serial", where, grammar=check_name),
             ecu_version_reports=reports,
         )
         if manifest.primary_ecu_serial not in reports:
-            raise ManifestFormatError(f"{where}.ecu_version_reports", "has no report from the primary ECU")
+            raise ManifestFormatError(
+                f"{where}.ecu_version_reports", "has no report from the primary ECU"
+            )
         return manifest
 
     def reports(self) -> dict[str, EcuVersionReport]:
         """The parsed (not yet signature-checked) reports, by ECU serial."""
-        return {s: e.ecu_report(f"signed.ecu_version_reports.{s}") for s, e in self.ecu_version_reports.items()}
+        return {
+            s: e.ecu_report(f"signed.ecu_version_reports.{s}")
+            for s, e in self.ecu_version_reports.items()
+        }
 
     def sign(self, signer: Signer) -> SignedEnvelope:
         return SignedEnvelope.create(self.to_dict(), signer)
@@ -264,7 +314,9 @@ class SignedEnvelope:
         try:
             _canonical(signed)  # what verify() will hash: floats, for one, have no canonical form
         except FormatError as exc:
-            raise ManifestFormatError(f"{prefix}signed", f"has no canonical JSON form ({exc})") from exc
+            raise ManifestFormatError(
+                f"{prefix}signed", f"has no canonical JSON form ({exc})"
+            ) from exc
         sigs_raw = d.get("signatures")
         if not isinstance(sigs_raw, list) or not sigs_raw or len(sigs_raw) > 16:
             raise ManifestFormatError(f"{prefix}signatures", "must be a list of 1 to 16 signatures")
@@ -278,12 +330,10 @@ class SignedEnvelope:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "") -> SignedEnvelope:
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestFormatError(where or "document", f"larger than {MAX_MANIFEST_BYTES} bytes")
         try:
-            parsed = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestFormatError(where or "document", f"not valid JSON ({exc})") from exc
+            parsed = parse_json(data, where=where or "document", max_bytes=MAX_MANIFEST_BYTES)
+        except UntrustedJsonError as exc:
+            raise ManifestFormatError(where or "document", str(exc).split(": ", 1)[-1]) from exc
         return cls.from_dict(parsed, where)
 
     def verify(self, key: Key, what: str) -> None:
@@ -296,7 +346,9 @@ class SignedEnvelope:
                 key.verify_signature(sig, data)
                 return
             except (UnverifiedSignatureError, VerificationError) as exc:
-                raise ManifestSignatureError(f"{what}: signature by key {key.keyid[:12]} does not verify") from exc
+                raise ManifestSignatureError(
+                    f"{what}: signature by key {key.keyid[:12]} does not verify"
+                ) from exc
         raise ManifestSignatureError(f"{what}: not signed by the expected key {key.keyid[:12]}")
 
     def ecu_report(self, where: str = "") -> EcuVersionReport:

@@ -23,13 +23,16 @@ Director repository targets (one entry per image to install)::
 
     "custom": {"ecuIdentifiers": {"<ecu serial>": {"hardwareId": "stm32f4-bms"}}}
 
-and the director's targets metadata itself carries the vehicle it was made
-for, also when it lists no image, so that targets for one vehicle can never
-be replayed to another::
+and each of the director's targets, snapshot and timestamp metadata carries
+the vehicle it was made for, also when targets list no image, so that
+metadata for one vehicle can never be replayed to another (the agent checks
+it before python-tuf trusts a file, :mod:`client.verification`)::
 
-    "signed": {"_type": "targets", ..., "custom": {"vin": "WVW..."}}
+    "signed": {"_type": "timestamp", ..., "custom": {"vin": "WVW..."}}
 
-Every parser raises :class:`MetadataFormatError` naming the target and field.
+Every parser raises :class:`MetadataFormatError` naming the target and field;
+names, target paths and hashes are checked against :mod:`signing.names`, so
+nothing read here can later climb out of a directory.
 """
 
 from __future__ import annotations
@@ -40,7 +43,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tuf.api.metadata import TargetFile, Targets
+from tuf.api.metadata import Snapshot, TargetFile, Targets, Timestamp
+
+from signing.exceptions import UptakeError
+from signing.names import (
+    InvalidNameError,
+    check_hashes,
+    check_name,
+    check_sha256,
+    check_target_path,
+)
 
 HARDWARE_IDS = "hardwareIds"
 RELEASE_COUNTER = "releaseCounter"
@@ -68,8 +80,21 @@ DEFAULT_EXPIRY = {
 DIRECTOR_TARGETS_EXPIRY = timedelta(days=7)
 
 
-class MetadataFormatError(Exception):
-    """Uptane custom metadata is missing or malformed; the message names where."""
+class MetadataFormatError(UptakeError):
+    """Uptane custom metadata is missing or malformed; the message names where.
+
+    Names, target paths and hashes follow :mod:`signing.names`; in signed
+    metadata a violation is evidence of an attack.
+    """
+
+
+def check_target(target: TargetFile, where: str) -> None:
+    """The path and hashes of a target entry follow :mod:`signing.names` (else MetadataFormatError)."""
+    try:
+        check_target_path(target.path, f"{where} path")
+        check_hashes(target.hashes, f"{where} {target.path!r} hashes")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
 
 
 def consistent_target_path(path: str, sha256: str) -> str:
@@ -86,11 +111,15 @@ def expiry(role: str, now: datetime | None = None) -> datetime:
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}$")
 _CLAUSE_RE = re.compile(r"^(>=|<=|==|!=|>|<)(.+)$")
-_HARDWARE_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 _MAX_REQUIREMENTS = 32
+_MAX_HARDWARE_IDS = 64
 _COMPARE = {
-    ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
-    "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
 }
 
 
@@ -124,10 +153,12 @@ def parse_requires(value: Any, where: str) -> tuple[Requirement, ...]:
     result = []
     for hw, spec in sorted(value.items()):
         entry = f"{where}: custom.{REQUIRES}.{hw}"
-        if not _HARDWARE_ID_RE.match(hw):
-            raise MetadataFormatError(f"{entry}: not a valid hardware id")
+        try:
+            check_name(hw, f"{entry}: hardware id")
+        except InvalidNameError as exc:
+            raise MetadataFormatError(str(exc)) from exc
         if not isinstance(spec, str) or not spec or len(spec) > 256:
-            raise MetadataFormatError(f"{entry}: must be a version spec such as \">=1.1.0,<2\"")
+            raise MetadataFormatError(f'{entry}: must be a version spec such as ">=1.1.0,<2"')
         clauses = []
         for clause in spec.split(","):
             match = _CLAUSE_RE.match(clause.strip())
@@ -183,14 +214,25 @@ def unmet_requirements(ecus: Iterable[EcuImage]) -> list[str]:
         for req in ecu.image.requires if ecu.image else ():
             others = [e for e in vehicle if e.hardware_id == req.hardware_id]
             if not others:
-                problems.append(f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
-                                f"and this vehicle has no {req.hardware_id} ECU")
+                problems.append(
+                    f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
+                    f"and this vehicle has no {req.hardware_id} ECU"
+                )
             for other in others:
                 if other.image is None or not req.allows(other.image.version):
-                    runs = f"{other.filepath} ({other.image.version})" if other.image else \
-                        (f"{other.filepath} (not in the image repository)" if other.filepath else "no known image")
-                    problems.append(f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
-                                    f"but {other.ecu_serial} would run {runs}")
+                    runs = (
+                        f"{other.filepath} ({other.image.version})"
+                        if other.image
+                        else (
+                            f"{other.filepath} (not in the image repository)"
+                            if other.filepath
+                            else "no known image"
+                        )
+                    )
+                    problems.append(
+                        f"{ecu.filepath} on {ecu.ecu_serial} requires {req.hardware_id} {req.spec}, "
+                        f"but {other.ecu_serial} would run {runs}"
+                    )
     return problems
 
 
@@ -206,18 +248,23 @@ def image_custom(target: TargetFile) -> ImageCustom:
     custom = _custom_of(target)
     where = f"image target {target.path!r}"
     hw_ids = custom.get(HARDWARE_IDS)
-    if (
-        not isinstance(hw_ids, list)
-        or not hw_ids
-        or not all(isinstance(h, str) and h for h in hw_ids)
-    ):
-        raise MetadataFormatError(f"{where}: custom.{HARDWARE_IDS} must be a non-empty list of strings")
+    if not isinstance(hw_ids, list) or not 0 < len(hw_ids) <= _MAX_HARDWARE_IDS:
+        raise MetadataFormatError(
+            f"{where}: custom.{HARDWARE_IDS} must be a list of 1 to {_MAX_HARDWARE_IDS} hardware ids"
+        )
+    try:
+        for i, hw in enumerate(hw_ids):
+            check_name(hw, f"{where}: custom.{HARDWARE_IDS}[{i}]")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
     counter = custom.get(RELEASE_COUNTER)
     if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
         raise MetadataFormatError(f"{where}: custom.{RELEASE_COUNTER} must be an integer >= 0")
     version = custom.get(VERSION)
-    if not isinstance(version, str) or not version:
-        raise MetadataFormatError(f"{where}: custom.{VERSION} must be a non-empty string")
+    if not isinstance(version, str) or not 0 < len(version) <= 128 or not version.isprintable():
+        raise MetadataFormatError(
+            f"{where}: custom.{VERSION} must be 1 to 128 printable characters"
+        )
     requires = parse_requires(custom[REQUIRES], where) if REQUIRES in custom else ()
     return ImageCustom(tuple(hw_ids), counter, version, requires)
 
@@ -235,28 +282,39 @@ def director_ecus(target: TargetFile) -> dict[str, str]:
     if not isinstance(ids, dict) or not ids:
         raise MetadataFormatError(f"{where}: custom.{ECU_IDENTIFIERS} must be a non-empty object")
     ecus: dict[str, str] = {}
-    for serial, entry in ids.items():
-        hw = entry.get(HARDWARE_ID) if isinstance(entry, dict) else None
-        if not isinstance(hw, str) or not hw:
-            raise MetadataFormatError(
-                f"{where}: custom.{ECU_IDENTIFIERS}.{serial}.{HARDWARE_ID} must be a non-empty string"
+    try:
+        for serial, entry in ids.items():
+            check_name(serial, f"{where}: custom.{ECU_IDENTIFIERS} key")
+            hw = entry.get(HARDWARE_ID) if isinstance(entry, dict) else None
+            ecus[serial] = check_name(
+                hw, f"{where}: custom.{ECU_IDENTIFIERS}.{serial}.{HARDWARE_ID}"
             )
-        ecus[serial] = hw
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
     return ecus
 
 
-def set_director_vin(targets: Targets, vin: str) -> None:
-    """Bind director targets metadata to the vehicle ``vin``."""
-    targets.unrecognized_fields["custom"] = {VIN: vin}
+def set_director_vin(signed: Targets | Snapshot | Timestamp, vin: str) -> None:
+    """Bind director metadata (targets, snapshot or timestamp) to the vehicle ``vin``."""
+    signed.unrecognized_fields["custom"] = {VIN: vin}
 
 
-def director_vin(targets: Targets) -> str:
-    """The VIN director targets metadata was signed for."""
-    custom = targets.unrecognized_fields.get("custom")
+def director_vin(signed: Targets | Snapshot | Timestamp) -> str:
+    """The VIN director metadata was signed for."""
+    return director_vin_of(
+        signed.unrecognized_fields.get("custom"), f"director {signed.type} metadata"
+    )
+
+
+def director_vin_of(custom: Any, where: str) -> str:
+    """The VIN in the ``signed.custom`` of director metadata (parsed or not yet parsed)."""
     vin = custom.get(VIN) if isinstance(custom, dict) else None
-    if not isinstance(vin, str):
-        raise MetadataFormatError("director targets metadata: signed.custom.vin is missing")
-    return vin
+    if vin is None:
+        raise MetadataFormatError(f"{where}: signed.custom.vin is missing")
+    try:
+        return check_name(vin, f"{where}: signed.custom.vin")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
 
 
 # -- deltas --------------------------------------------------------------------------
@@ -289,11 +347,13 @@ class DeltaCustom:
     method: str
 
     def to_custom(self) -> dict[str, Any]:
-        return {DELTA: {
-            "base": {"sha256": self.base_sha256, "length": self.base_length},
-            "result": {"sha256": self.result_sha256, "length": self.result_length},
-            "method": self.method,
-        }}
+        return {
+            DELTA: {
+                "base": {"sha256": self.base_sha256, "length": self.base_length},
+                "result": {"sha256": self.result_sha256, "length": self.result_length},
+                "method": self.method,
+            }
+        }
 
 
 def delta_custom(target: TargetFile) -> DeltaCustom:
@@ -302,19 +362,28 @@ def delta_custom(target: TargetFile) -> DeltaCustom:
     delta = _custom_of(target).get(DELTA)
     if not isinstance(delta, dict):
         raise MetadataFormatError(f"{where} must be an object")
+    try:
+        check_hashes(target.hashes, f"delta target {target.path!r} hashes")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
     ends = {}
     for end in ("base", "result"):
         info = delta.get(end)
         sha = info.get("sha256") if isinstance(info, dict) else None
         length = info.get("length") if isinstance(info, dict) else None
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise MetadataFormatError(f"{where}.{end}.sha256 must be a lowercase hex SHA-256")
+        try:
+            check_sha256(sha, f"{where}.{end}.sha256")
+        except InvalidNameError as exc:
+            raise MetadataFormatError(str(exc)) from exc
+        assert isinstance(sha, str)
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise MetadataFormatError(f"{where}.{end}.length must be an integer >= 0")
         ends[end] = (sha, length)
     method = delta.get("method")
-    if not isinstance(method, str) or not method:
-        raise MetadataFormatError(f"{where}.method must be a non-empty string")
+    if not isinstance(method, str) or not 0 < len(method) <= 128 or not method.isprintable():
+        raise MetadataFormatError(f"{where}.method must be 1 to 128 printable characters")
     if target.path != delta_target_path(ends["base"][0], ends["result"][0]):
         raise MetadataFormatError(f"{where}: path does not match the base and result it names")
-    return DeltaCustom(ends["base"][0], ends["base"][1], ends["result"][0], ends["result"][1], method)
+    return DeltaCustom(
+        ends["base"][0], ends["base"][1], ends["result"][0], ends["result"][1], method
+    )

@@ -7,12 +7,35 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+#: Names of the grammar in :mod:`signing.names` (VINs, serials, hardware ids, path parts).
+names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,19}", fullmatch=True)
+#: Target paths of that grammar.
+target_paths = st.lists(names, min_size=1, max_size=4).map("/".join)
+
+#: Strings an attacker tries where a name or path is expected: traversal, absolute paths,
+#: separators, NUL and control characters, look-alike and odd Unicode, huge or empty.
+hostile_strings = st.sampled_from(
+    [
+        ".", "..", "../../etc/passwd", "/etc/passwd", "/tmp/x", "a/../../b", "a//b", "a/./b",
+        "./a", "..\\..\\windows", "a\\b", "a\x00b", "\x00", "a\nb", "\t", "\x7f", " a", "a ",
+        "-rf", ".hidden", "\u2024\u2024", "\uff0e\uff0e/x", "\u202e", "\u0663", "\u00b2",
+        "\U0001f600", "x" * 300, "%2e%2e%2f", "~root", "$(id)", "C:\\x", "a" * 129, "",
+    ]
+) | st.text(st.characters(codec="utf-8"), max_size=12)  # fmt: skip
+
+#: Integers that fit no 64-bit database column, and some that do.
+huge_integers = st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**30, -(10**30)]) | st.integers(
+    min_value=-(2**70), max_value=2**70
+)
+
 _scalars = (
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
+    | huge_integers
+    | st.integers(min_value=-(2**31), max_value=2**31)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40)
+    | hostile_strings
     | st.sampled_from(
         ["", "sha256", "rpi-gateway", "GW-VIN0001", "0" * 64, "installed", "full", "delta"]
     )
@@ -22,10 +45,27 @@ _scalars = (
 json_values = st.recursive(
     _scalars,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | hostile_strings, children, max_size=4)
     ),
     max_leaves=12,
 )
+
+
+@st.composite
+def deeply_nested(draw: st.DrawFn) -> bytes:
+    """JSON (or nearly JSON) nested far deeper than any document: ``[[[…``, ``{"signed": {…``."""
+    depth = draw(st.sampled_from([33, 64, 200, 1000, 3000, 20000]))
+    kind = draw(st.sampled_from(["list", "object", "signed", "unclosed", "mixed"]))
+    if kind == "list":
+        return b"[" * depth + b"]" * depth
+    if kind == "object":
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    if kind == "signed":
+        return b'{"signed":' * depth + b"{}" + b"}" * depth
+    if kind == "unclosed":
+        return b"[" * depth
+    return b'{"signed":[' * (depth // 2) + b'"x"' + b"]}" * (depth // 2)
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

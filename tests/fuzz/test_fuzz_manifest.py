@@ -26,7 +26,15 @@ from signing.manifest import (
     parse_vehicle_manifest,
 )
 from tests.fuzz import fuzz_settings
-from tests.fuzz.strategies import edited, json_values
+from tests.fuzz.strategies import (
+    deeply_nested,
+    edited,
+    hostile_strings,
+    huge_integers,
+    json_values,
+    names,
+    target_paths,
+)
 
 PRIMARY, SECONDARY = generate_signer(), generate_signer()
 _IMAGE = ImageInfo("rpi-gateway/1.0.0/gateway.elf", 2592, {"sha256": "ab" * 32})
@@ -96,20 +104,48 @@ def test_edited_manifest_signed_again(signed: Any) -> None:
 
 
 @fuzz_settings
+@given(deeply_nested())
+def test_deeply_nested_json(data: bytes) -> None:
+    _parse_and_verify(data)
+
+
+def _fields(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            found += [(*prefix, k), *_fields(v, (*prefix, k))]
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            found += [(*prefix, i), *_fields(v, (*prefix, i))]
+    return found
+
+
+@fuzz_settings
+@given(st.data(), hostile_strings | huge_integers)
+def test_every_field_with_hostile_values_re_signed(data: st.DataObject, value: Any) -> None:
+    # each field of a valid manifest, in turn, gets a path-like or odd string or a huge number;
+    # re-signed, so only the parser stands between it and the server's database and disk
+    signed = json.loads(VALID)["signed"]
+    path = data.draw(st.sampled_from(_fields(signed)))
+    parent = signed
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = value
+    _parse_and_verify(SignedEnvelope.create(signed, PRIMARY).to_bytes())
+
+
+@fuzz_settings
 @given(st.binary(max_size=64), st.integers(0, len(VALID)))
 def test_spliced_bytes(junk: bytes, at: int) -> None:
     _parse_and_verify(VALID[:at] + junk + VALID[at + len(junk) :])
 
 
-_ids = st.from_regex(r"[A-Za-z0-9._:\-]{1,20}", fullmatch=True)
-
-
 @fuzz_settings
 @given(
-    serial=_ids,
+    serial=names,
     counter=st.integers(0, 2**63 - 1),
     attacks=st.text(max_size=200),
-    filepath=st.text(max_size=100),
+    filepath=target_paths | st.just(""),
     length=st.integers(0, 2**40),
     result=st.sampled_from(["installed", "rolled_back", "refused", "failed"]),
     detail=st.text(max_size=200),
