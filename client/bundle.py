@@ -23,7 +23,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Targets
 from tuf.api.serialization import DeserializationError
 
-from client.verification import DirectedImage, VerificationFailure
+from client.verification import AttackDetected, DirectedImage, TransientFailure
 from signing.manifest import InstallOutcome
 from signing.metadata import (
     EcuImage,
@@ -40,9 +40,7 @@ def _installed_images(
     try:
         targets = Metadata[Targets].from_file(str(image_targets)).signed.targets
     except (OSError, DeserializationError) as exc:
-        raise VerificationFailure(
-            f"verified image repository targets unreadable: {exc}", attack=False
-        ) from exc
+        raise TransientFailure(f"verified image repository targets unreadable: {exc}") from exc
     found: dict[str, tuple[str, ImageCustom | None]] = {}
     for serial, hw in ecus.items():
         found[serial] = ("", None)
@@ -66,7 +64,7 @@ def check_bundle(
     ecus: Mapping[str, str],
     image_targets: Path,
 ) -> None:
-    """Raise :class:`VerificationFailure` (an attack) when the bundle leaves an unmet requirement."""
+    """Raise :class:`AttackDetected` when the bundle leaves an unmet requirement."""
     if not directed:
         return
     after = _installed_images(image_targets, installed_sha256, ecus)
@@ -77,7 +75,7 @@ def check_bundle(
         for serial, (path, custom) in sorted(after.items())
     )
     if problems:
-        raise VerificationFailure("partial bundle refused: " + "; ".join(problems))
+        raise AttackDetected("partial bundle refused: " + "; ".join(problems))
 
 
 def install_order(directed: Sequence[DirectedImage]) -> list[DirectedImage]:

@@ -29,6 +29,11 @@ One download runs like this:
    once: the TUF client relies on a prompt 404 to stop looking for new
    root versions.
 
+Redirects are followed (at most five) only within the origin (scheme, host
+and port) of the URL asked for: a redirect to another origin ends the
+download with :class:`CrossOriginRedirectError`, so neither a compromised
+CDN nor a network attacker can send the vehicle's requests elsewhere.
+
 Every error is a ``tuf.api.exceptions.DownloadError`` subclass naming the
 URL. Nothing here verifies content: hashes and lengths from signed metadata
 are checked by the caller (``Updater`` for TUF downloads, the agent for
@@ -49,6 +54,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+from urllib.parse import urljoin
 
 import urllib3
 from tuf.api.exceptions import (
@@ -64,16 +70,38 @@ from signing.atomic_file import write_atomic
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CrossOriginRedirectError",
     "DownloadError",
     "DownloadHTTPError",
     "DownloadLengthMismatchError",
     "FetcherConfig",
+    "HTTPStatusError",
     "ResumableFetcher",
     "SlowRetrievalError",
 ]
 
 # Server-side trouble worth waiting out; any other 4xx/5xx is final.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+
+
+class HTTPStatusError(DownloadHTTPError):
+    """The server answered an HTTP error status for ``url`` (after retries for 5xx)."""
+
+    def __init__(self, message: str, status_code: int, url: str) -> None:
+        super().__init__(message, status_code)
+        self.url = url
+
+
+class CrossOriginRedirectError(DownloadError):
+    """The server redirected to another origin (scheme, host, port), which the agent refuses."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib3.util.parse_url(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme or "")
+    return (parts.scheme or "").lower(), (parts.host or "").lower(), parts.port or default_port
 
 
 @dataclass(frozen=True)
@@ -278,7 +306,7 @@ class _Transfer:
                     f"({self.received} bytes received): {error}"
                 )
                 if isinstance(error, _Transient) and error.status is not None:
-                    raise DownloadHTTPError(message, error.status) from error
+                    raise HTTPStatusError(message, error.status, self.url) from error
                 raise DownloadError(message) from error
             if isinstance(error, _Restart):
                 continue  # the server told us what to do; no need to wait
@@ -311,7 +339,7 @@ class _Transfer:
         if status in _RETRY_STATUSES:
             raise _Transient(f"HTTP {status}", status)
         if status >= 400:
-            raise DownloadHTTPError(f"{self.url}: HTTP error {status}", status)
+            raise HTTPStatusError(f"{self.url}: HTTP error {status}", status, self.url)
         if status == 206:
             if first != self.received:
                 raise _Restart(f"asked for byte {self.received}, got Content-Range {first}")
@@ -392,8 +420,8 @@ class ResumableFetcher(FetcherInterface):
             timeout=urllib3.Timeout(
                 connect=self.config.connect_timeout, read=self.config.read_timeout
             ),
-            # Our own loop retries, from the right byte; urllib3 only follows redirects.
-            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
+            # Our own loop retries, from the right byte, and follows only same-origin redirects.
+            retries=False,
             **pool_args,
         )
 
@@ -403,10 +431,34 @@ class ResumableFetcher(FetcherInterface):
             headers["Range"] = f"bytes={offset}-"
             if validator:
                 headers["If-Range"] = validator
+        origin, location = _origin(url), url
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = self._send(location, headers)
+            if response.status not in _REDIRECT_STATUSES:
+                return response
+            target = response.headers.get("Location")
+            response.close()  # never read a redirect's body: it may not end
+            if not target:
+                raise DownloadError(f"{url}: HTTP {response.status} redirect without a Location")
+            location = urllib3.util.parse_url(urljoin(location, target)).url
+            if _origin(location) != origin:
+                raise CrossOriginRedirectError(
+                    f"{url}: redirect to another origin refused ({location})"
+                )
+        raise DownloadError(f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _send(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         try:
             return self._pool.request(
-                "GET", url, headers=headers, preload_content=False, decode_content=False
+                "GET",
+                url,
+                headers=headers,
+                preload_content=False,
+                decode_content=False,
+                redirect=False,
             )
+        except urllib3.exceptions.SSLError as exc:
+            raise DownloadError(f"{url}: TLS error: {exc}") from exc
         except urllib3.exceptions.MaxRetryError as exc:
             if isinstance(exc.reason, urllib3.exceptions.SSLError):
                 raise DownloadError(f"{url}: TLS error: {exc.reason}") from exc

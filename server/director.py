@@ -10,7 +10,10 @@ sees an ordinary TUF repository with consistent snapshots.
 Director targets list, per ECU that has an active assignment, the image to
 run (length and hashes copied from the image repository, custom
 ``ecuIdentifiers`` naming the ECU serial and hardware id), and carry the VIN
-even when the list is empty. New metadata is signed only when that list
+even when the list is empty; so do the vehicle's snapshot and timestamp,
+because every vehicle shares the director's online keys: without the VIN,
+another vehicle's genuine timestamp of a higher version would be a valid
+timestamp for this one (a freeze with no key at all). New metadata is signed only when that list
 changes or the metadata nears expiry: an idle poll costs one indexed read.
 
 For vehicles whose images are encrypted, the entry names instead a copy of
@@ -246,6 +249,7 @@ class DirectorRepository:
                 snap_version = snap_row.version + 1 if snap_row else 1
                 snapshot = Snapshot(version=snap_version, expires=expiry("snapshot", now))
                 snapshot.meta = {"targets.json": MetaFile(version=targets_version)}
+                set_director_vin(snapshot, vin)
                 self._store(session, vin, Metadata(snapshot))
             else:
                 assert snap_row is not None
@@ -257,6 +261,7 @@ class DirectorRepository:
                 expires=expiry("timestamp", now),
                 snapshot_meta=MetaFile(version=snap_version),
             )
+            set_director_vin(timestamp, vin)
             self._store(session, vin, Metadata(timestamp))
             self._timestamp_cache.pop(vin, None)
             return True

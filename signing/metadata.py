@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tuf.api.metadata import Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Root, Snapshot, TargetFile, Targets, Timestamp
 
 from signing.exceptions import UptakeError
 from signing.names import (
@@ -52,6 +52,7 @@ from signing.names import (
     check_name,
     check_sha256,
     check_target_path,
+    is_name,
 )
 
 HARDWARE_IDS = "hardwareIds"
@@ -292,6 +293,44 @@ def director_ecus(target: TargetFile) -> dict[str, str]:
     except InvalidNameError as exc:
         raise MetadataFormatError(str(exc)) from exc
     return ecus
+
+
+#: ``signed.custom`` of the roots ``uptake server init`` makes: which repository and deployment
+#: a root belongs to, so that provisioning can refuse a root given for the wrong repository.
+ROOT_REPOSITORY = "repository"
+ROOT_DEPLOYMENT = "deployment"
+REPOSITORIES = ("image", "director")
+
+
+@dataclass(frozen=True)
+class RootIdentity:
+    """Which repository (``image`` or ``director``) of which deployment a root belongs to."""
+
+    repository: str
+    deployment: str
+
+
+def set_root_identity(root: Root, identity: RootIdentity) -> None:
+    """Mark ``root`` (before signing) as the root of one repository of one deployment."""
+    root.unrecognized_fields["custom"] = {
+        ROOT_REPOSITORY: identity.repository,
+        ROOT_DEPLOYMENT: identity.deployment,
+    }
+
+
+def root_identity(root: Root) -> RootIdentity | None:
+    """The identity :func:`set_root_identity` gave ``root``; None for roots made without one."""
+    custom = root.unrecognized_fields.get("custom")
+    if not isinstance(custom, dict) or ROOT_REPOSITORY not in custom:
+        return None
+    repository, deployment = custom.get(ROOT_REPOSITORY), custom.get(ROOT_DEPLOYMENT)
+    if repository not in REPOSITORIES or not is_name(deployment):
+        raise MetadataFormatError(
+            f"root metadata: signed.custom must name a {ROOT_REPOSITORY} "
+            f"({' or '.join(REPOSITORIES)}) and a {ROOT_DEPLOYMENT} id"
+        )
+    assert isinstance(repository, str) and isinstance(deployment, str)
+    return RootIdentity(repository, deployment)
 
 
 def set_director_vin(signed: Targets | Snapshot | Timestamp, vin: str) -> None:

@@ -12,7 +12,9 @@ Per request, in order:
    what the vehicle uploads, e.g. its manifest);
 2. the request is forwarded and the upstream body passed through
    :attr:`MaliciousProxy.rewrites` (a rewrite that answers forces status 200);
-3. the first of :attr:`MaliciousProxy.streams` that claims the request
+3. the first of :attr:`MaliciousProxy.redirects` that names a location for
+   the request (its path with query) answers ``302 Found`` to it instead;
+4. the first of :attr:`MaliciousProxy.streams` that claims the request
    streams the answer instead, chunk by chunk (:func:`endless`,
    :func:`trickle`): data that never ends, or comes too slowly.
 """
@@ -49,6 +51,8 @@ class MaliciousProxy:
         self.request_rewrites: list[RequestRewrite] = []
         self.request_bodies: list[tuple[str, bytes]] = []
         self.streams: list[Stream] = []
+        #: ``path_qs -> Location or None``: redirect the request instead of forwarding it
+        self.redirects: list[Callable[[str], str | None]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -71,6 +75,10 @@ class MaliciousProxy:
         self.ranges.append((f"{request.method} {path}", request.headers.get("Range", "")))
         body = await request.read()
         self.request_bodies.append((f"{request.method} {path}", body))
+        for redirect in self.redirects:
+            location = redirect(request.path_qs)
+            if location is not None:
+                return web.Response(status=302, headers={"Location": location})
         for request_rewrite in self.request_rewrites:
             new_body = request_rewrite(request.method, path, body)
             if new_body is not None:

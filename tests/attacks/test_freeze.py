@@ -10,11 +10,16 @@
   metadata lifetimes;
 * director targets for another VIN: the attacker serves this vehicle the
   genuine, director-signed targets of another vehicle → refused because
-  director targets carry the VIN they were signed for.
+  director targets carry the VIN they were signed for;
+* another vehicle's newer timestamp and snapshot: genuine, signed with the
+  online keys every vehicle shares, of higher versions → refused before
+  python-tuf trusts them (they carry their VIN too), so the vehicle is not
+  frozen once the attacker leaves.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +27,7 @@ import pytest
 
 from client.agent import Agent
 from client.config import load_config
+from client.cycle_result import ManifestDelivery
 from signing.manifest import InstallOutcome
 from tests.attacks.deployment import BMS, GATEWAY, Deployment
 from tests.malicious_proxy import resign
@@ -60,14 +66,14 @@ def test_expired_metadata_is_refused(deployment: Deployment, role: str) -> None:
     d.assert_refused(d.attack(), needle)
 
 
-def _refused_by_vehicle(vehicle: Vehicle, filepath: str) -> None:
+def _refused_by_vehicle(vehicle: Vehicle, filepath: str, detail: str = "not wanted") -> None:
     """``vehicle`` reports (signed, through the real agent code) that it refused ``filepath``,
     so the server drops that assignment and signs it empty director targets again."""
     agent = Agent(load_config(vehicle.config_path), PASSWORD.encode())
     state = agent.store.load()
-    state.ecu(vehicle.primary).last_install = InstallOutcome(filepath, "refused", "not wanted")
+    state.ecu(vehicle.primary).last_install = InstallOutcome(filepath, "refused", detail)
     agent.store.save(state)
-    assert agent.send_manifest()
+    assert agent.send_manifest()[0] is ManifestDelivery.ACCEPTED
 
 
 def test_director_targets_for_another_vin_are_refused(deployment: Deployment) -> None:
@@ -89,4 +95,43 @@ def test_director_targets_for_another_vin_are_refused(deployment: Deployment) ->
             else None
         )
     )
-    d.assert_refused(d.attack(), "are for VIN 'VIN0002'")
+    d.assert_refused(d.attack(), "for VIN 'VIN0002'")
+
+
+def _version(data: bytes) -> int:
+    version: int = json.loads(data)["signed"]["version"]
+    return version
+
+
+def test_another_vehicles_newer_timestamp_and_snapshot_cannot_freeze_this_one(
+    deployment: Deployment,
+) -> None:
+    """Cross-vehicle freeze, no key needed: every vehicle shares the director's online keys, so
+    another vehicle's genuine timestamp and snapshot of higher versions verify for this one.
+    They carry their VIN and are refused before python-tuf trusts them; once the attacker
+    leaves, the very next poll installs what is pending."""
+    d = deployment
+    old, new = d.baseline, d.publish(GATEWAY, "1.1.0")
+    other = Vehicle(d.tmp, d.server, vin="VIN0002", secondaries=False)
+    for i in range(4):  # push the other vehicle's director versions far above this one's
+        d.server.assign(other.vin, other.primary, new.filepath)
+        _refused_by_vehicle(other, new.filepath, f"not wanted ({i})")
+    d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)  # pending for this vehicle
+    mine, theirs = d.director_path(), d.director_path(other.vin)
+    assert _version(d.upstream(f"{theirs}timestamp.json")) > _version(
+        d.upstream(f"{mine}timestamp.json")
+    )
+    d.proxy.rewrites.append(
+        lambda path, body: (
+            d.upstream(path.replace(mine, theirs))
+            if path.startswith(mine) and path.endswith(("timestamp.json", ".snapshot.json"))
+            else None
+        )
+    )
+    d.assert_refused(d.attack(), "for VIN 'VIN0002'")
+    assert d.baseline == old
+
+    d.proxy.rewrites.clear()  # the attacker leaves
+    run = d.vehicle.run_once()
+    assert run.report["outcomes"][d.vehicle.primary]["result"] == "installed", run.report
+    assert run.returncode == 0 and d.vehicle.booted_image() == new.filepath

@@ -28,8 +28,10 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError, SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from client.fetcher import ResumableFetcher
 from client.partial_verification import PartialVerificationError, verify_director_targets
 from client.state import StateError, StateStore
+from client.verification import ForeignMetadataError, VehicleBoundFetcher
 from server.config import ServerConfig
 from server.image_repository import ImageRepository, ImageRepositoryError
 from server.service import init_server, open_server
@@ -37,16 +39,28 @@ from signing.keys import load_signer
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
+    check_target,
+    delta_custom,
     director_custom,
     director_ecus,
     director_vin,
     expiry,
     image_custom,
     parse_requires,
+    root_identity,
     set_director_vin,
 )
+from signing.names import confined, is_name
 from tests.fuzz import fuzz_settings
-from tests.fuzz.strategies import edited, json_values
+from tests.fuzz.strategies import (
+    deeply_nested,
+    edited,
+    hostile_strings,
+    huge_integers,
+    json_values,
+    names,
+    target_paths,
+)
 
 PASSWORD = b"fuzz-password"
 _SER = JSONSerializer(compact=False)
@@ -80,6 +94,79 @@ def test_director_vin(custom: Any) -> None:
     targets.unrecognized_fields["custom"] = custom
     with contextlib.suppress(MetadataFormatError):
         director_vin(targets)
+
+
+_hashes = st.dictionaries(  # TargetFile itself refuses an empty dict
+    st.sampled_from(["sha256", "sha512", "md5"]) | hostile_strings,
+    st.sampled_from(["ab" * 32, "ab" * 64, "AB" * 32]) | hostile_strings,
+    min_size=1,
+    max_size=3,
+)
+
+
+@fuzz_settings
+@given(target_paths | hostile_strings, _hashes)
+def test_target_names_and_hashes(tmp_path: Path, path: str, hashes: dict[str, str]) -> None:
+    """What passes check_target can name a file: inside its directory, whatever it was."""
+    try:
+        check_target(TargetFile(1, hashes, path), "fuzzed target")
+    except MetadataFormatError:
+        return
+    for digest in hashes.values():
+        assert confined(tmp_path, digest).parent == tmp_path
+        assert confined(tmp_path, f"{digest}.delta.part").parent == tmp_path
+    for part in path.split("/"):
+        assert confined(tmp_path, part).parent == tmp_path
+
+
+@fuzz_settings
+@given(hostile_strings | names, hostile_strings | st.just("ab" * 32), _hashes)
+def test_delta_custom_names(base: str, result: str, hashes: dict[str, str]) -> None:
+    custom = {
+        "delta": {
+            "base": {"sha256": base, "length": 1},
+            "result": {"sha256": result, "length": 2},
+            "method": "bsdiff",
+        }
+    }
+    target = TargetFile(10, hashes, f"deltas/{base}-{result}", {"custom": custom})
+    try:
+        parsed = delta_custom(target)
+    except MetadataFormatError:
+        return
+    assert is_name(parsed.base_sha256) and is_name(parsed.result_sha256)
+    assert all(is_name(h) for h in target.hashes.values())
+
+
+@fuzz_settings
+@given(json_values | edited({"repository": "image", "deployment": "abc123"}))
+def test_root_identity(custom: Any) -> None:
+    root = Root()
+    root.unrecognized_fields["custom"] = custom
+    with contextlib.suppress(MetadataFormatError):
+        root_identity(root)
+
+
+@fuzz_settings
+@given(
+    st.binary(max_size=256)
+    | deeply_nested()
+    | st.builds(
+        lambda vin: json.dumps({"signed": {"custom": {"vin": vin}}}).encode(),
+        hostile_strings | names | huge_integers,
+    )
+)
+def test_vehicle_bound_fetcher_refuses_only_with_its_error(data: bytes) -> None:
+    class Canned(ResumableFetcher):
+        def download_bytes(self, url: str, max_length: int) -> bytes:
+            return data
+
+    fetcher = VehicleBoundFetcher(Canned(), "VIN1")
+    try:
+        fetcher.download_bytes("http://x/director/VIN1/metadata/timestamp.json", 1000)
+    except ForeignMetadataError:
+        return
+    assert json.loads(data)["signed"]["custom"]["vin"] == "VIN1"
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Redirects: the vehicle follows one only within the origin it asked.
+
+A network attacker (or a compromised CDN) answers the vehicle with ``302 Found`` pointing at
+another host. Everything the vehicle downloads is verified, but a followed redirect still
+sends its requests (and, with client certificates, its identity) where the operator never
+configured it to go. The agent's fetcher follows redirects only within the scheme, host and
+port it asked, refuses any other as a configuration error, and never contacts that origin.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.attacks.deployment import GATEWAY, Deployment
+from tests.malicious_proxy import MaliciousProxy
+
+
+@pytest.mark.parametrize("what", ["image download", "director timestamp"])
+def test_redirect_to_another_origin_is_refused(deployment: Deployment, what: str) -> None:
+    d = deployment
+    elsewhere = MaliciousProxy(d.server.url)  # another origin that would serve the same bytes
+    try:
+        new = d.publish(GATEWAY, "1.1.0")
+        d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)
+        prefix = "/image/targets/" if what == "image download" else d.director_path()
+
+        def redirect(path_qs: str) -> str | None:
+            if path_qs.startswith(prefix) and (
+                what == "image download" or path_qs.endswith("timestamp.json")
+            ):
+                return elsewhere.url + path_qs
+            return None
+
+        d.proxy.redirects.append(redirect)
+        run = d.vehicle.run_once()
+        report = run.report
+        assert run.returncode == 1 and report["status"] == "failed", report
+        assert "redirect to another origin refused" in " ".join(report["reasons"]), report
+        assert elsewhere.requests == []  # never contacted
+        assert d.vehicle.booted_image() == d.baseline.filepath
+        # a deployment mistake, not an attack: nothing goes into attacks_detected
+        assert d.vehicle.state().ecu(d.vehicle.primary).attacks_detected == ""
+    finally:
+        elsewhere.close()
+
+
+def test_redirect_within_the_origin_is_followed(deployment: Deployment) -> None:
+    d = deployment
+    new = d.publish(GATEWAY, "1.1.0")
+    d.server.assign(d.vehicle.vin, d.vehicle.primary, new.filepath)
+    d.proxy.redirects.append(
+        lambda path_qs: (
+            f"{path_qs}?moved=1"
+            if path_qs.startswith("/image/targets/") and "?" not in path_qs
+            else None
+        )
+    )
+    report = d.vehicle.run_once().report
+    assert report["outcomes"][d.vehicle.primary]["result"] == "installed", report
+    image_requests = [r for r in d.proxy.requests if r.endswith(f"{new.sha256}.gateway.elf")]
+    assert len(image_requests) == 2, image_requests  # redirected, then followed
+    assert d.vehicle.booted_image() == new.filepath
