@@ -30,7 +30,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import urllib3
@@ -45,35 +44,54 @@ from client.bootenv import (
 )
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
+from client.cycle_result import CycleReport, FailureKind, ManifestDelivery
 from client.delta_apply import DeltaError, apply_delta_file, read_delta_header
 from client.fetcher import ResumableFetcher
 from client.health import run_command, run_health_checks
-from client.installer import InstallError, SlotInstaller, other_slot
+from client.installer import InstallError, SlotInstaller, check_slot, other_slot
 from client.preconditions import unmet_precondition
 from client.secondaries import open_secondaries
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
 from client.state import AgentState, Journal, StateError, StateStore
-from client.verification import DirectedImage, FullVerifier, VerificationFailure
+from client.verification import (
+    AttackDetected,
+    ConfigurationFailure,
+    DirectedImage,
+    FullVerifier,
+    TransientFailure,
+    VerificationFailure,
+)
 from signing.encryption import EncryptionFormatError, load_encryption_key
+from signing.exceptions import UptakeError
 from signing.keys import load_signer
 from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome, VehicleManifest
 
 log = logging.getLogger(__name__)
 
 
-class AgentError(Exception):
+class AgentError(UptakeError):
     """The agent cannot run (bad key, unreachable state...); says what and where."""
 
 
-@dataclass
-class CycleReport:
-    """What one update cycle did, for the CLI and tests."""
+def _failure_kind(exc: VerificationFailure) -> FailureKind:
+    if isinstance(exc, AttackDetected):
+        return FailureKind.ATTACK
+    if isinstance(exc, TransientFailure):
+        return FailureKind.TRANSIENT
+    if isinstance(exc, ConfigurationFailure):
+        return FailureKind.CONFIGURATION
+    return FailureKind.ATTACK  # an unclassified refusal is treated as the worst case
 
-    manifest_accepted: bool = False
-    verification_error: str = ""
-    directed: list[str] = field(default_factory=list)
-    outcomes: dict[str, InstallOutcome] = field(default_factory=dict)
-    waiting: str = ""
+
+def _error_message(body: bytes) -> str:
+    """The message of a JSON error body, or its start, printable."""
+    try:
+        message = json.loads(body)["error"]["message"]
+        if isinstance(message, str):
+            return message[:300]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return repr(body[:300])
 
 
 def current_boot_id() -> str:
@@ -110,11 +128,21 @@ class Agent:
             {"a": config.path(config.installer.slot_a), "b": config.path(config.installer.slot_b)},
             make_boot_environment(config),
             config.installer.bootlimit,
+            config.installer.slot_type,
         )
+        problems = []
+        for name, path in self.installer.slots.items():
+            try:
+                check_slot(name, path, config.installer.slot_type)
+            except InstallError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise AgentError(f"{config.source}: " + "; ".join(problems))
         self.installer.initialize()
         self.secondaries: list[Secondary] = open_secondaries(config, password)
         self.verifier = FullVerifier(
             config.path(Path("metadata")),
+            config.path(Path("downloads")),
             config.server_url,
             config.vin,
             ResumableFetcher(config.download),
@@ -129,7 +157,6 @@ class Agent:
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=10, read=60), retries=False
         )
-        self.downloads = config.path(Path("downloads"))
 
     def say(self, message: str) -> None:
         log.info(message)
@@ -141,13 +168,14 @@ class Agent:
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
         self.recover(report)
-        report.manifest_accepted = self.send_manifest()
+        report.manifest, report.manifest_problem = self.send_manifest()
         attack = False
         try:
             directed = self.check()
         except VerificationFailure as exc:
             report.verification_error = str(exc)
-            attack = exc.attack
+            report.verification_failure = _failure_kind(exc)
+            attack = isinstance(exc, AttackDetected)
             directed = []
         report.directed = [f"{d.ecu_serial}:{d.target.path}" for d in directed]
         waiting = unmet_precondition(self.config.preconditions) if directed else None
@@ -170,7 +198,7 @@ class Agent:
             or report.waiting
         ):
             # tell the server at once what happened (an outcome, or an attack seen)
-            report.manifest_accepted = self.send_manifest()
+            report.manifest, report.manifest_problem = self.send_manifest()
         return report
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -219,11 +247,12 @@ class Agent:
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return manifest.sign(self.signer).to_bytes(), digest
 
-    def send_manifest(self) -> bool:
+    def send_manifest(self) -> tuple[ManifestDelivery, str]:
         """Report to the server, unless it already knows all this and the heartbeat is not due.
 
         Verifying a manifest's signatures is the expensive part of a poll for
         the server, so an idle vehicle sends one only every ``manifest_heartbeat``.
+        Returns what became of the manifest and, unless accepted or not needed, why.
         """
         body, digest = self._build_manifest()
         state = self.store.load()
@@ -232,26 +261,32 @@ class Agent:
             and time.time() - state.manifest_sent_at < self.config.manifest_heartbeat
         ):
             log.debug("vehicle state unchanged since the last manifest: not sending one")
-            return True
+            return ManifestDelivery.UNCHANGED, ""
         url = f"{self.config.server_url}/api/v1/vehicles/{self.config.vin}/manifest"
         try:
             resp = self._http.request(
                 "POST", url, body=body, headers={"Content-Type": "application/json"}
             )
         except urllib3.exceptions.HTTPError as exc:
-            self.say(f"could not send the vehicle manifest: {exc}")
-            return False
+            problem = f"could not send the vehicle manifest: {exc}"
+            self.say(problem)
+            return ManifestDelivery.UNREACHABLE, problem
         if resp.status != 200:
-            self.say(f"server refused the vehicle manifest: HTTP {resp.status} {resp.data[:300]!r}")
-            return False
+            problem = f"server answered HTTP {resp.status}: {_error_message(resp.data)}"
+            self.say(f"vehicle manifest not accepted: {problem}")
+            transient = resp.status in (408, 429) or resp.status >= 500
+            return (
+                ManifestDelivery.UNREACHABLE if transient else ManifestDelivery.REFUSED
+            ), problem
         state = self.store.load()
         state.ecu(self.config.primary_serial).last_install = None  # acknowledged
         state.manifest_digest, state.manifest_sent_at = digest, time.time()
         self.store.save(state)
         self.say(
-            f"reported: signed vehicle manifest ({len(body)} bytes, {1 + len(self.secondaries)} ECU report(s)) accepted"
+            f"reported: signed vehicle manifest ({len(body)} bytes, "
+            f"{1 + len(self.secondaries)} ECU report(s)) accepted"
         )
-        return True
+        return ManifestDelivery.ACCEPTED, ""
 
     # -- verification -----------------------------------------------------------
 
@@ -267,13 +302,16 @@ class Agent:
                 self.config.ecu_serials,
                 self.config.path(Path("metadata")) / "image" / "targets.json",
             )
-        except VerificationFailure as exc:
-            if exc.attack:
-                primary.attacks_detected = str(exc)
-                self.store.save(state)
-                self.say(f"REFUSED: {exc}")
-            else:
-                self.say(f"verification postponed: {exc}")
+        except AttackDetected as exc:
+            primary.attacks_detected = str(exc)
+            self.store.save(state)
+            self.say(f"REFUSED: {exc}")
+            raise
+        except ConfigurationFailure as exc:
+            self.say(f"REFUSED (a configuration or provisioning error, not an attack): {exc}")
+            raise
+        except TransientFailure as exc:
+            self.say(f"verification postponed: {exc}")
             raise
         if primary.attacks_detected:
             primary.attacks_detected = ""
@@ -316,10 +354,11 @@ class Agent:
 
     def _download(self, item: DirectedImage) -> Path:
         if item.target.length > self.config.max_image_size:
-            raise VerificationFailure(
-                f"{item.target.path}: {item.target.length} bytes exceeds max_image_size {self.config.max_image_size}"
+            raise AttackDetected(
+                f"{item.target.path}: {item.target.length} bytes exceeds max_image_size "
+                f"{self.config.max_image_size}"
             )
-        path = self.verifier.download(item, self.downloads / item.sha256)
+        path = self.verifier.download(item, self.verifier.download_path(item.sha256))
         self.say(
             f"downloaded {item.target.path} ({item.target.length} bytes), length and sha256 verified"
         )
@@ -377,11 +416,15 @@ class Agent:
         full image as always, so a bad delta costs nothing but the fallback download.
         """
         base = sec.installed_image_path()
-        delta = self.verifier.find_delta(item, sec.installed_sha256()) if base else None
+        delta = self._find_delta(item, sec.installed_sha256()) if base else None
         if base is None or delta is None:
             return None
-        patch = self.downloads / f"{delta.hashes['sha256']}.delta"
-        result = self.downloads / item.sha256
+        try:
+            patch = self.verifier.download_path(f"{delta.hashes['sha256']}.delta")
+            result = self.verifier.download_path(item.sha256)
+        except AttackDetected as exc:
+            self._note_attack(str(exc))
+            return None
         try:
             self.verifier.download_target(delta, patch)
             with open(patch, "rb") as f:
@@ -393,7 +436,7 @@ class Agent:
                 raise DeltaError("the delta produces another image than the directed one")
             apply_delta_file(base, patch, result)  # atomic; checks the result against the header
         except (VerificationFailure, DeltaError, OSError) as exc:
-            if isinstance(exc, VerificationFailure) and exc.attack:
+            if isinstance(exc, AttackDetected):
                 self._note_attack(str(exc))
             self.say(f"delta for {sec.ecu_serial} refused ({exc}): falling back to the full image")
             return None
@@ -406,13 +449,24 @@ class Agent:
         return result
 
     def _refuse(self, item: DirectedImage, exc: VerificationFailure) -> InstallOutcome:
-        if not exc.attack:
+        if isinstance(exc, TransientFailure):
             # the network, not an attacker: keep the partial download and resume at the next poll
             return self._record(
                 item, "postponed", f"download interrupted ({exc}); it resumes at the next poll"
             )
+        if isinstance(exc, ConfigurationFailure):
+            return self._record(item, "failed", f"configuration error: {exc}")
         self._note_attack(str(exc))
         return self._record(item, "refused", str(exc))
+
+    def _find_delta(self, item: DirectedImage, installed_sha256: str) -> TargetFile | None:
+        """The verified delta to ``item`` from what runs, or None; a forged one is reported."""
+        try:
+            return self.verifier.find_delta(item, installed_sha256)
+        except AttackDetected as exc:
+            self._note_attack(str(exc))
+            self.say(f"delta to {item.target.path} refused ({exc}): using the full image")
+            return None
 
     def _note_attack(self, what: str) -> None:
         """Keep evidence of an attack for the primary's next report (attacks_detected)."""
@@ -426,8 +480,9 @@ class Agent:
         delta = (
             None
             if self.config.installer.type == "command"
-            else self.verifier.find_delta(item, self._running_image(state).hashes.get("sha256", ""))
+            else self._find_delta(item, self._running_image(state).hashes.get("sha256", ""))
         )
+        state = self.store.load()  # a forged delta was noted as an attack meanwhile
         journal = Journal(
             "download",
             item.target.path,
@@ -452,7 +507,7 @@ class Agent:
                         f"{item.target.length}), length and sha256 verified"
                     )
                 except VerificationFailure as exc:
-                    if exc.attack:  # a delta that fails its signed hashes was tampered with
+                    if isinstance(exc, AttackDetected):  # it failed its signed hashes
                         self._note_attack(str(exc))
                         state = self.store.load()
                     self._abandon_delta(state, f"download: {exc}")
@@ -467,7 +522,7 @@ class Agent:
         return self._drive(self.store.load())
 
     def _delta_file(self, j: Journal) -> Path:
-        return self.downloads / f"{j.delta_sha256}.delta"
+        return self.verifier.download_path(f"{j.delta_sha256}.delta")
 
     def _abandon_delta(self, state: AgentState, reason: str) -> None:
         """Fall back to the full image for the install in the journal."""
@@ -484,7 +539,7 @@ class Agent:
         The journal holds the length and sha256 from verified metadata: enough to verify the bytes.
         """
         target = TargetFile(j.length, {"sha256": j.sha256}, j.filepath)
-        path = self.downloads / j.sha256
+        path = self.verifier.download_path(j.sha256)
         try:
             with open(path, "rb") as f:
                 target.verify_length_and_hashes(f)
@@ -527,13 +582,7 @@ class Agent:
                     with open(self._verified_image(j), "rb") as image:
                         self.installer.write(j.target_slot, image, j.length, j.sha256)
                 except VerificationFailure as exc:
-                    if (
-                        not exc.attack
-                    ):  # the slot is untouched: the next poll starts this install again
-                        return InstallOutcome(
-                            j.filepath, "postponed", f"download interrupted ({exc})", j.method
-                        )
-                    return self._finish(state, "refused", str(exc))
+                    return self._download_failed(state, exc)
                 except (InstallError, OSError) as exc:
                     return self._finish(state, "failed", f"writing slot {j.target_slot}: {exc}")
                 state.slot_images[j.target_slot] = j.image()
@@ -566,6 +615,19 @@ class Agent:
             else:
                 return self._finish(state, "failed", f"unknown journal phase {j.phase!r}")
 
+    def _download_failed(self, state: AgentState, exc: VerificationFailure) -> InstallOutcome:
+        """The journal's image could not be (re)fetched: the slot is untouched."""
+        j = state.journal
+        assert j is not None
+        if isinstance(exc, TransientFailure):  # the next poll starts this install again
+            return InstallOutcome(
+                j.filepath, "postponed", f"download interrupted ({exc})", j.method
+            )
+        if isinstance(exc, ConfigurationFailure):
+            return self._finish(state, "failed", f"configuration error: {exc}")
+        self._note_attack(str(exc))
+        return self._finish(self.store.load(), "refused", str(exc))
+
     def _install_with_command(self, state: AgentState) -> InstallOutcome:
         """Installer type "command": the command installs, the health checks decide.
 
@@ -577,11 +639,7 @@ class Agent:
         try:
             image = self._verified_image(j)
         except VerificationFailure as exc:
-            if not exc.attack:
-                return InstallOutcome(
-                    j.filepath, "postponed", f"download interrupted ({exc})", j.method
-                )
-            return self._finish(state, "refused", str(exc))
+            return self._download_failed(state, exc)
         values = {"{image}": str(image), "{filepath}": j.filepath, "{sha256}": j.sha256}
         argv = [values.get(a, a) for a in cfg.install_command]
         result = run_command(argv, cfg.command_timeout, "install command")
@@ -658,7 +716,7 @@ class Agent:
             ecu.release_counter = j.release_counter
         state.journal = None
         self.store.save(state)
-        (self.downloads / j.sha256).unlink(missing_ok=True)
+        self.verifier.download_path(j.sha256).unlink(missing_ok=True)
         if j.delta_sha256:
             self._delta_file(j).unlink(missing_ok=True)
         return outcome

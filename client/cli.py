@@ -17,7 +17,15 @@ import click
 from client.agent import Agent, AgentError
 from client.bootenv import BootEnvironmentError
 from client.config import AgentConfigError, load_config
-from client.provisioning import EcuSpec, ProvisioningError, provision_vehicle
+from client.cycle_result import CycleReport, CycleStatus
+from client.installer import InstallError, check_slot
+from client.provisioning import (
+    EcuSpec,
+    ProvisioningError,
+    check_image_root_with_server,
+    check_trust_anchors,
+    provision_vehicle,
+)
 from client.secondaries.base import SecondaryError
 from client.state import StateError
 from signing.keys import PASSWORD_ENV, KeyFileError
@@ -107,6 +115,11 @@ def agent() -> None:
     help="Health-check command (shell words; {slot_path} is replaced). Repeatable.",
 )
 @click.option("--bootlimit", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Do not compare --image-root with the server's (a factory without network).",
+)
 def agent_init(
     state_dir: Path,
     vin: str,
@@ -117,18 +130,31 @@ def agent_init(
     director_root: Any,
     health_checks: tuple[str, ...],
     bootlimit: int,
+    offline: bool,
 ) -> None:
-    """Provision a vehicle: ECU keys, trusted roots, configuration, registration.json."""
+    """Provision a vehicle: ECU keys, trusted roots, configuration, registration.json.
+
+    The trusted roots are checked first: both TUF roots signed by their own keys,
+    two different roots, each of the repository it is given for and of one
+    deployment, and (unless --offline) the image root the one the server serves.
+    """
     try:
         checks = [shlex.split(c) for c in health_checks]
+        image_root_bytes, director_root_bytes = image_root.read(), director_root.read()
+        check_trust_anchors(image_root_bytes, director_root_bytes)
+        note = (
+            "not compared with the server (--offline)"
+            if offline
+            else check_image_root_with_server(server_url, image_root_bytes)
+        )
         config = provision_vehicle(
             state_dir,
             vin=vin,
             server_url=server_url,
             primary=_ecu(primary),
             secondaries=[_ecu(s) for s in secondaries],
-            image_root=image_root.read(),
-            director_root=director_root.read(),
+            image_root=image_root_bytes,
+            director_root=director_root_bytes,
             password=_password(),
             health_check=checks,
             secondary_health_check=checks,
@@ -137,40 +163,45 @@ def agent_init(
     except (ProvisioningError, KeyFileError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
-        f"Provisioned {vin} in {state_dir}\n  configuration: {config}\n"
+        f"Provisioned {vin} in {state_dir}\n  trusted roots: {note}\n  configuration: {config}\n"
         f"  register it:   uptake fleet add-vehicle --from-agent {state_dir / 'registration.json'}"
     )
 
 
-def _report_json(report: Any) -> dict[str, Any]:
-    return {
-        "manifest_accepted": report.manifest_accepted,
-        "verification_error": report.verification_error,
-        "directed": report.directed,
-        "outcomes": {k: v.to_dict() for k, v in report.outcomes.items()},
-        "waiting": report.waiting,
-    }
-
-
 @agent.command("run")
 @_CONFIG_OPT
-@click.option(
-    "--once", is_flag=True, help="Run one update cycle and exit (0 unless the cycle could not run)."
-)
+@click.option("--once", is_flag=True, help="Run one update cycle and exit with its status (below).")
 @click.option(
     "--json", "as_json", is_flag=True, help="With --once: print the cycle's result as JSON."
 )
 def agent_run(config_path: Path, once: bool, as_json: bool) -> None:
-    """Poll the server, verify, install, report (until SIGTERM, or --once)."""
+    """Poll the server, verify, install, report (until SIGTERM, or --once).
+
+    \b
+    Exit status of --once (also "status" and "exit_code" in --json):
+      0   ok: everything directed is installed, or there was nothing to do
+      75  postponed: server unreachable, download interrupted, a precondition
+          unmet; the next poll retries
+      1   failed: an attack was refused, an install failed or rolled back, the
+          server refused the manifest, or a configuration mistake (unknown VIN,
+          wrong trusted root, bad configuration file)
+    """
     try:
         config = load_config(config_path)
         narrate = None if as_json else (lambda m: click.echo(f"[agent] {m}"))
         the_agent = Agent(config, _password(), narrate=narrate)
         if once:
             report = the_agent.run_cycle()
+            status = report.status
             if as_json:
-                click.echo(json.dumps(_report_json(report), indent=2))
-            return
+                click.echo(json.dumps(report.to_json(), indent=2))
+            elif status is CycleStatus.OK:
+                click.echo(f"[agent] cycle ok: {_summary(report)}")
+            else:
+                click.echo(f"[agent] cycle {status.value.upper()}:", err=True)
+                for reason in report.reasons():
+                    click.echo(f"  {reason}", err=True)
+            sys.exit(status.exit_code)
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -178,6 +209,11 @@ def agent_run(config_path: Path, once: bool, as_json: bool) -> None:
         the_agent.run_forever(stop)
     except _AGENT_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _summary(report: CycleReport) -> str:
+    installed = [f"{s} {o.filepath}" for s, o in sorted(report.outcomes.items())]
+    return ("installed " + ", ".join(installed)) if installed else "nothing to install"
 
 
 @agent.command("status")
@@ -191,13 +227,25 @@ def agent_status(config_path: Path, as_json: bool) -> None:
     try:
         config = load_config(config_path)
         state = StateStore(config.path(Path("state.json"))).load()
-        env = make_boot_environment(config).read()
     except _AGENT_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
-    data = {"boot": env, **state.to_dict()}
+    problems = []
+    env: dict[str, str] = {}
+    try:
+        env = make_boot_environment(config).read()
+    except BootEnvironmentError as exc:
+        problems.append(f"{config_path}: boot environment: {exc}")
+    for slot, path in (("a", config.installer.slot_a), ("b", config.installer.slot_b)):
+        try:
+            check_slot(slot, config.path(path), config.installer.slot_type)
+        except InstallError as exc:
+            problems.append(f"{config_path}: {exc}")
+    data = {"boot": env, **state.to_dict(), "problems": problems}
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
+        sys.exit(1 if problems else 0)
+    for problem in problems:
+        click.echo(f"PROBLEM: {problem}", err=True)
     click.echo(
         f"boot slot {env.get('boot_slot', '?')}, upgrade_available={env.get('upgrade_available', '0')}, "
         f"bootcount={env.get('bootcount', '0')}"
@@ -206,3 +254,5 @@ def agent_status(config_path: Path, as_json: bool) -> None:
         click.echo(f"  slot {slot}: {image.filepath if image else '(empty or being written)'}")
     if state.journal:
         click.echo(f"  install in progress: {state.journal.filepath} (phase {state.journal.phase})")
+    if problems:
+        sys.exit(1)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from client.fetcher import FetcherConfig
+from client.installer import SlotType
 from client.preconditions import Precondition
+from signing.names import InvalidNameError, check_name
 
 INSTALLER_TYPES = ("file", "uboot", "grub", "command")
 SECONDARY_TRANSPORTS = ("local", "uds")
@@ -29,6 +31,8 @@ class InstallerConfig:
     type: str = "file"
     slot_a: Path = Path("slots/a.img")
     slot_b: Path = Path("slots/b.img")
+    #: block devices for "uboot" and "grub" (the default), image files for "file" and "command"
+    slot_type: SlotType = SlotType.FILE
     #: file: the JSON env file; uboot: fw_env.config; grub: the grubenv file
     boot_env: Path = Path("bootenv.json")
     bootlimit: int = 3
@@ -120,6 +124,14 @@ class _Table:
             raise self._err(key, f"must be {names}, got {type(value).__name__}")
         return value
 
+    def name(self, key: str) -> str:
+        """A required VIN, ECU serial or hardware id (the grammar of :mod:`signing.names`)."""
+        value = self.get(key, str)
+        try:
+            return check_name(value, f"{self.source}: {self.where}.{key}")
+        except InvalidNameError as exc:
+            raise AgentConfigError(str(exc)) from exc
+
     def positive(self, key: str, default: float) -> float:
         value = self.get(key, (int, float), default)
         if value <= 0:
@@ -158,6 +170,8 @@ def load_config(path: Path) -> AgentConfig:
         raise AgentConfigError(f"{source}: cannot read ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AgentConfigError(f"{source}: not valid TOML ({exc})") from exc
+    except RecursionError as exc:
+        raise AgentConfigError(f"{source}: not valid TOML (nested too deeply)") from exc
     return parse_config(raw, source, Path(path).resolve().parent)
 
 
@@ -180,7 +194,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     server_url = agent.get("server_url", str)
     if not server_url.startswith(("http://", "https://")):
         raise AgentConfigError(f"{source}: agent.server_url must start with http:// or https://")
-    vin = agent.get("vin", str)
+    vin = agent.name("vin")
     poll_interval = agent.positive("poll_interval", 300.0)
     jitter = agent.get("poll_jitter", (int, float), 0.2)
     if not 0 <= jitter <= 1:
@@ -190,8 +204,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     agent.check_unknown()
 
     primary = _Table(raw.get("primary"), "primary", source)
-    serial = primary.get("ecu_serial", str)
-    hw = primary.get("hardware_id", str)
+    serial = primary.name("ecu_serial")
+    hw = primary.name("hardware_id")
     key = Path(primary.get("key", str, f"keys/{serial}.key"))
     encryption_key = Path(primary.get("encryption_key", str, "keys/encryption.key"))
     primary.check_unknown()
@@ -214,10 +228,14 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
     bootlimit = inst.get("bootlimit", int, 3)
     if bootlimit < 1:
         raise AgentConfigError(f"{source}: installer.bootlimit must be >= 1")
+    slot_type = inst.get("slot_type", str, "block" if itype in ("uboot", "grub") else "file")
+    if slot_type not in {t.value for t in SlotType}:
+        raise AgentConfigError(f'{source}: installer.slot_type must be "block" or "file"')
     installer = InstallerConfig(
         type=itype,
         slot_a=Path(inst.get("slot_a", str, "slots/a.img")),
         slot_b=Path(inst.get("slot_b", str, "slots/b.img")),
+        slot_type=SlotType(slot_type),
         boot_env=Path(inst.get("boot_env", str, "bootenv.json")),
         bootlimit=bootlimit,
         reboot=reboot,
@@ -248,8 +266,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Pat
                 f"{source}: secondaries[{i}].transport must be one of {', '.join(SECONDARY_TRANSPORTS)}"
             )
         sec = SecondaryConfig(
-            ecu_serial=t.get("ecu_serial", str),
-            hardware_id=t.get("hardware_id", str),
+            ecu_serial=t.name("ecu_serial"),
+            hardware_id=t.name("hardware_id"),
             transport=transport,
             directory=Path(t.get("directory", str, f"secondaries/{t.data.get('ecu_serial', i)}")),
             options=t.get("options", dict, {}),

@@ -16,21 +16,58 @@ leaves the device bootable:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from client.bootenv import BootEnvironment, BootEnvironmentError
 from client.delta_apply import DeltaError, apply_delta, read_delta_header
+from signing.exceptions import UptakeError
 
 SLOTS = ("a", "b")
 _CHUNK = 1024 * 1024
 
 
-class InstallError(Exception):
-    """Writing or switching a slot failed; names the slot and the problem."""
+class InstallError(UptakeError):
+    """Writing or switching a slot failed, or a slot is unusable; names the slot and the problem."""
+
+
+class SlotType(enum.Enum):
+    """What a slot path must be: a block device (partitions booted by U-Boot or GRUB) or a file."""
+
+    BLOCK = "block"
+    FILE = "file"
+
+
+def check_slot(name: str, path: Path, slot_type: SlotType) -> None:
+    """Refuse a slot that is not what its installer writes to, before anything is written.
+
+    A mistyped partition (``/dev/mmcblk0p3`` that does not exist) must stop the
+    agent, not become a regular file in ``/dev`` that is "installed" and
+    committed while the bootloader boots something else.
+    """
+    where = f"installer.slot_{name} = {str(path)!r}"
+    if slot_type is SlotType.BLOCK:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise InstallError(f"{where}: no such block device") from None
+        except OSError as exc:
+            raise InstallError(f"{where}: cannot check it: {exc.strerror}") from exc
+        if not stat.S_ISBLK(mode):
+            raise InstallError(
+                f'{where}: not a block device (slot_type = "block"; use slot_type = "file" '
+                "only for image files)"
+            )
+        return
+    if Path(os.path.realpath(path)).is_relative_to("/dev"):
+        raise InstallError(f"{where}: a file slot in /dev is a mistyped device; set slot_type")
+    if path.exists() and not path.is_file():
+        raise InstallError(f'{where}: exists and is not a regular file (slot_type = "file")')
 
 
 @dataclass(frozen=True)
@@ -46,10 +83,17 @@ def other_slot(slot: str) -> str:
 
 
 class SlotInstaller:
-    def __init__(self, slots: dict[str, Path], env: BootEnvironment, bootlimit: int) -> None:
+    def __init__(
+        self,
+        slots: dict[str, Path],
+        env: BootEnvironment,
+        bootlimit: int,
+        slot_type: SlotType = SlotType.FILE,
+    ) -> None:
         self.slots = slots
         self.env = env
         self.bootlimit = bootlimit
+        self.slot_type = slot_type
 
     def initialize(self) -> None:
         """First start on a factory-fresh device: boot slot a, nothing on trial."""
@@ -137,10 +181,14 @@ class SlotInstaller:
         return applied.method
 
     def _open_slot(self, slot: str) -> BinaryIO:
-        """Open a slot for writing: a block device is overwritten in place, a file replaced."""
+        """Open a slot for writing: a block device is overwritten in place (never created), a
+        file replaced."""
         path = self.slots[slot]
+        check_slot(slot, path, self.slot_type)
+        if self.slot_type is SlotType.BLOCK:
+            return open(path, "r+b")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "r+b" if path.exists() and not path.is_file() else "wb")
+        return open(path, "wb")
 
     def slot_sha256(self, slot: str, length: int) -> str:
         digest = hashlib.sha256()

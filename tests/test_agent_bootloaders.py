@@ -36,7 +36,9 @@ def test_update_and_rollback_through_a_real_boot_environment(
     (tmp_path / "bootenv").mkdir()
     kind, env_path = bootloader(tmp_path / "bootenv")
     text = vehicle.config_path.read_text().replace(
-        'type = "file"', f'type = "{kind}"\nboot_env = "{env_path}"'
+        'type = "file"',
+        # image files stand in for the partitions a real board boots
+        f'type = "{kind}"\nboot_env = "{env_path}"\nslot_type = "file"',
     )
     vehicle.config_path.write_text(text)
     env = make_boot_environment(load_config(vehicle.config_path))

@@ -178,11 +178,18 @@ class Vehicle:
         ]
 
     def run_once(self, timeout: float = 120) -> AgentRun:
+        """One ``uptake agent run --once --json``; its exit code must match what it reports."""
         proc = subprocess.run(
             self.argv(), env=ENV, capture_output=True, timeout=timeout, check=False
         )
         run = AgentRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
-        assert run.returncode == 0, f"agent failed: {run.stderr}"
+        try:
+            report = run.report
+        except ValueError:
+            raise AssertionError(
+                f"agent printed no JSON (exit {run.returncode}): {run.stderr}"
+            ) from None
+        assert run.returncode == report["exit_code"], (run.returncode, report, run.stderr)
         return run
 
     def spawn(self) -> subprocess.Popen[bytes]:

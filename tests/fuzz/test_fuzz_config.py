@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from client.config import AgentConfig, AgentConfigError, load_config, parse_config
 from server.config import ConfigError, ServerConfig
+from signing.names import is_name
 from tests.fuzz import fuzz_settings
-from tests.fuzz.strategies import edited, json_values
+from tests.fuzz.strategies import edited, hostile_strings, huge_integers, json_values
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "client" / "agent.example.toml"
 EXAMPLE_TEXT = EXAMPLE.read_text()
@@ -27,7 +28,9 @@ EXAMPLE_TEXT = EXAMPLE.read_text()
 def _check(config: AgentConfig) -> None:
     assert isinstance(config.vin, str) and isinstance(config.server_url, str)
     assert config.server_url.startswith(("http://", "https://"))
-    assert all(isinstance(s, str) for s in config.ecu_serials)
+    # names become file names (secondaries' directories): only names of the grammar get through
+    assert is_name(config.vin) and all(is_name(s) for s in config.ecu_serials)
+    assert all(is_name(hw) for hw in config.ecu_serials.values())
 
 
 def test_example_parses() -> None:
@@ -40,6 +43,28 @@ def test_edited_agent_config(raw: Any) -> None:
     assume(isinstance(raw, dict))  # load_config always passes the parsed TOML document, a dict
     with contextlib.suppress(AgentConfigError):
         _check(parse_config(raw, "fuzz.toml", Path("/var/lib/uptake")))
+
+
+@fuzz_settings
+@given(
+    st.sampled_from([("agent", "vin"), ("primary", "ecu_serial"), ("primary", "hardware_id")]),
+    hostile_strings | huge_integers,
+)
+def test_hostile_names_in_agent_config(key: tuple[str, str], value: Any) -> None:
+    raw = tomllib.loads(EXAMPLE_TEXT)
+    raw[key[0]][key[1]] = value
+    with contextlib.suppress(AgentConfigError):
+        _check(parse_config(raw, "fuzz.toml", Path("/var/lib/uptake")))
+
+
+@fuzz_settings
+@given(st.integers(1, 5000), st.sampled_from(["[", "{a = "]))
+def test_deeply_nested_agent_config(tmp_path: Path, depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    path = tmp_path / "agent.toml"
+    path.write_text(f"{EXAMPLE_TEXT}\n[agent_extra]\nx = {opener * depth}1{closer * depth}\n")
+    with contextlib.suppress(AgentConfigError):
+        load_config(path)
 
 
 @fuzz_settings
