@@ -19,16 +19,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import urllib3
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
 from client.secondaries.local import provision_local_secondary
 from signing.atomic_file import write_atomic
 from signing.encryption import generate_encryption_key, public_key_hex, save_encryption_key
+from signing.exceptions import UptakeError
 from signing.keys import generate_signer, load_public_key, public_key_to_dict, save_signer
+from signing.metadata import MetadataFormatError, root_identity
+from signing.names import InvalidNameError, check_name
 
 
-class ProvisioningError(Exception):
+class ProvisioningError(UptakeError):
     """Provisioning refused (bad root, existing state...); says why."""
 
 
@@ -52,7 +56,7 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def _check_root(data: bytes, what: str) -> None:
+def _check_root(data: bytes, what: str) -> Metadata[Root]:
     try:
         md = Metadata[Root].from_bytes(data)
     except DeserializationError as exc:
@@ -63,6 +67,91 @@ def _check_root(data: bytes, what: str) -> None:
         md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
     except Exception as exc:
         raise ProvisioningError(f"{what} is not signed by its own root keys: {exc}") from exc
+    return md
+
+
+def check_trust_anchors(image_root: bytes, director_root: bytes) -> None:
+    """Refuse trusted roots that cannot be this vehicle's (a provisioning mistake, not an attack).
+
+    Both must be TUF roots signed by their own keys; they must be two different
+    roots; and where ``uptake server init`` marked them (``signed.custom``),
+    the image root must be the image repository's and the director root the
+    director's, of one and the same deployment.
+    """
+    roots = {
+        "image": _check_root(image_root, "--image-root"),
+        "director": _check_root(director_root, "--director-root"),
+    }
+    root_keys = {repo: set(md.signed.roles[Root.type].keyids) for repo, md in roots.items()}
+    if image_root == director_root or root_keys["image"] == root_keys["director"]:
+        raise ProvisioningError(
+            "--image-root and --director-root are the same root: the image repository and the "
+            "director each have their own (image-root.json and director-root.json)"
+        )
+    identities = {}
+    for repo, md in roots.items():
+        try:
+            identity = root_identity(md.signed)
+        except MetadataFormatError as exc:
+            raise ProvisioningError(f"--{repo}-root: {exc}") from exc
+        if identity is not None and identity.repository != repo:
+            raise ProvisioningError(
+                f"--{repo}-root is the {identity.repository} repository's root: pass it as "
+                f"--{identity.repository}-root (swapped files?)"
+            )
+        identities[repo] = identity
+    image_id, director_id = identities["image"], identities["director"]
+    if image_id and director_id and image_id.deployment != director_id.deployment:
+        raise ProvisioningError(
+            f"--image-root belongs to deployment {image_id.deployment} and --director-root to "
+            f"{director_id.deployment}: both must come from the same 'uptake server init'"
+        )
+
+
+def check_image_root_with_server(server_url: str, image_root: bytes, timeout: float = 5.0) -> str:
+    """Compare ``image_root`` with the same version on the server, where it can be reached.
+
+    Catches roots of another deployment, which nothing inside the files can.
+    Returns a note for the operator (checked, or why not); raises
+    :class:`ProvisioningError` when the server holds a different root.
+    """
+    version = _check_root(image_root, "--image-root").signed.version
+    url = f"{server_url.rstrip('/')}/image/metadata/{version}.root.json"
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(total=timeout), retries=False)
+    try:
+        response = http.request("GET", url, redirect=False)
+    except urllib3.exceptions.HTTPError as exc:
+        return f"could not check --image-root against the server ({exc}); checked offline only"
+    if response.status != 200:
+        raise ProvisioningError(
+            f"the server has no image repository root v{version} ({url}: HTTP {response.status}):"
+            " is --image-root from this deployment, and --server this deployment's URL?"
+        )
+    try:
+        served = Metadata[Root].from_bytes(response.data)
+    except DeserializationError as exc:
+        raise ProvisioningError(f"{url} is not root metadata: {exc}") from exc
+    if served.signed_bytes != Metadata[Root].from_bytes(image_root).signed_bytes:
+        raise ProvisioningError(
+            f"--image-root differs from the server's image repository root v{version} ({url}):"
+            " a root of another deployment?"
+        )
+    return f"--image-root matches the server's image repository root v{version}"
+
+
+def check_names(vin: str, ecus: Sequence[EcuSpec]) -> None:
+    """VIN, serials and hardware ids follow :mod:`signing.names`; serials are unique."""
+    try:
+        check_name(vin, "VIN")
+        for ecu in ecus:
+            check_name(ecu.serial, "ECU serial")
+            check_name(ecu.hardware_id, f"hardware id of ECU {ecu.serial}")
+    except InvalidNameError as exc:
+        raise ProvisioningError(str(exc)) from exc
+    serials = [e.serial for e in ecus]
+    twice = sorted({s for s in serials if serials.count(s) > 1})
+    if twice:
+        raise ProvisioningError(f"ECU serial(s) {', '.join(twice)} given more than once")
 
 
 def provision_vehicle(
@@ -82,8 +171,8 @@ def provision_vehicle(
     """Create a ready-to-run agent under ``state_dir``; returns the config path."""
     if (state_dir / "agent.toml").exists():
         raise ProvisioningError(f"{state_dir} already holds a provisioned agent")
-    _check_root(image_root, "image repository root")
-    _check_root(director_root, "director root")
+    check_names(vin, [primary, *secondaries])
+    check_trust_anchors(image_root, director_root)
     state_dir.mkdir(parents=True, exist_ok=True)
     save_signer(generate_signer(), state_dir / "keys" / "primary.key", password)
     encryption_key = generate_encryption_key()  # images the director encrypts for the primary

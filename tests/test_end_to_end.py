@@ -187,6 +187,11 @@ def test_metadata_signed_by_unknown_key_is_refused(
     server: ServerProcess, proxied: tuple[MaliciousProxy, Vehicle]
 ) -> None:
     proxy, vehicle = proxied
+    # an honest first update: the provisioned image root has verified this server's metadata,
+    # so a failure from now on is evidence of an attack, not of a wrong root
+    first = server.publish(sample("rpi-gateway", "1.0.0"), "rpi-gateway", "1.0.0")
+    server.assign(vehicle.vin, vehicle.primary, first.filepath)
+    assert vehicle.run_once().report["status"] == "ok"
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     stranger = generate_signer()
@@ -199,7 +204,8 @@ def test_metadata_signed_by_unknown_key_is_refused(
     )
     report = vehicle.run_once().report
     assert "UnsignedMetadataError" in report["verification_error"]
-    assert vehicle.booted_image() == ""
+    assert report["verification_failure"] == "attack" and report["status"] == "failed"
+    assert vehicle.booted_image() == first.filepath
     _assert_attack_recorded(server, vehicle, "timestamp")
 
 

@@ -41,12 +41,33 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     also: tuple[tuple[str, str], ...] = ()  # further (old, new) edits in the same file
+    #: further (file, old, new) edits elsewhere: a defence with two layers is disabled whole
+    elsewhere: tuple[tuple[str, str, str], ...] = ()
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [
+            (self.file, self.old, self.new),
+            *((self.file, old, new) for old, new in self.also),
+            *self.elsewhere,
+        ]
 
 
 def _off(condition: str) -> str:
     """``if <condition>:`` → ``if False:`` (the check never fires)."""
     return condition.replace("if ", "if False and ", 1)
 
+
+# signing.names.confined with both of its checks off (for defences it backs up)
+_CONFINED_OFF = (
+    "signing/names.py",
+    "    if resolved != base and base not in resolved.parents:",
+    _off("    if resolved != base and base not in resolved.parents:"),
+)
+_CONFINED_PARTS_OFF = (
+    "signing/names.py",
+    "    for part in parts:\n        _check_file_name(part, where)",
+    "    for part in parts:\n        pass",
+)
 
 MUTATIONS = [
     Mutation(
@@ -121,6 +142,17 @@ MUTATIONS = [
         "        if vin != self.vin:",
         _off("        if vin != self.vin:"),
         (A + "test_freeze.py::test_director_targets_for_another_vin_are_refused",),
+        also=(("        if vin != self._vin:", _off("        if vin != self._vin:")),),
+    ),
+    Mutation(
+        "director timestamp and snapshot bound to this VIN before python-tuf trusts them",
+        "client/verification.py",
+        "        if vin != self._vin:",
+        _off("        if vin != self._vin:"),
+        (
+            A + "test_freeze.py::"
+            "test_another_vehicles_newer_timestamp_and_snapshot_cannot_freeze_this_one",
+        ),
     ),
     Mutation(
         "TUF targets version must match snapshot",
@@ -263,6 +295,102 @@ MUTATIONS = [
         _off("    if manifest.vin != vin:"),
         (A + "test_manifest_forgery.py::test_manifest_of_another_vehicle_is_rejected",),
     ),
+    # -- issue 9: names from outside never become paths; truthful outcomes ---------------
+    Mutation(
+        "delta names: hash grammar, and every download path confined to its directory",
+        "signing/metadata.py",
+        """        check_hashes(target.hashes, f"delta target {target.path!r} hashes")""",
+        "        pass",
+        (A + "test_path_traversal.py::test_delta_hash_that_is_a_path_is_refused_and_reported",),
+        elsewhere=(_CONFINED_OFF, _CONFINED_PARTS_OFF),
+    ),
+    Mutation(
+        "image and director target names: grammar, and downloads confined",
+        "client/verification.py",
+        """                check_target(dtarget, "director target")""",
+        "                pass",
+        (A + "test_path_traversal.py::test_image_named_with_a_path_is_refused_and_reported",),
+        also=(("""            check_target(itarget, "image target")""", "            pass"),),
+        elsewhere=(_CONFINED_OFF, _CONFINED_PARTS_OFF),
+    ),
+    Mutation(
+        "redirects followed only within the origin",
+        "client/fetcher.py",
+        "            if _origin(location) != origin:",
+        _off("            if _origin(location) != origin:"),
+        (A + "test_redirects.py::test_redirect_to_another_origin_is_refused",),
+    ),
+    Mutation(
+        "a slot must exist and be what its installer writes to",
+        "client/installer.py",
+        """            raise InstallError(f"{where}: no such block device") from None""",
+        "            return",
+        (
+            "tests/test_agent_outcomes.py::test_a_slot_that_does_not_exist_stops_the_agent_and_status_says_so",
+        ),
+        also=(
+            (
+                """    if Path(os.path.realpath(path)).is_relative_to("/dev"):""",
+                _off("""    if Path(os.path.realpath(path)).is_relative_to("/dev"):"""),
+            ),
+        ),
+    ),
+    Mutation(
+        "agent run --once exits with the cycle's status",
+        "client/cli.py",
+        "            sys.exit(status.exit_code)",
+        "            sys.exit(0)",
+        (
+            "tests/test_agent_outcomes.py::test_unreachable_server_exits_75_postponed",
+            "tests/test_agent_outcomes.py::test_an_install_that_rolls_back_exits_1_and_says_why",
+        ),
+    ),
+    Mutation(
+        "a manifest that was not sent is not reported as accepted",
+        "client/agent.py",
+        """            return ManifestDelivery.UNCHANGED, """ "",
+        """            return ManifestDelivery.ACCEPTED, """ "",
+        (
+            "tests/test_agent_outcomes.py::"
+            "test_nothing_to_do_exits_0_and_an_unneeded_manifest_is_not_called_accepted",
+        ),
+    ),
+    Mutation(
+        "a root that never verified anything is a configuration error, not an attack",
+        "client/verification.py",
+        "    if first_contact and isinstance(exc, UnsignedMetadataError):",
+        _off("    if first_contact and isinstance(exc, UnsignedMetadataError):"),
+        (
+            "tests/test_provisioning.py::"
+            "test_a_wrong_trusted_root_at_first_contact_is_a_configuration_error_not_an_attack",
+        ),
+    ),
+    Mutation(
+        "agent init checks the trusted roots it is given",
+        "client/provisioning.py",
+        "    check_trust_anchors(image_root, director_root)\n",
+        "",
+        ("tests/test_provisioning.py::test_wrong_roots_are_refused",),
+        elsewhere=(
+            (
+                "client/cli.py",
+                "        check_trust_anchors(image_root_bytes, director_root_bytes)\n",
+                "",
+            ),
+            (
+                "client/cli.py",
+                "            else check_image_root_with_server(server_url, image_root_bytes)",
+                '            else ""',
+            ),
+        ),
+    ),
+    Mutation(
+        "agent init checks names and unique serials",
+        "client/provisioning.py",
+        "    check_names(vin, [primary, *secondaries])\n",
+        "",
+        ("tests/test_provisioning.py::test_bad_names_are_refused",),
+    ),
 ]
 
 
@@ -337,21 +465,30 @@ def main(argv: list[str]) -> int:
             print(f"the unmutated copy does not pass:\n{baseline.stdout[-3000:]}")
             return 2
         for m in chosen:
-            path = repo / m.file
-            original = mutated = path.read_text()
-            edits = ((m.old, m.new), *m.also)
-            if any(original.count(old) != 1 for old, _ in edits):
-                print(f"SKIP  {m.name}: a text to disable does not occur exactly once in {m.file}")
+            originals: dict[Path, str] = {}
+            for file, _, _ in m.edits():
+                path = repo / file
+                originals.setdefault(path, path.read_text())
+            mutated = dict(originals)
+            broken = ""
+            for file, old, new in m.edits():
+                path = repo / file
+                if mutated[path].count(old) != 1:
+                    broken = f"{old[:60]!r} does not occur exactly once in {file}"
+                    break
+                mutated[path] = mutated[path].replace(old, new)
+            if broken:
+                print(f"SKIP  {m.name}: {broken}")
                 failures += 1
                 continue
-            for old, new in edits:
-                mutated = mutated.replace(old, new)
-            path.write_text(mutated)
+            for path, text in mutated.items():
+                path.write_text(text)
             start = time.monotonic()
             try:
                 run = _pytest(repo, m.tests)
             finally:
-                path.write_text(original)
+                for path, text in originals.items():
+                    path.write_text(text)
             took = time.monotonic() - start
             summary = (
                 run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
@@ -361,7 +498,8 @@ def main(argv: list[str]) -> int:
                 print(f"FAIL  {m.name} ({m.file}): a test still passes without it [{summary}]")
             else:
                 print(
-                    f"ok    {m.name} ({m.file}) disabled -> defence proven, tests failed [{summary}] {took:.0f}s"
+                    f"ok    {m.name} ({m.file}) disabled -> defence proven, tests failed "
+                    f"[{summary}] {took:.0f}s"
                 )
                 for line in run.stdout.splitlines():
                     if line.startswith("FAILED"):

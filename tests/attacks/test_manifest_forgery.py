@@ -122,7 +122,10 @@ def test_ecu_report_with_bad_signature_is_rejected(deployment: Deployment) -> No
 
     def lie_about_secondary(signed: dict[str, Any]) -> None:
         report = signed["ecu_version_reports"][d.vehicle.secondary]["signed"]
-        report["installed_image"]["filepath"] = "stm32f4-bms/6.6.6/bms.bin"
+        report["installed_image"] = {  # well formed: only the signature can tell
+            "filepath": "stm32f4-bms/6.6.6/bms.bin",
+            "fileinfo": {"length": 1234, "hashes": {"sha256": "ab" * 32}},
+        }
 
     forged = _re_signed(
         _agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), lie_about_secondary
