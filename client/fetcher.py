@@ -465,6 +465,11 @@ class ResumableFetcher(FetcherInterface):
             if isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 raise DownloadError(f"{url}: {exc.reason}") from exc
             raise _Transient(f"cannot connect: {exc.reason}") from exc
+        except (
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ConnectTimeoutError,
+        ) as exc:
+            raise _Transient(f"cannot connect: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Transient(f"request failed: {exc}") from exc
 
