@@ -8,8 +8,10 @@ from typing import Any
 
 import urllib3
 
+from signing.exceptions import UptakeError
 
-class ApiClientError(Exception):
+
+class ApiClientError(UptakeError):
     """The server refused a request or could not be reached; says which and why."""
 
 

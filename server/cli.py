@@ -7,11 +7,14 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
+from securesystemslib.signer import Signer
 
 from server.api_client import AdminClient, ApiClientError
 from server.config import SERVER_PASSWORD_ENV, ConfigError, ServerConfig
+from signing.json_limits import UntrustedJsonError, parse_json
 from signing.keys import PASSWORD_ENV, KeyFileError, load_signer
 
 _DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -92,9 +95,14 @@ def server_init(
 ) -> None:
     """Create keys, the first metadata of both repositories and the database."""
     _require_server_extra()
+    from server.db import check_database_url
     from server.service import init_server
 
     config = ServerConfig(data_dir, host, port, database_url)
+    try:
+        check_database_url(config.database_url)  # before asking for passwords
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     online = _password(SERVER_PASSWORD_ENV, "the server's online keys", confirm=True)
     offline = _password(PASSWORD_ENV, "the offline keys", confirm=True)
     try:
@@ -126,9 +134,9 @@ def server_run(
     try:
         config = ServerConfig.load(data_dir, host=host, port=port, database_url=database_url)
         components = open_server(config, _password(SERVER_PASSWORD_ENV, "the server's online keys"))
-    except (ConfigError, KeyFileError) as exc:
+        run_server(components)
+    except (ConfigError, KeyFileError) as exc:  # ServerStartError too: port in use, no such address
         raise click.ClickException(str(exc)) from exc
-    run_server(components)
 
 
 @server.command("rotate-keys")
@@ -326,7 +334,7 @@ def release_publish(
         needs[hw] = spec
     password = _password(PASSWORD_ENV, "the offline targets key")
     try:
-        signers = [
+        signers: list[Signer] = [
             load_signer(p, password) for p in (targets_keys or (keys_dir / "image-targets.key",))
         ]
         trusted_root = (keys_dir / TRUSTED_ROOT_NAME).read_bytes()
@@ -365,6 +373,7 @@ def fleet() -> None:
     uptake fleet add-vehicle --from-agent /var/lib/uptake/registration.json
     uptake fleet assign --vin VIN --ecu BMS-001 --image stm32f4-bms/1.1.0/bms.bin
     uptake fleet show VIN --json
+    uptake fleet reset-report-counter VIN --ecu GW-001 --reason "counter pushed ahead"
     """
 
 
@@ -389,9 +398,9 @@ def fleet_add_vehicle(
 ) -> None:
     """Register a vehicle and its ECUs' public keys with the director."""
     try:
-        body = json.load(registration)
-    except ValueError as exc:
-        raise click.ClickException(f"{registration.name}: not valid JSON ({exc})") from exc
+        body = parse_json(registration.read(), where=registration.name, max_bytes=1024 * 1024)
+    except UntrustedJsonError as exc:
+        raise click.ClickException(str(exc)) from exc
     if encrypt_images and isinstance(body, dict):
         body["encrypt_images"] = True
     try:
@@ -420,7 +429,7 @@ def fleet_assign(
     try:
         row = _client(server_url, token_file).request(
             "POST",
-            f"/api/v1/vehicles/{vin}/assignments",
+            f"/api/v1/vehicles/{quote(vin)}/assignments",
             json_body={"ecu_serial": ecu_serial, "filepath": filepath},
         )
     except ApiClientError as exc:
@@ -434,9 +443,9 @@ def fleet_assign(
 @_token_opt
 @click.option("--json", "as_json", is_flag=True)
 def fleet_show(vin: str, server_url: str, token_file: Path | None, as_json: bool) -> None:
-    """Show what the server knows of a vehicle: installed images, assignments, security events."""
+    """Show what the server knows of a vehicle: installed images, latest assignments and security events."""
     try:
-        rec = _client(server_url, token_file).request("GET", f"/api/v1/vehicles/{vin}")
+        rec = _client(server_url, token_file).request("GET", f"/api/v1/vehicles/{quote(vin)}")
     except ApiClientError as exc:
         raise click.ClickException(str(exc)) from exc
     lines = [
@@ -451,11 +460,63 @@ def fleet_show(vin: str, server_url: str, token_file: Path | None, as_json: bool
                 else ""
             )
             + (f"  ATTACKS: {e['attacks_detected']}" if e["attacks_detected"] else "")
+            + (
+                "  report counter reset: next report sets its baseline"
+                if e["report_counter_state"] == "rebaseline"
+                else ""
+            )
         )
+    lines.append(f"  latest {len(rec['assignments'])} of {rec['assignments_total']} assignment(s):")
     for a in rec["assignments"]:
         lines.append(
-            f"  assignment #{a['id']}: {a['ecu_serial']} <- {a['filepath']} [{a['status']}] {a['detail']}"
+            f"    #{a['id']}: {a['ecu_serial']} <- {a['filepath']} [{a['status']}] {a['detail']}"
         )
+    lines.append(
+        f"  latest {len(rec['security_events'])} of {rec['security_events_total']} security event(s):"
+    )
     for ev in rec["security_events"]:
-        lines.append(f"  security event {ev['at']}: {ev['kind']} {ev['ecu_serial']} {ev['detail']}")
+        times = f" x{ev['count']} (first {ev['first_at']})" if ev["count"] > 1 else ""
+        lines.append(
+            f"    {ev['last_at']}: {ev['kind']} {ev['ecu_serial']} {ev['detail']}{times}".rstrip()
+        )
     _emit(rec, as_json, "\n".join(lines))
+
+
+@fleet.command("reset-report-counter")
+@click.argument("vin")
+@click.option("--ecu", "ecu_serial", required=True, help="ECU serial whose counter to reset.")
+@click.option("--reason", default="", help="Why (recorded in the security event).")
+@_server_opt
+@_token_opt
+@click.option("--json", "as_json", is_flag=True)
+def fleet_reset_report_counter(
+    vin: str,
+    ecu_serial: str,
+    reason: str,
+    server_url: str,
+    token_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Let an ECU's next report set its report counter again (recovery from a counter pushed ahead).
+
+    \b
+    The server refuses reports whose counter is not above the last accepted one, or
+    jumps too far above it. If a report with a far too high counter was accepted
+    (a stolen ECU key, a bug), the genuine ECU is refused from then on: this resets
+    the accepted counter, so the next report accepted from the ECU sets the baseline.
+    Recorded as a report_counter_reset security event. After a stolen key, re-key the ECU.
+    """
+    try:
+        result = _client(server_url, token_file).request(
+            "POST",
+            f"/api/v1/vehicles/{quote(vin)}/ecus/{quote(ecu_serial)}/report-counter/reset",
+            json_body={"reason": reason},
+        )
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _emit(
+        result,
+        as_json,
+        f"Reset the report counter of {vin}/{ecu_serial} (was {result['previous_report_counter']}): "
+        "its next report sets the baseline",
+    )

@@ -3,7 +3,7 @@
 Everything the server keeps lives under one data directory::
 
     DATA/
-      server.json            host, port, database URL (written by `server init`)
+      server.json            host, port, database URL, body timeouts (written by `server init`)
       admin-token            bearer token for the admin API (0600)
       keys/                  ONLINE keys only (encrypted): image snapshot and
                              timestamp, director targets, snapshot, timestamp
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from signing.atomic_file import write_atomic
+from signing.exceptions import UptakeError
 
 #: Environment variable with the password of the online keys.
 SERVER_PASSWORD_ENV = "UPTAKE_SERVER_KEY_PASSWORD"
@@ -41,9 +42,11 @@ ONLINE_KEYS = (
     "image-deltas",
 )
 OFFLINE_KEYS = ("image-root", "image-targets", "director-root")
+#: Longest body timeout the configuration may set, in seconds.
+MAX_TIMEOUT = 3600
 
 
-class ConfigError(Exception):
+class ConfigError(UptakeError):
     """The server configuration or data directory is unusable (says why)."""
 
 
@@ -56,6 +59,12 @@ class ServerConfig:
     #: Deliver every vehicle's images encrypted per ECU (:mod:`server.encrypted_images`);
     #: also settable per vehicle at registration ("encrypt_images": true).
     encrypt_images: bool = False
+    #: Seconds a client has to send a whole JSON or metadata body (at most a few MB);
+    #: then it gets 408 and the connection is closed, so stalled clients hold nothing.
+    body_timeout: float = 60.0
+    #: Seconds an image upload may go without a byte arriving before it gets 408
+    #: (uploads may take long in total; only silence is refused).
+    upload_idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -110,6 +119,16 @@ class ServerConfig:
             raise ConfigError(f"{path}: database_url must be a string")
         if not isinstance(config.encrypt_images, bool):
             raise ConfigError(f"{path}: encrypt_images must be true or false")
+        for name in ("body_timeout", "upload_idle_timeout"):
+            value = getattr(config, name)
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not 0 < value <= MAX_TIMEOUT
+            ):
+                raise ConfigError(
+                    f"{path}: {name} must be a number of seconds above 0, at most {MAX_TIMEOUT}"
+                )
         return config
 
 

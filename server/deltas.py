@@ -31,6 +31,7 @@ from sqlmodel import Session, col, select
 from server.db import Assignment, Ecu
 from server.image_repository import ImageRepository, ImageRepositoryError
 from signing.metadata import DeltaCustom, MetadataFormatError, image_custom
+from signing.names import confined
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class DeltaPublisher:
     # database look-ups run in a thread: the event loop serves vehicles meanwhile
 
     def _installed_bases(self, filepaths: list[str]) -> list[tuple[str, str]]:
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         with Session(self._engine) as session:
             for path in filepaths:
                 target = self._repo.find_target(path)
@@ -138,7 +139,10 @@ class DeltaPublisher:
             job.status, job.detail = "failed", "base or result image no longer published"
             return
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        out = self._work_dir / f"{job.base_sha256}-{result.hashes['sha256']}.delta"
+        # the base hash came from a vehicle's report: the name must stay in the work directory
+        out = confined(
+            self._work_dir, f"{job.base_sha256}-{result.hashes['sha256']}.delta", where="delta"
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

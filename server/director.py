@@ -189,7 +189,7 @@ class DirectorRepository:
                 expires=md.signed.expires,
             )
         )
-        session.exec(  # type: ignore[call-overload]
+        session.exec(
             delete(DirectorMetadata).where(
                 col(DirectorMetadata.vin) == vin,
                 col(DirectorMetadata.role) == role,

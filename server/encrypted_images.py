@@ -15,7 +15,9 @@ director target for that ECU then names the ciphertext's length and sha256
 and carries ``custom.encryption``. The copy is made once and reused, so the
 director's metadata stays stable (no re-signing on every poll); the
 description file is written last, so a crash leaves at worst an unused
-ciphertext file.
+ciphertext file. Every one of these files is placed with
+:func:`signing.names.confined`: a VIN, serial or image path can only name a
+file inside the vehicle's own directory.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from signing.encryption import (
     parse_public_key,
 )
 from signing.metadata import consistent_target_path, director_custom
+from signing.names import confined
 
-_PATH_RE = re.compile(r"^[A-Za-z0-9._+\-]+(/[A-Za-z0-9._+\-]+)*$")
+#: The store's own bookkeeping next to the copies: descriptions and copies being made.
+_BOOKKEEPING = re.compile(r"[0-9a-f]{64}\.(?:json|encrypting)")
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,15 @@ class EncryptedImages:
     def _copy(
         self, vin: str, ecu_serial: str, public_key_hex: str, image: TargetFile
     ) -> EncryptedCopy:
-        ecu_dir = self.root_dir / vin / ecu_serial
-        description = ecu_dir / f"{image.hashes['sha256']}.json"
+        vehicle_dir = confined(self.root_dir, vin, where="encrypted images of a vehicle")
+        ecu_dir = confined(vehicle_dir, ecu_serial, where="encrypted images of an ECU")
+        description = confined(ecu_dir, f"{image.hashes['sha256']}.json")
         try:
             raw = json.loads(description.read_bytes())
-            if raw["public_key"] == public_key_hex and (ecu_dir.parent / raw["path"]).is_file():
+            if (
+                raw["public_key"] == public_key_hex
+                and self._below(vehicle_dir, raw["path"]).is_file()
+            ):
                 info = raw["encryption"]
                 return EncryptedCopy(
                     raw["path"],
@@ -89,8 +97,8 @@ class EncryptedImages:
                 )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet (or for an older key): make one
-        source = self._image_targets_dir / consistent_target_name(image)
-        staging = ecu_dir / f"{image.hashes['sha256']}.encrypting"
+        source = self._below(self._image_targets_dir, consistent_target_name(image))
+        staging = confined(ecu_dir, f"{image.hashes['sha256']}.encrypting")
         digest = hashlib.sha256()
         with open(source, "rb") as src, atomic_writer(staging) as out:
             info = encrypt_stream(
@@ -106,7 +114,7 @@ class EncryptedImages:
                 f"stored image {image.path!r} does not match its sha256 in the image repository"
             )
         rel = f"{ecu_serial}/{consistent_target_path(image.path, digest.hexdigest())}"
-        final = ecu_dir.parent / rel
+        final = self._below(vehicle_dir, rel)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(final)
         copy = EncryptedCopy(rel, info.ciphertext_length, digest.hexdigest(), info)
@@ -125,12 +133,20 @@ class EncryptedImages:
         )
         return copy
 
+    @staticmethod
+    def _below(directory: Path, relative: str) -> Path:
+        """``directory/relative`` ('/'-separated), refused if it would leave ``directory``."""
+        return confined(directory, *relative.split("/"), where="encrypted image")
+
     def path(self, vin: str, name: str) -> Path | None:
-        """The file served at ``/director/<vin>/targets/<name>``, or None (never escapes the store)."""
-        if not _PATH_RE.match(name) or ".." in name.split("/") or name.endswith(".json"):
+        """The copy served at ``/director/<vin>/targets/<name>`` (a VIN and a target path), or None."""
+        if _BOOKKEEPING.fullmatch(name.rpartition("/")[2]):
             return None
-        path = self.root_dir / vin / name
-        return path if path.is_file() else None
+        path = self._below(confined(self.root_dir, vin, where="encrypted images"), name)
+        try:
+            return path if path.is_file() else None
+        except OSError:  # a name the OS refuses (too long...)
+            return None
 
 
 class _Hashing:

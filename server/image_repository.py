@@ -22,14 +22,16 @@ Workflow:
 
 Writes are atomic and ordered (images, then targets, snapshot, timestamp
 last), so a crash at any point leaves the previously published state intact
-and served.
+and served. Uploaded metadata is parsed with bounded size and depth
+(:mod:`signing.json_limits`), target paths and hashes follow
+:mod:`signing.names`, and every file named from outside is placed with
+:func:`signing.names.confined`, so none can land outside its directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
@@ -53,6 +55,8 @@ from tuf.api.serialization import DeserializationError, SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from signing.atomic_file import atomic_writer, write_atomic
+from signing.exceptions import UptakeError
+from signing.json_limits import UntrustedJsonError, parse_json
 from signing.metadata import (
     DELTAS_PATH_PATTERN,
     DELTAS_ROLE,
@@ -63,10 +67,15 @@ from signing.metadata import (
     expiry,
     image_custom,
 )
+from signing.names import (
+    InvalidNameError,
+    check_hashes,
+    check_sha256,
+    check_target_path,
+    confined,
+)
 
 _SERIALIZER = JSONSerializer(compact=False)
-_PATH_RE = re.compile(r"^[A-Za-z0-9._+\-]+(/[A-Za-z0-9._+\-]+)*$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: Re-sign online metadata when it expires sooner than this.
 _REFRESH_MARGIN = {"snapshot": timedelta(days=2), "timestamp": timedelta(hours=6)}
 #: Largest targets metadata accepted from a release engineer.
@@ -75,7 +84,7 @@ MAX_TARGETS_BYTES = 5_000_000
 _DELTAS_EXPIRY = timedelta(days=30)
 
 
-class ImageRepositoryError(Exception):
+class ImageRepositoryError(UptakeError):
     """A request to the image repository was refused; the message says why."""
 
 
@@ -106,6 +115,11 @@ _Role = TypeVar("_Role", Root, Targets)
 def _parse(data: bytes, role: type[_Role]) -> Metadata[_Role]:
     """Parse metadata that must be of ``role`` type, as :class:`ImageRepositoryError` otherwise."""
     try:
+        # bounds first (depth, integers): python-tuf's parser has none
+        parse_json(data, where=f"{role.type} metadata", max_bytes=MAX_TARGETS_BYTES)
+    except UntrustedJsonError as exc:
+        raise ImageRepositoryError(str(exc)) from exc
+    try:
         md = Metadata[role].from_bytes(data)  # type: ignore[valid-type]
         _ = md.signed_bytes  # what signatures cover must have a canonical form (no floats)
     except (DeserializationError, SerializationError) as exc:
@@ -126,6 +140,11 @@ def deltas_delegation(deltas_key: Key) -> Delegations:
 def consistent_target_name(target: TargetFile) -> str:
     """Where a consistent-snapshot client fetches ``target`` (``dir/<hash>.<name>``)."""
     return consistent_target_path(target.path, next(iter(target.hashes.values())))
+
+
+def _under(directory: Path, relative: str, where: str) -> Path:
+    """``directory/relative`` for a '/'-separated path, refused if it would leave ``directory``."""
+    return confined(directory, *relative.split("/"), where=where)
 
 
 class ImageRepository:
@@ -177,6 +196,7 @@ class ImageRepository:
         repo.deltas = None
         repo._ensure_deltas_metadata()
         repo._publish_snapshot_and_timestamp(bump=False)
+        repo._index_served_files()
         return repo
 
     def _load(self) -> None:
@@ -195,6 +215,21 @@ class ImageRepository:
         self.deltas: Metadata[Targets] | None = (
             Metadata[Targets].from_file(str(deltas[-1][1])) if deltas else None
         )
+        self._index_served_files()
+
+    def _index_served_files(self) -> None:
+        """Index what ``targets/`` serves: the published images and deltas, by consistent name.
+
+        Served paths are looked up here, never built from the URL: a request
+        can only ever reach a file this repository published. Replaced as a
+        whole after every change, so the event loop reads it without a lock.
+        """
+        served = {consistent_target_name(t): t for t in self.targets.signed.targets.values()}
+        if self.deltas is not None:
+            served.update(
+                (consistent_target_name(t), t) for t in self.deltas.signed.targets.values()
+            )
+        self._served: dict[str, TargetFile] = served
 
     def _delegates_deltas(self) -> bool:
         delegations = self.targets.signed.delegations
@@ -261,11 +296,13 @@ class ImageRepository:
         self, expected_sha256: str, chunks: AsyncIterator[bytes], max_length: int
     ) -> int:
         """Stage an image upload, checking its SHA-256 while streaming it to disk."""
-        if not _SHA256_RE.match(expected_sha256):
-            raise ImageRepositoryError("upload name must be the image's lowercase hex SHA-256")
+        try:
+            check_sha256(expected_sha256, "upload name")
+            target = confined(self.uploads_dir, expected_sha256, where="upload")
+        except InvalidNameError as exc:
+            raise ImageRepositoryError(f"{exc} (the image's SHA-256)") from exc
         digest = hashlib.sha256()
         length = 0
-        target = self.uploads_dir / expected_sha256
         with atomic_writer(target) as out:
             async for chunk in chunks:
                 length += len(chunk)
@@ -306,10 +343,11 @@ class ImageRepository:
             for src, dst in moves:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dst)
-            write_atomic(self.metadata_dir / f"{new.signed.version}.targets.json", data)
+            write_atomic(confined(self.metadata_dir, f"{new.signed.version}.targets.json"), data)
             self.targets = new
             self._ensure_deltas_metadata()
             self._publish_snapshot_and_timestamp()
+            self._index_served_files()
             return new
 
     def _check_delegations(self, targets: Targets) -> None:
@@ -338,7 +376,7 @@ class ImageRepository:
         return None
 
     def image_file(self, target: TargetFile) -> Path:
-        return self.targets_dir / consistent_target_name(target)
+        return _under(self.targets_dir, consistent_target_name(target), f"image {target.path!r}")
 
     def add_delta(self, delta_file: Path, custom: DeltaCustom) -> TargetFile:
         """Publish ``delta_file`` as a target of the deltas role (moves the file)."""
@@ -349,13 +387,14 @@ class ImageRepository:
         path = delta_target_path(custom.base_sha256, custom.result_sha256)
         target = TargetFile.from_file(path, str(delta_file), ["sha256"])
         target.unrecognized_fields["custom"] = custom.to_custom()
-        final = self.targets_dir / consistent_target_name(target)
+        final = self.image_file(target)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(delta_file, final)
         with self._lock:
             assert self.deltas is not None
             self.deltas.signed.targets[path] = target
             self._publish_deltas()
+            self._index_served_files()
         return target
 
     def _publish_deltas(self) -> None:
@@ -372,27 +411,28 @@ class ImageRepository:
     def _check_targets(self, targets: Iterable[TargetFile]) -> list[tuple[Path, Path]]:
         moves = []
         for target in targets:
-            where = f"target {target.path!r}"
-            if not _PATH_RE.match(target.path) or ".." in target.path.split("/"):
-                raise ImageRepositoryError(
-                    f"{where}: path must be relative, without '..' or odd characters"
-                )
+            where = f"target {target.path[:80]!r}"
+            try:
+                check_target_path(target.path, "target path")
+                check_hashes(target.hashes, f"{where}.hashes")
+                if list(target.hashes) != ["sha256"]:
+                    raise InvalidNameError(f"{where}.hashes", "must be exactly one sha256")
+                final = self.image_file(target)
+                staged = confined(self.uploads_dir, target.hashes["sha256"], where=where)
+            except InvalidNameError as exc:
+                raise ImageRepositoryError(str(exc)) from exc
             if target.path.startswith(DELTAS_PATH_PATTERN.removesuffix("*")):
                 raise ImageRepositoryError(
                     f"{where}: {DELTAS_PATH_PATTERN} belongs to the online deltas role"
                 )
-            if list(target.hashes) != ["sha256"] or not _SHA256_RE.match(target.hashes["sha256"]):
-                raise ImageRepositoryError(f"{where}: hashes must be exactly one lowercase sha256")
             try:
                 image_custom(target)
             except MetadataFormatError as exc:
                 raise ImageRepositoryError(str(exc)) from exc
-            final = self.targets_dir / consistent_target_name(target)
             if final.exists():
                 if final.stat().st_size != target.length:
                     raise ImageRepositoryError(f"{where}: length differs from the published image")
                 continue
-            staged = self.uploads_dir / target.hashes["sha256"]
             if not staged.exists():
                 raise ImageRepositoryError(
                     f"{where}: image not uploaded (PUT it to /api/v1/image/uploads/<sha256> first)"
@@ -417,7 +457,7 @@ class ImageRepository:
                 raise ImageRepositoryError(
                     f"root metadata is not signed by old and new root keys: {exc}"
                 ) from exc
-            write_atomic(self.metadata_dir / f"{new.signed.version}.root.json", data)
+            write_atomic(confined(self.metadata_dir, f"{new.signed.version}.root.json"), data)
             self.root = new
             return new
 
@@ -436,15 +476,13 @@ class ImageRepository:
         return (self.metadata_dir / f"{self.targets.signed.version}.targets.json").read_bytes()
 
     def metadata_path(self, filename: str) -> Path | None:
-        """Path of a servable metadata file, or None (never escapes the directory)."""
-        if "/" in filename or filename.startswith("."):
-            return None
-        return _existing_file(self.metadata_dir / filename)
+        """The metadata file served as ``filename`` (a name, :mod:`signing.names`), or None."""
+        return _existing_file(confined(self.metadata_dir, filename, where="metadata file"))
 
     def target_path(self, name: str) -> Path | None:
-        if not _PATH_RE.match(name) or ".." in name.split("/"):
-            return None
-        return _existing_file(self.targets_dir / name)
+        """The published image or delta served as ``name`` (``dir/<sha256>.<name>``), or None."""
+        target = self._served.get(name)
+        return None if target is None else _existing_file(self.image_file(target))
 
 
 __all__ = ["ImageRepository", "ImageRepositoryError", "RepositoryError", "consistent_target_name"]

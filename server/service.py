@@ -24,14 +24,18 @@ from tuf.api.serialization.json import JSONSerializer
 
 from server.app import build_app
 from server.config import OFFLINE_KEYS, ONLINE_KEYS, ConfigError, ServerConfig
-from server.db import make_engine
+from server.db import DatabaseUrlError, check_database_url, make_engine, shown_database_url
 from server.director import DirectorRepository
 from server.image_repository import ImageRepository, deltas_delegation
 from signing.atomic_file import write_atomic
 from signing.keys import KeyFileError, generate_signer, load_signer, save_signer
-from signing.metadata import expiry
+from signing.metadata import RootIdentity, expiry, set_root_identity
 
 log = logging.getLogger(__name__)
+
+
+class ServerStartError(ConfigError):
+    """The server cannot listen where it is configured to (port in use, address not here)."""
 
 
 @dataclass
@@ -46,10 +50,12 @@ class ServerComponents:
         return build_app(self.config, self.engine, self.image_repo, self.director, self.admin_token)
 
 
-def _root(signers: dict[str, Signer], prefix: str) -> Metadata[Root]:
+def _root(signers: dict[str, Signer], prefix: str, deployment: str) -> Metadata[Root]:
     root = Root(expires=expiry("root"), consistent_snapshot=True)
     for role in ("root", "targets", "snapshot", "timestamp"):
         root.add_key(signers[f"{prefix}-{role}"].public_key, role)
+    # says which repository of which deployment it is, so provisioning can refuse a mix-up
+    set_root_identity(root, RootIdentity(prefix, deployment))
     md = Metadata(root)
     md.sign(signers[f"{prefix}-root"])
     return md
@@ -63,6 +69,8 @@ def init_server(
     key_type: str = "ed25519",
 ) -> None:
     """Create keys, the first metadata of both repositories, the database and the admin token."""
+    # before anything is made: a missing driver must not leave half a deployment behind
+    check_database_url(config.database_url)
     offline_dir = Path(offline_dir).resolve()
     if offline_dir == config.data_dir or config.data_dir in offline_dir.parents:
         raise ConfigError("the offline keys directory must be outside the server's data directory")
@@ -93,7 +101,8 @@ def _init(
         save_signer(signer, offline_dir / f"{name}.key", offline_password)
         signers[name] = signer
     # the director's root names director-{targets,snapshot,timestamp}
-    image_root = _root(signers, "image")
+    deployment = secrets.token_hex(8)
+    image_root = _root(signers, "image", deployment)
     targets = Metadata(Targets(version=1, expires=expiry("targets")))
     # deltas/* is delegated to an online key so the server can publish deltas itself
     targets.signed.delegations = deltas_delegation(signers["image-deltas"].public_key)
@@ -106,7 +115,7 @@ def _init(
         signers["image-timestamp"],
         signers["image-deltas"],
     )
-    director_root = _root(signers, "director")
+    director_root = _root(signers, "director", deployment)
     DirectorRepository.initialize(config.director_dir, director_root)
     # Trust anchors for release engineers and vehicle provisioning, kept offline.
     serializer = JSONSerializer(compact=False)
@@ -151,8 +160,12 @@ def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
     )
     try:
         engine = make_engine(config.database_url)
-    except Exception as exc:  # driver missing, server down, bad URL
-        raise ConfigError(f"cannot open database {config.database_url!r}: {exc}") from exc
+    except DatabaseUrlError:
+        raise
+    except Exception as exc:  # server down, refused login, unwritable file
+        raise ConfigError(
+            f"cannot open database {shown_database_url(config.database_url)!r}: {exc}"
+        ) from exc
     return ServerComponents(config, engine, image_repo, director, token)
 
 
@@ -173,12 +186,18 @@ class _MalformedHttpFilter(logging.Filter):
 
 
 def run_server(components: ServerComponents, print_url: bool = True) -> None:
+    """Serve until interrupted; :class:`ServerStartError` if it cannot listen where configured."""
     logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     config = components.config
-    web.run_app(
-        components.app(),
-        host=config.host,
-        port=config.port,
-        print=(lambda msg: print(msg, flush=True)) if print_url else None,
-        access_log=None,
-    )
+    try:
+        web.run_app(
+            components.app(),
+            host=config.host,
+            port=config.port,
+            print=(lambda msg: print(msg, flush=True)) if print_url else None,
+            access_log=None,
+        )
+    except OSError as exc:  # raised while binding, before anything is served
+        raise ServerStartError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from exc

@@ -31,6 +31,18 @@ from pathlib import Path
 
 import click
 
+# Both sides run in this process. Imported here, not when the demo starts, so that an
+# install without the server or client extra gets the `uptake` command's clear
+# "install uptake[server,client]" message (uptake.cli) instead of a traceback mid-demo.
+from client.agent import Agent
+from client.config import load_config
+from client.provisioning import EcuSpec, provision_vehicle
+from server.api_client import AdminClient
+from server.config import ServerConfig
+from server.release import publish_image
+from server.service import init_server
+from signing.keys import load_signer
+
 _REPO = Path(__file__).resolve().parent.parent
 _SAMPLES = _REPO / "firmware-samples"
 _IMAGES = {"rpi-gateway": "gateway.elf", "stm32f4-bms": "bms.bin"}
@@ -75,15 +87,6 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_demo(workdir: Path) -> None:
-    from client.agent import Agent
-    from client.config import load_config
-    from client.provisioning import EcuSpec, provision_vehicle
-    from server.api_client import AdminClient
-    from server.config import ServerConfig
-    from server.release import publish_image
-    from server.service import init_server
-    from signing.keys import load_signer
-
     if not _SAMPLES.is_dir():
         raise DemoFailed(
             f"sample firmware not found at {_SAMPLES}: run the demo from a clone of the repository"

@@ -277,15 +277,15 @@ MUTATIONS = [
     Mutation(
         "server report counter must grow",
         "server/fleet.py",
-        "            if report.report_counter <= ecu.report_counter:",
-        _off("            if report.report_counter <= ecu.report_counter:"),
+        "    if counter <= last:",
+        _off("    if counter <= last:"),
         (A + "test_manifest_forgery.py::test_replayed_report_counter_is_rejected",),
     ),
     Mutation(
         "server refuses reports from unknown ECUs",
         "server/fleet.py",
-        "            if ecu is None:\n                raise ManifestError(",
-        "            if False:\n                raise ManifestError(",
+        "        if ecu is None:\n            raise ManifestRejectedError(",
+        "        if False:\n            raise ManifestRejectedError(",
         (A + "test_manifest_forgery.py::test_report_from_unknown_ecu_is_rejected",),
     ),
     Mutation(
@@ -390,6 +390,53 @@ MUTATIONS = [
         "    check_names(vin, [primary, *secondaries])\n",
         "",
         ("tests/test_provisioning.py::test_bad_names_are_refused",),
+    ),
+    Mutation(
+        "refused manifests are rate-limited per vehicle",
+        "server/fleet.py",
+        "    wait = limiter.take(vehicle.vin)\n",
+        "    wait = 0.0\n",
+        (
+            "tests/test_server_hardening.py::test_garbage_manifests_are_counted_rate_limited_and_bounded",
+        ),
+    ),
+    Mutation(
+        "a report counter may not jump past the bound",
+        "server/fleet.py",
+        "    if ecu.report_counter_state != ReportCounterState.REBASELINE and (",
+        "    if False and (",
+        (
+            "tests/test_server_hardening.py::test_report_counter_jump_is_bounded_and_an_operator_can_reset_it",
+        ),
+    ),
+    Mutation(
+        "names in requests follow the grammar, encrypted copies stay in their directory",
+        "server/app.py",
+        """    return check_name(_field(obj, name, str, where), f"{where + '.' if where else ''}{name}")""",
+        "    return _field(obj, name, str, where)",
+        ("tests/test_server_hardening.py::test_dot_names_are_refused_at_registration",),
+    ),
+    Mutation(
+        "request bodies have a deadline",
+        "server/app.py",
+        "        async with asyncio.timeout(deadline):\n",
+        "        async with asyncio.timeout(None):\n",
+        (
+            "tests/test_server_hardening.py::test_dropped_and_stalled_bodies_cost_one_line_and_are_timed_out",
+        ),
+    ),
+    Mutation(
+        "untrusted JSON is bounded in depth",
+        "signing/json_limits.py",
+        "    if depth:\n",
+        "    if False:\n",
+        ("tests/fuzz/test_fuzz_http.py::test_requests_that_once_answered_500",),
+        also=(
+            (
+                "    except RecursionError as exc:  # unreachable after the depth check; kept as a last fence\n        raise UntrustedJsonError(",
+                "    except ZeroDivisionError as exc:\n        raise UntrustedJsonError(",
+            ),
+        ),
     ),
 ]
 

@@ -3,10 +3,13 @@
 The routes are read from ``server/app.py`` itself, so a handler added later
 is fuzzed too. Each example sends one request, with parameters that are
 sometimes real (a registered VIN, existing metadata names, a published
-image) and sometimes generated, with no, a wrong or the right admin token,
-and a body that is random bytes, random JSON, or a valid body for that route
-with parts replaced (manifests re-signed with the vehicle's real keys so
-they get past the signature check into manifest processing).
+image) and sometimes generated or hostile (traversal, odd Unicode, huge),
+with no, a wrong or the right admin token, sometimes paging parameters, and a
+body that is random bytes, random JSON, JSON nested far too deep, or a valid
+body for that route with parts replaced (by anything, including hostile
+strings, integers beyond 64 bits and deeply nested values; manifests
+re-signed with the vehicle's real keys so they get past the signature check
+into manifest processing).
 
 Every answer must be below 500, and every error a JSON body
 ``{"error": {"status": ..., "message": ...}}``; the server log must never
@@ -35,11 +38,11 @@ from client.config import load_config
 from signing.keys import load_signer
 from signing.manifest import SignedEnvelope
 from tests.fuzz import EXAMPLES, fuzz_settings
-from tests.fuzz.strategies import edited, json_values
+from tests.fuzz.strategies import deeply_nested, edited, hostile_strings, huge_integers, json_values
 from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, sample
 
 APP = Path(__file__).resolve().parents[2] / "server" / "app.py"
-ROUTES = sorted(set(re.findall(r'add_(get|post|put|delete|patch)\("([^"]+)"', APP.read_text())))
+ROUTES = sorted(set(re.findall(r'add_(get|post|put|delete|patch)\(\s*"([^"]+)"', APP.read_text())))
 _PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 
@@ -103,12 +106,26 @@ def _param_values(t: Target, name: str) -> st.SearchStrategy[str]:
             "x" * 300,
         ],
         "sha256": ["0" * 64, "A" * 64, "zz"],
+        "serial": [t.vehicle.primary, "NOPE", ".", ".."],
     }.get(name, ["x"])
     # mostly known-interesting values (2:1), so the generated requests get past the routing
-    return st.one_of(st.sampled_from(real), st.sampled_from(real), st.text(min_size=1, max_size=40))
+    return st.one_of(
+        st.sampled_from(real),
+        st.sampled_from(real),
+        st.text(min_size=1, max_size=40),
+        hostile_strings.filter(bool),
+    )
 
 
-_counter = itertools.count(10**6)
+def _quoted(value: str, *, is_path: bool) -> str:
+    """``value`` for a URL, with '.' and '..' encoded so that no client folds them away."""
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
+    return quote(value, safe="/" if is_path else "")
+
+
+# counters the server accepts after the genuine ones (within its bound on a counter's jump)
+_counter = itertools.count(1000)
 
 
 def _resigned_manifest(t: Target, signed: Any) -> bytes:
@@ -143,17 +160,71 @@ _REGISTRATION = {
 }
 
 
+_MARK = "\x00hostile\x00"
+
+
+@st.composite
+def with_hostile_field(draw: st.DrawFn, doc: Any) -> bytes:
+    """``doc`` as JSON with one value (or the whole) replaced by something hostile."""
+    doc = copy.deepcopy(doc)
+    raw = draw(
+        st.one_of(
+            deeply_nested(),
+            huge_integers.map(lambda n: str(n).encode()),
+            hostile_strings.map(lambda v: json.dumps(v).encode()),
+        )
+    )
+    paths: list[list[Any]] = [[]]
+    stack: list[tuple[list[Any], Any]] = [([], doc)]
+    while stack:
+        prefix, node = stack.pop()
+        children = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else []
+        )
+        for key, child in children:
+            paths.append([*prefix, key])
+            stack.append(([*prefix, key], child))
+    path = draw(st.sampled_from(paths))
+    if not path:
+        return raw
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = _MARK
+    return json.dumps(doc).encode().replace(json.dumps(_MARK).encode(), raw)
+
+
+def _query(draw: st.DrawFn) -> str:
+    """Sometimes paging parameters, real or hostile."""
+    if draw(st.integers(0, 2)):
+        return ""
+    limit = draw(
+        st.one_of(
+            st.integers(-5, 600).map(str),
+            huge_integers.map(str),
+            hostile_strings,
+        )
+    )
+    cursor = draw(
+        st.one_of(st.none(), st.sampled_from(["MQ", "WyJ4IiwgbnVsbF0", "e30"]), hostile_strings)
+    )
+    query = f"?limit={quote(limit, safe='')}"
+    return query + ("" if cursor is None else f"&cursor={quote(cursor, safe='')}")
+
+
 @st.composite
 def requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes | None, dict[str, str]]:
     method, route = draw(st.sampled_from(ROUTES))
     if draw(st.integers(0, 9)) == 0:
         method = draw(st.sampled_from(["get", "post", "put", "delete", "patch"]))
     path = _PARAM.sub(
-        lambda m: quote(
-            draw(_param_values(t, m.group(1))), safe="/" if m.group(1) == "path" else ""
-        ),
+        lambda m: _quoted(draw(_param_values(t, m.group(1))), is_path=m.group(1) == "path"),
         route,
-    )
+    ) + (_query(draw) if method == "get" else "")
     headers = {
         "Content-Type": draw(
             st.sampled_from(["application/json", "application/octet-stream", "text/plain"])
@@ -169,26 +240,36 @@ def requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes | None, dict[s
             )
         )
         headers["Authorization"] = f"Bearer {t.token if auth == 'right' else wrong}"
-    kind = draw(st.sampled_from(["none", "bytes", "json", "valid-ish"]))
+    kind = draw(st.sampled_from(["none", "bytes", "json", "deep", "valid-ish", "hostile-field"]))
     body: bytes | None = None
+    valid = _valid_body(t, route)
     if kind == "bytes":
         body = draw(st.binary(max_size=512))
     elif kind == "json":
         body = json.dumps(draw(json_values)).encode()
+    elif kind == "deep":
+        body = draw(deeply_nested())
+    elif kind == "hostile-field":
+        body = draw(with_hostile_field(valid))
     elif kind == "valid-ish":
         if route.endswith("/manifest"):
             body = _resigned_manifest(t, draw(edited(t.manifest["signed"], max_edits=3)))
-        elif route == "/api/v1/vehicles":
-            body = json.dumps(draw(edited(_REGISTRATION, max_edits=2))).encode()
-        elif route.endswith("/assignments"):
-            body = json.dumps(
-                draw(edited({"ecu_serial": t.vehicle.primary, "filepath": t.image_path}))
-            ).encode()
         else:
-            body = json.dumps(
-                draw(edited({"signed": {"_type": "targets", "version": 2}, "signatures": []}))
-            ).encode()
+            body = json.dumps(draw(edited(valid, max_edits=2))).encode()
     return method.upper(), path, body, headers
+
+
+def _valid_body(t: Target, route: str) -> Any:
+    """A body the route would accept (or nearly: a registration of a key nobody holds)."""
+    if route.endswith("/manifest"):
+        return t.manifest
+    if route == "/api/v1/vehicles":
+        return _REGISTRATION
+    if route.endswith("/assignments"):
+        return {"ecu_serial": t.vehicle.primary, "filepath": t.image_path}
+    if route.endswith("/reset"):
+        return {"reason": "fuzz"}
+    return {"signed": {"_type": "targets", "version": 2}, "signatures": []}
 
 
 @settings(fuzz_settings, max_examples=EXAMPLES * 3)
@@ -208,20 +289,57 @@ def test_routes_were_found() -> None:
     assert ("post", "/api/v1/vehicles/{vin}/manifest") in ROUTES and len(ROUTES) >= 10
 
 
+_NESTED_LISTS = b"[" * 1000 + b"]" * 1000  # about 2 KB
+_NESTED_SIGNED = b'{"signed":' * 1000 + b"{}" + b"}" * 1000
+
+
 @pytest.mark.parametrize(
-    "path",
+    ("method", "path", "body", "status"),
     [
-        "/director/{vin}/metadata/" + "9" * 30 + ".targets.json",  # beyond SQLite's integers
-        "/director/{vin}/metadata/" + "9" * 300 + ".root.json",  # a file name the OS refuses
-        "/director/{vin}/metadata/%C2%B2.targets.json",  # "²".isdigit() is True
-        "/image/targets/" + "x" * 300,
-        "/image/metadata/" + "9" * 300 + ".root.json",
+        ("GET", "/director/{vin}/metadata/" + "9" * 30 + ".targets.json", None, 404),
+        # not a name (over 128 characters): refused at the boundary
+        ("GET", "/director/{vin}/metadata/" + "9" * 300 + ".root.json", None, 400),
+        ("GET", "/director/{vin}/metadata/%C2%B2.targets.json", None, 400),
+        ("GET", "/image/targets/" + "x" * 300, None, 404),  # served by look-up, never by path
+        ("GET", "/image/metadata/" + "9" * 300 + ".root.json", None, 400),
+        # about 2 KB of nesting ended in RecursionError: 500 and a traceback
+        ("POST", "/api/v1/vehicles/{vin}/manifest", _NESTED_LISTS, 400),
+        ("POST", "/api/v1/vehicles/{vin}/manifest", _NESTED_SIGNED, 400),
+        ("POST", "/api/v1/vehicles", _NESTED_LISTS, 400),
+        ("POST", "/api/v1/vehicles", _NESTED_SIGNED, 400),
+        ("POST", "/api/v1/vehicles/{vin}/assignments", _NESTED_SIGNED, 400),
+        ("POST", "/api/v1/image/targets", _NESTED_SIGNED, 400),
+        # integers no database column holds
+        (
+            "POST",
+            "/api/v1/vehicles",
+            json.dumps({**_REGISTRATION, "vin": 2**64}).encode(),
+            400,
+        ),
+        ("GET", "/api/v1/vehicles/{vin}/events?limit=" + "9" * 30, None, 400),
+        (
+            "GET",
+            "/api/v1/vehicles/{vin}/events?cursor=" + "OTk5OTk5OTk5OTk5OTk5OTk5OTk5",
+            None,
+            400,
+        ),
+        # "." and ".." as names in URLs
+        ("GET", "/api/v1/vehicles/%2E%2E", None, 400),
+        ("GET", "/director/%2E%2E/targets/x", None, 400),
+        ("POST", "/api/v1/vehicles/{vin}/ecus/%2E%2E/report-counter/reset", b"{}", 400),
     ],
 )
-def test_requests_that_once_answered_500(target: Target, path: str) -> None:
-    resp = target.http.request("GET", target.server.url + path.format(vin=target.vehicle.vin))
-    assert resp.status == 404, resp.data
-    assert json.loads(resp.data)["error"]["status"] == 404
+def test_requests_that_once_answered_500(
+    target: Target, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    resp = target.http.request(
+        method,
+        target.server.url + path.format(vin=target.vehicle.vin),
+        body=body,
+        headers={"Authorization": f"Bearer {target.token}"},
+    )
+    assert resp.status == status, resp.data
+    assert json.loads(resp.data)["error"]["status"] == status
 
 
 def test_non_ascii_admin_token_is_refused_not_crashed(target: Target) -> None:
