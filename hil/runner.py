@@ -54,9 +54,10 @@ from hil.can_bus import VirtualCanWire
 from hil.stm32_bootloader import Stm32BootloaderEmulator, Stm32Config
 from hil.uds_ecu import SIMULATOR_SECRET, EcuConfig, UdsEcuSimulator
 from hil.wire_time import CanTiming, SerialTiming
+from signing.exceptions import UptakeError
 
 
-class BenchError(Exception):
+class BenchError(UptakeError):
     """The bench could not be brought up (a device missing, a simulator failing)."""
 
 
