@@ -49,11 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signing.exceptions import UptakeError
+
 TRANSPORTS = ("uds", "stm32-uart")
 KINDS = ("update", "rollback", "power-loss", "wrong-key", "mute")
 
 
-class BenchFileError(Exception):
+class BenchFileError(UptakeError):
     """The bench file is missing, not TOML, or describes an impossible bench."""
 
 

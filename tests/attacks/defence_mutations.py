@@ -72,7 +72,7 @@ _CONFINED_PARTS_OFF = (
 MUTATIONS = [
     Mutation(
         "image hash check on download (agent)",
-        "client/verification.py",
+        "client/downloads.py",
         "                target.verify_length_and_hashes(f)",
         "                pass",
         (A + "test_arbitrary_software.py::test_image_not_signed_by_image_repository_is_refused",),
@@ -88,7 +88,7 @@ MUTATIONS = [
         "only offline-signed top-level targets vouch for images (not the deltas role)",
         "client/verification.py",
         "        itarget = image_targets.get(path)",
-        "        itarget = self.image_updater.get_targetinfo(path) if self.image_updater else None",
+        "        itarget = self._image_updater.get_targetinfo(path) if self._image_updater else None",
         (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",),
     ),
     Mutation(
@@ -347,7 +347,7 @@ MUTATIONS = [
     ),
     Mutation(
         "a manifest that was not sent is not reported as accepted",
-        "client/agent.py",
+        "client/reporting.py",
         """            return ManifestDelivery.UNCHANGED, """ "",
         """            return ManifestDelivery.ACCEPTED, """ "",
         (
