@@ -206,6 +206,9 @@ class InstallOutcome:
 
     def __post_init__(self) -> None:
         check_target_path(self.filepath, "filepath")
+        # the wire strings become the enums (ValueError for any other string)
+        object.__setattr__(self, "result", InstallResult(self.result))
+        object.__setattr__(self, "method", InstallMethod(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         return {
