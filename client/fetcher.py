@@ -491,6 +491,12 @@ class ResumableFetcher(FetcherInterface):
             if isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 raise DownloadError(f"{url}: {exc.reason}") from exc
             raise _Transient(f"cannot connect: {exc.reason}") from exc
+        except (
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ConnectTimeoutError,
+        ) as exc:
+            # urllib3 >= 2.8 raises these directly when retries are off
+            raise _Transient(f"cannot connect: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Transient(f"request failed: {exc}") from exc
 
