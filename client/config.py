@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -327,18 +328,32 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # -- loading ------------------------------------------------------------------------------
 
 _AT = re.compile(r"(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
-_CHOICES = {"type": InstallerType, "slot_type": SlotType}
+#: What each enumerated key of the agent configuration may be, for error messages.
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "type": tuple(t.value for t in InstallerType),
+    "slot_type": tuple(t.value for t in SlotType),
+    "transport": ("local", "uds"),
+}
 
 
 def _key(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    return f"{path}.{key}" if path and key else path or key
 
 
-def explain(exc: msgspec.ValidationError, source: str) -> str:
-    """A msgspec validation error as "FILE: table.key problem" (also for bench files)."""
+def explain(
+    exc: msgspec.ValidationError,
+    source: str,
+    choices: Mapping[str, tuple[str, ...]] = _CHOICES,
+    within: str = "",
+) -> str:
+    """A msgspec validation error as "FILE: table.key problem" (bench files use it too).
+
+    ``choices`` names the values each enumerated key may take, for "must be one of";
+    ``within`` is the table the validated value came from, when it was validated alone.
+    """
     match = _AT.fullmatch(str(exc))
     assert match is not None  # the pattern matches any text
-    problem, path = match["problem"], (match["path"] or "").lstrip(".")
+    problem, path = match["problem"], _key(within, (match["path"] or "").lstrip("."))
     if found := re.fullmatch(r"Object missing required field `(.+)`", problem):
         return f"{source}: {_key(path, found[1])} is required"
     if found := re.fullmatch(r"Object contains unknown field `(.+)`", problem):
@@ -346,14 +361,8 @@ def explain(exc: msgspec.ValidationError, source: str) -> str:
     if found := re.fullmatch(r"Expected `(.+?)`, got `(.+?)`", problem):
         return f"{source}: {path} must be {found[1]}, not {found[2]}"
     if found := re.fullmatch(r"Invalid (?:enum )?value (.+)", problem):
-        last = path.rsplit(".", 1)[-1]
-        choices = _CHOICES.get(last)
-        names = ", ".join(c.value for c in choices) if choices else ""
-        if last == "transport":
-            names = "local, uds"
-        return (
-            f"{source}: {path} must be one of {names or '(see the documentation)'}, not {found[1]}"
-        )
+        allowed = choices.get(path.rsplit(".", 1)[-1], ())
+        return f"{source}: {path} must be one of {', '.join(allowed)}, not {found[1]}"
     if found := re.fullmatch(r"(\w+): (.+)", problem, re.DOTALL):  # our own checks name the key
         return f"{source}: {_key(path, found[1])}: {found[2]}"
     return f"{source}: {path}: {problem}" if path else f"{source}: {problem}"
