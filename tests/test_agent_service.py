@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
+import msgspec.inspect as mi
 import pytest
 
-from client.config import AgentConfigError, load_config, parse_config
-from tests.uptake_fixtures import ENV, ServerProcess, Vehicle, sample
+from client.config import AgentConfig, AgentConfigError, load_config, parse_config
+from client.fetcher import FetcherConfig
+from tests.uptake_fixtures import ENV, REPO, ServerProcess, Vehicle, sample
 
 
 def test_install_waits_while_a_precondition_fails(
@@ -96,19 +101,69 @@ def test_bad_configuration_names_file_and_key(tmp_path: Path, toml: str, message
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" in proc.stderr
 
 
-def test_example_configuration_is_valid() -> None:
-    example = Path(__file__).resolve().parent.parent / "client" / "agent.example.toml"
-    config = load_config(example)
-    assert config.preconditions and config.health_check.commands
-    assert (
-        parse_config(
-            {
-                "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
-                "primary": {"ecu_serial": "E", "hardware_id": "h"},
-            }
-        ).agent.poll_interval
-        == 300
+def test_defaults_come_from_the_schema() -> None:
+    minimal = parse_config(
+        {
+            "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
+            "primary": {"ecu_serial": "E", "hardware_id": "h"},
+        }
     )
+    assert minimal.agent.poll_interval == 300 and minimal.download == FetcherConfig()
+
+
+def _schema_keys(info: mi.Type, prefix: str, found: set[str]) -> None:
+    """Every key the schema accepts, as dotted paths (``secondaries[uds].options.can_fd``)."""
+    if isinstance(info, mi.StructType):
+        for field in info.fields:
+            path = f"{prefix}.{field.encode_name}" if prefix else field.encode_name
+            found.add(path)
+            _schema_keys(field.type, path, found)
+    elif isinstance(info, mi.UnionType):
+        for member in info.types:
+            _schema_keys(member, prefix, found)
+    elif isinstance(info, (mi.ListType, mi.VarTupleType)):
+        item = info.item_type
+        if isinstance(item, mi.UnionType):  # a tagged union: one table per tag
+            for member in item.types:
+                assert isinstance(member, mi.StructType) and member.tag_field
+                found.add(f"{prefix}[{member.tag}].{member.tag_field}")
+                _schema_keys(member, f"{prefix}[{member.tag}]", found)
+        elif isinstance(item, mi.StructType):
+            _schema_keys(item, f"{prefix}[]", found)
+
+
+def _file_keys(value: Any, prefix: str, found: set[str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            found.add(path)
+            _file_keys(inner, path, found)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for item in value:
+            tag = f"[{item['transport']}]" if "transport" in item else "[]"
+            _file_keys(item, prefix + tag, found)
+
+
+def test_example_configuration_names_every_option_of_the_schema() -> None:
+    """The example can never miss an option again: every key of the schema is in it."""
+    example = REPO / "client" / "agent.example.toml"
+    text = example.read_text()
+    load_config(example)  # and it is valid
+    accepted: set[str] = set()
+    _schema_keys(mi.type_info(AgentConfig), "", accepted)
+    shown: set[str] = set()
+    _file_keys(tomllib.loads(text), "", shown)
+    missing = accepted - shown
+    # a key that excludes another (UDS: security_secret or key_algorithm) is shown commented out
+    commented = {k for k in missing if re.search(rf"^# {k.rsplit('.', 1)[-1]} = ", text, re.M)}
+    assert missing - commented == set(), sorted(missing - commented)
+    assert commented == {"secondaries[uds].options.key_algorithm"}
+    assert {
+        "download.min_rate",
+        "agent.manifest_heartbeat",
+        "secondaries[uds].options.can_fd",
+    } <= shown
+    assert shown - accepted == set()  # and nothing the agent would refuse
 
 
 def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(
