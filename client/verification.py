@@ -267,7 +267,6 @@ class FullVerifier:
         self.server_url = server_url.rstrip("/")
         self.vin = vin
         self.fetcher = fetcher
-        self._image_updater: Updater | None = None
 
     def _refresh(
         self, repo: str, metadata_url: str, targets_url: str | None, fetcher: FetcherInterface
@@ -315,7 +314,6 @@ class FullVerifier:
         what an ECU runs; it is asked only about ECUs the director names, so
         an idle poll asks no ECU anything.
         """
-        self._image_updater = None
         self._refresh(
             "director",
             f"{self.server_url}/director/{self.vin}/metadata/",
@@ -336,7 +334,7 @@ class FullVerifier:
         if not targets.signed.targets:
             return VerifiedUpdate(director_targets=director_bytes)
 
-        self._image_updater = self._refresh(
+        image = self._refresh(
             "image",
             f"{self.server_url}/image/metadata/",
             f"{self.server_url}/image/targets/",
@@ -362,7 +360,7 @@ class FullVerifier:
             if ecu.sha256 == item.sha256:
                 continue
             if ecu.takes_delta and ecu.sha256 and item.encrypted is None:
-                delta, refusal = self._find_delta(item, ecu.sha256)
+                delta, refusal = self._find_delta(image, item, ecu.sha256)
                 if refusal:
                     refused.append(refusal)
                 item = replace(item, delta=delta)
@@ -442,7 +440,7 @@ class FullVerifier:
         return result
 
     def _find_delta(
-        self, item: DirectedImage, installed_sha256: str
+        self, image: Updater, item: DirectedImage, installed_sha256: str
     ) -> tuple[TargetFile | None, str]:
         """The verified delta from ``installed_sha256`` to ``item``'s image, and why one was refused.
 
@@ -454,11 +452,8 @@ class FullVerifier:
         than its path says is signed evidence of an attack: refused, reported,
         and the full image used.
         """
-        assert self._image_updater is not None  # set by verify() before it asks
         try:
-            delta = self._image_updater.get_targetinfo(
-                delta_target_path(installed_sha256, item.sha256)
-            )
+            delta = image.get_targetinfo(delta_target_path(installed_sha256, item.sha256))
         except (RepositoryError, DownloadError, OSError) as exc:
             log.warning("ignoring deltas for %s: %s", item.target.path, exc)
             return None, ""

@@ -87,8 +87,8 @@ MUTATIONS = [
     Mutation(
         "only offline-signed top-level targets vouch for images (not the deltas role)",
         "client/verification.py",
-        "        itarget = image_targets.get(path)",
-        "        itarget = self._image_updater.get_targetinfo(path) if self._image_updater else None",
+        '        image_targets = _verified_targets(self.metadata_dir / "image", "image")[1].signed.targets',
+        "        image_targets = {p: t for p in targets.signed.targets if (t := image.get_targetinfo(p))}",
         (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",),
     ),
     Mutation(
