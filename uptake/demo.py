@@ -31,13 +31,15 @@ from pathlib import Path
 
 import click
 
+from signing.exceptions import UptakeError
+
 _REPO = Path(__file__).resolve().parent.parent
 _SAMPLES = _REPO / "firmware-samples"
 _IMAGES = {"rpi-gateway": "gateway.elf", "stm32f4-bms": "bms.bin"}
 
 
-class DemoFailed(Exception):
-    pass
+class DemoFailed(UptakeError):
+    """A step of the demo did not do what it should; says which."""
 
 
 def _step(title: str) -> None:
