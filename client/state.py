@@ -36,7 +36,7 @@ from client.installer import Slot
 from signing.atomic_file import write_atomic
 from signing.exceptions import UptakeError
 from signing.manifest import ImageInfo, InstallMethod, InstallOutcome
-from signing.names import check_sha256, check_target_path
+from signing.names import check_name, check_sha256, check_target_path
 
 _MAX_STATE_BYTES = 4 * 1024 * 1024
 
@@ -105,6 +105,10 @@ class AgentState(msgspec.Struct, forbid_unknown_fields=True):
     #: what the server last acknowledged (reports without their counters) and when
     manifest_digest: str = ""
     manifest_sent_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        for serial in self.ecus:
+            check_name(serial, f"ecus key {serial!r}")
 
     def ecu(self, serial: str) -> EcuState:
         return self.ecus.setdefault(serial, EcuState())
