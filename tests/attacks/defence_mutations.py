@@ -390,6 +390,14 @@ MUTATIONS = [
         "    check_names(vin, [primary, *secondaries])\n",
         "",
         ("tests/test_provisioning.py::test_bad_names_are_refused",),
+        # the configuration schema checks names with the same grammar: a second layer
+        elsewhere=(
+            (
+                "signing/names.py",
+                "    if _NAME_RE.fullmatch(value) is None:",
+                _off("    if _NAME_RE.fullmatch(value) is None:"),
+            ),
+        ),
     ),
 ]
 
