@@ -47,10 +47,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from client.config import AgentConfig, InstallerType
 from signing.atomic_file import write_atomic
+from signing.exceptions import UptakeError
 
 
-class BootEnvironmentError(Exception):
+class BootEnvironmentError(UptakeError):
     """The boot environment could not be read or written (says which and why)."""
 
 
@@ -284,3 +286,13 @@ def simulate_bootloader(env: BootEnvironment) -> str:
     else:
         env.write({"bootcount": str(bootcount)})
     return slot
+
+
+def open_boot_environment(config: AgentConfig) -> BootEnvironment:
+    """The boot environment ``[installer]`` names: ``boot_env`` read by the type's tools."""
+    path = config.path(config.installer.boot_env)
+    if config.installer.type is InstallerType.UBOOT:
+        return UBootEnvironment(path)
+    if config.installer.type is InstallerType.GRUB:
+        return GrubEnvironment(path)
+    return FileBootEnvironment(path)

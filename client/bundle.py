@@ -6,7 +6,8 @@ see :mod:`signing.metadata`). After full verification the agent:
 
 1. :func:`check_bundle`: works out what every ECU would run after the
    update (the directed image, else the one installed now, identified by
-   its sha256 in the verified image repository targets) and refuses the
+   its sha256 in the verified image repository targets of the
+   :class:`~client.verification.VerifiedUpdate`) and refuses the
    WHOLE bundle when any requirement is unmet. The director never directs
    such a combination, so it is evidence of an attack (e.g. a compromised
    director key that dropped the BMS image from a gateway + BMS bundle);
@@ -18,13 +19,12 @@ see :mod:`signing.metadata`). After full verification the agent:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-from tuf.api.metadata import Metadata, Targets
-from tuf.api.serialization import DeserializationError
+from tuf.api.metadata import TargetFile
 
-from client.verification import AttackDetected, DirectedImage, TransientFailure
-from signing.manifest import InstallOutcome
+from client.verification import DirectedImage, VerifiedUpdate
+from signing.exceptions import AttackDetected
+from signing.manifest import InstallOutcome, InstallResult
 from signing.metadata import (
     EcuImage,
     ImageCustom,
@@ -35,17 +35,15 @@ from signing.metadata import (
 
 
 def _installed_images(
-    image_targets: Path, installed_sha256: Mapping[str, str], ecus: Mapping[str, str]
+    image_targets: Mapping[str, TargetFile],
+    installed_sha256: Mapping[str, str],
+    ecus: Mapping[str, str],
 ) -> dict[str, tuple[str, ImageCustom | None]]:
-    try:
-        targets = Metadata[Targets].from_file(str(image_targets)).signed.targets
-    except (OSError, DeserializationError) as exc:
-        raise TransientFailure(f"verified image repository targets unreadable: {exc}") from exc
     found: dict[str, tuple[str, ImageCustom | None]] = {}
     for serial, hw in ecus.items():
         found[serial] = ("", None)
         sha = installed_sha256.get(serial, "")
-        for path, target in sorted(targets.items()):
+        for path, target in sorted(image_targets.items()):
             if not sha or target.hashes.get("sha256") != sha:
                 continue
             try:
@@ -59,16 +57,13 @@ def _installed_images(
 
 
 def check_bundle(
-    directed: Sequence[DirectedImage],
-    installed_sha256: Mapping[str, str],
-    ecus: Mapping[str, str],
-    image_targets: Path,
+    verified: VerifiedUpdate, installed_sha256: Mapping[str, str], ecus: Mapping[str, str]
 ) -> None:
-    """Raise :class:`AttackDetected` when the bundle leaves an unmet requirement."""
-    if not directed:
+    """Raise :class:`AttackDetected` when the update leaves an unmet requirement."""
+    if not verified.to_install:
         return
-    after = _installed_images(image_targets, installed_sha256, ecus)
-    for item in directed:
+    after = _installed_images(verified.image_targets, installed_sha256, ecus)
+    for item in verified.directed.values():
         after[item.ecu_serial] = (item.target.path, item.custom)
     problems = unmet_requirements(
         EcuImage(serial, ecus[serial], path, custom)
@@ -110,7 +105,7 @@ def unmet_dependency(
             if (
                 dep.hardware_id == req.hardware_id
                 and outcome is not None
-                and outcome.result != "installed"
+                and outcome.result is not InstallResult.INSTALLED
             ):
                 return (
                     f"not installed: it requires {req.hardware_id} {req.spec} and {dep.target.path} "

@@ -1,164 +1,388 @@
-"""Agent configuration (TOML).
+"""Agent configuration (TOML), declared once as a typed schema.
 
-A complete example with every default is in ``client/agent.example.toml``;
-``uptake agent init`` writes one for a new vehicle. Relative paths are
-relative to ``agent.state_dir``. Every problem raises
-:class:`AgentConfigError` naming the file and the key.
+The file ``uptake agent init`` writes, and that ``client/agent.example.toml``
+shows with every option, has these tables; each is a msgspec struct below,
+and the struct *is* the schema: its types, its defaults and its checks
+(``__post_init__``) are the only ones there are.
+
+=====================  =====================================================
+table                  schema
+=====================  =====================================================
+``[agent]``            :class:`AgentSection`
+``[primary]``          :class:`PrimarySection`
+``[installer]``        :class:`InstallerConfig`
+``[health_check]``     :class:`HealthCheckConfig`
+``[download]``         :class:`client.fetcher.FetcherConfig`
+``[[preconditions]]``  :class:`client.preconditions.Precondition`
+``[[secondaries]]``    :class:`LocalSecondaryConfig` or :class:`UdsSecondaryConfig`,
+                       chosen by ``transport``; each has its own typed ``options``
+=====================  =====================================================
+
+Types are strict (``"false"`` is not a boolean, ``true`` is not a number),
+unknown tables and keys are refused, and every VIN, ECU serial and hardware
+id follows :mod:`signing.names`. Relative paths are relative to
+``agent.state_dir``, itself relative to the file. Every problem is one
+:class:`AgentConfigError` naming the file, the table and the key.
 """
 
 from __future__ import annotations
 
+import enum
+import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from client.fetcher import FetcherConfig
-from client.installer import SlotType
 from client.preconditions import Precondition
-from signing.names import InvalidNameError, check_name
+from signing.exceptions import UptakeError
+from signing.names import check_name
 
-INSTALLER_TYPES = ("file", "uboot", "grub", "command")
-SECONDARY_TRANSPORTS = ("local", "uds")
+__all__ = [
+    "AgentConfig",
+    "AgentConfigError",
+    "AgentSection",
+    "HealthCheckConfig",
+    "InstallerConfig",
+    "InstallerType",
+    "LocalOptions",
+    "LocalSecondaryConfig",
+    "PrimarySection",
+    "SecondaryConfig",
+    "SlotType",
+    "UdsOptions",
+    "UdsSecondaryConfig",
+    "load_config",
+    "parse_config",
+]
 
 
-class AgentConfigError(Exception):
-    """The agent configuration is invalid; says which file and key."""
+class AgentConfigError(UptakeError):
+    """The agent configuration is invalid; says which file, table and key."""
 
 
-@dataclass(frozen=True)
-class InstallerConfig:
-    type: str = "file"
-    slot_a: Path = Path("slots/a.img")
-    slot_b: Path = Path("slots/b.img")
-    #: block devices for "uboot" and "grub" (the default), image files for "file" and "command"
-    slot_type: SlotType = SlotType.FILE
+class SlotType(enum.StrEnum):
+    """What a slot path must be: a block device (partitions booted by U-Boot or GRUB) or a file."""
+
+    BLOCK = "block"
+    FILE = "file"
+
+
+class InstallerType(enum.StrEnum):
+    """How the primary installs its own image."""
+
+    #: A/B slots, boot variables in a JSON file (development, tests, the demo)
+    FILE = "file"
+    #: A/B partitions, boot variables in the U-Boot environment (fw_printenv/fw_setenv)
+    UBOOT = "uboot"
+    #: A/B partitions, boot variables in a GRUB environment block (grub-editenv)
+    GRUB = "grub"
+    #: the integrator's own installer command; the health checks decide
+    COMMAND = "command"
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name}: must be > 0")
+
+
+def _commands(name: str, commands: tuple[tuple[str, ...], ...]) -> None:
+    if not all(commands):
+        raise ValueError(f"{name}: every command must be a non-empty list of strings")
+
+
+class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[agent]``: who the vehicle is, where it keeps its state, how often it polls."""
+
+    vin: str
+    server_url: str
+    #: keys/, metadata/{director,image}/root.json, slots, state.json
+    state_dir: str
+    #: seconds between polls
+    poll_interval: float = 300.0
+    #: +/- this fraction of poll_interval, so fleets don't poll in lockstep
+    poll_jitter: float = 0.2
+    #: refuse larger images whatever the metadata says (endless data, on top of TUF lengths)
+    max_image_size: int = 4 * 1024**3
+    #: send the signed manifest when something changed, else at most this often (seconds)
+    manifest_heartbeat: float = 3600.0
+
+    def __post_init__(self) -> None:
+        check_name(self.vin, "vin")
+        if not self.server_url.startswith(("http://", "https://")):
+            raise ValueError("server_url: must start with http:// or https://")
+        _positive("poll_interval", self.poll_interval)
+        if not 0 <= self.poll_jitter <= 1:
+            raise ValueError("poll_jitter: must be between 0 and 1")
+        _positive("max_image_size", self.max_image_size)
+        _positive("manifest_heartbeat", self.manifest_heartbeat)
+
+
+class PrimarySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[primary]``: the ECU the agent runs on."""
+
+    ecu_serial: str
+    hardware_id: str
+    #: the ECU's signing key (encrypted; password from $UPTAKE_KEY_PASSWORD)
+    key: str = "keys/primary.key"
+    #: X25519 key for images the director encrypts to this ECU; optional
+    encryption_key: str = "keys/encryption.key"
+
+    def __post_init__(self) -> None:
+        check_name(self.ecu_serial, "ecu_serial")
+        check_name(self.hardware_id, "hardware_id")
+
+
+class InstallerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[installer]``: the primary's A/B slots, boot environment and reboot."""
+
+    type: InstallerType = InstallerType.FILE
+    slot_a: str = "slots/a.img"
+    slot_b: str = "slots/b.img"
+    #: block devices for "uboot" and "grub", image files for "file" and "command" (the default)
+    slot_type: SlotType | None = None
     #: file: the JSON env file; uboot: fw_env.config; grub: the grubenv file
-    boot_env: Path = Path("bootenv.json")
+    boot_env: str = "bootenv.json"
+    #: trial boots before the bootloader falls back to the old slot
     bootlimit: int = 3
     #: "simulate" plays the bootloader in-process (development, tests, demo);
-    #: otherwise the command that reboots the machine, e.g. ["systemctl", "reboot"].
+    #: otherwise the command that reboots the machine, e.g. ["systemctl", "reboot"]
     reboot: str | tuple[str, ...] = "simulate"
     #: type "command": installs with this command ({image}, {filepath}, {sha256} substituted),
-    #: then runs the health checks; on failure runs rollback_command (if any).
+    #: then runs the health checks; on failure runs rollback_command (if any)
     install_command: tuple[str, ...] = ()
     rollback_command: tuple[str, ...] = ()
     command_timeout: float = 600.0
 
+    def __post_init__(self) -> None:
+        if self.bootlimit < 1:
+            raise ValueError("bootlimit: must be >= 1")
+        if self.type in (InstallerType.UBOOT, InstallerType.GRUB) and self.bootlimit > 8:
+            # client/boot/: U-Boot's setexpr counts in hex, GRUB cannot count at all
+            raise ValueError(f"bootlimit: at most 8 with type = {self.type.value!r}")
+        if isinstance(self.reboot, str) and self.reboot != "simulate":
+            raise ValueError('reboot: must be "simulate" or a command list')
+        if not self.reboot:
+            raise ValueError('reboot: must be "simulate" or a non-empty command list')
+        if self.type is InstallerType.COMMAND and not self.install_command:
+            raise ValueError('install_command: is required with type = "command"')
+        _positive("command_timeout", self.command_timeout)
 
-@dataclass(frozen=True)
-class HealthCheckConfig:
-    #: Commands run after booting a new slot; all must exit 0 within timeout.
-    #: ``{slot}`` and ``{slot_path}`` are replaced by the booted slot and its path.
+    @property
+    def slots_are(self) -> SlotType:
+        """What the slot paths must be (``slot_type``, or the installer type's default)."""
+        if self.slot_type is not None:
+            return self.slot_type
+        if self.type in (InstallerType.UBOOT, InstallerType.GRUB):
+            return SlotType.BLOCK
+        return SlotType.FILE
+
+    @property
+    def reboot_command(self) -> tuple[str, ...] | None:
+        """The reboot command, or None when the bootloader is simulated."""
+        return None if isinstance(self.reboot, str) else self.reboot
+
+
+class HealthCheckConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[health_check]``: what decides whether a freshly booted slot commits."""
+
+    #: all must exit 0 within timeout; {slot} and {slot_path} are replaced
     commands: tuple[tuple[str, ...], ...] = ()
     timeout: float = 60.0
 
+    def __post_init__(self) -> None:
+        _commands("commands", self.commands)
+        _positive("timeout", self.timeout)
 
-@dataclass(frozen=True)
-class SecondaryConfig:
+
+class LocalOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``options`` of a ``transport = "local"`` secondary (a simulated MCU in a directory)."""
+
+    #: run after the secondary boots its new bank; {slot} and {slot_path} are replaced
+    health_check: tuple[tuple[str, ...], ...] = ()
+    #: trial boots before the secondary's bootloader falls back
+    bootlimit: int = 1
+
+    def __post_init__(self) -> None:
+        _commands("health_check", self.health_check)
+        if self.bootlimit < 1:
+            raise ValueError("bootlimit: must be >= 1")
+
+
+class UdsOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``options`` of a ``transport = "uds"`` secondary (UDS over ISO-TP over CAN)."""
+
+    #: python-can interface and channel, e.g. "socketcan" and "can0"
+    interface: str = "socketcan"
+    channel: str = "can0"
+    request_id: int = 0x7E0
+    response_id: int = 0x7E8
+    can_fd: bool = False
+    #: hex secret of the HMAC seed/key algorithm ...
+    security_secret: str = ""
+    #: ... or "package.module:factory" returning a (level, seed) -> key callable
+    key_algorithm: str = ""
+    request_timeout: float = 2.0
+    erase_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("request_id", "response_id"):
+            if not 0 <= getattr(self, name) <= 0x1FFFFFFF:
+                raise ValueError(f"{name}: must be a CAN identifier (0 to 0x1FFFFFFF)")
+        if self.security_secret and self.key_algorithm:
+            raise ValueError("give security_secret or key_algorithm, not both")
+        if self.security_secret:
+            try:
+                bytes.fromhex(self.security_secret)
+            except ValueError:
+                raise ValueError("security_secret: must be hex bytes") from None
+        if self.key_algorithm and ":" not in self.key_algorithm:
+            raise ValueError('key_algorithm: must look like "package.module:factory"')
+        _positive("request_timeout", self.request_timeout)
+        _positive("erase_timeout", self.erase_timeout)
+
+
+class LocalSecondaryConfig(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="transport", tag="local"
+):
+    """A ``[[secondaries]]`` table with ``transport = "local"``."""
+
     ecu_serial: str
     hardware_id: str
-    transport: str = "local"
-    #: transport "local": the directory holding the ECU's key, banks and state.
-    directory: Path = Path()
-    options: dict[str, Any] = field(default_factory=dict)
+    #: the ECU's key, banks and state ("" means secondaries/<ecu_serial>)
+    directory: str = ""
+    options: LocalOptions = msgspec.field(default_factory=LocalOptions)
+
+    def __post_init__(self) -> None:
+        check_name(self.ecu_serial, "ecu_serial")
+        check_name(self.hardware_id, "hardware_id")
+
+    @property
+    def transport(self) -> str:
+        return "local"
+
+    @property
+    def state_directory(self) -> str:
+        return self.directory or f"secondaries/{self.ecu_serial}"
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    vin: str
-    server_url: str
-    state_dir: Path
-    primary_serial: str
-    primary_hardware_id: str
-    primary_key: Path
-    #: X25519 key for images the director encrypts for this ECU (signing.encryption); optional
-    encryption_key: Path = Path("keys/encryption.key")
-    installer: InstallerConfig = InstallerConfig()
-    health_check: HealthCheckConfig = HealthCheckConfig()
-    secondaries: tuple[SecondaryConfig, ...] = ()
+class UdsSecondaryConfig(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="transport", tag="uds"
+):
+    """A ``[[secondaries]]`` table with ``transport = "uds"``."""
+
+    ecu_serial: str
+    hardware_id: str
+    options: UdsOptions = msgspec.field(default_factory=UdsOptions)
+
+    def __post_init__(self) -> None:
+        check_name(self.ecu_serial, "ecu_serial")
+        check_name(self.hardware_id, "hardware_id")
+
+    @property
+    def transport(self) -> str:
+        return "uds"
+
+
+SecondaryConfig = LocalSecondaryConfig | UdsSecondaryConfig
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole agent configuration file (see module docstring)."""
+
+    agent: AgentSection
+    primary: PrimarySection
+    installer: InstallerConfig = msgspec.field(default_factory=InstallerConfig)
+    health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
+    download: FetcherConfig = msgspec.field(default_factory=FetcherConfig)
     preconditions: tuple[Precondition, ...] = ()
-    download: FetcherConfig = field(default_factory=FetcherConfig)
-    poll_interval: float = 300.0
-    poll_jitter: float = 0.2
-    #: Send the (signed, costly to verify) manifest when something changed, else at most this often.
-    manifest_heartbeat: float = 3600.0
-    #: Largest image the agent will download (endless-data defence on top of TUF lengths).
-    max_image_size: int = 4 * 1024**3
-    source: Path | None = None
+    secondaries: tuple[SecondaryConfig, ...] = ()
 
-    def path(self, p: Path) -> Path:
-        return p if p.is_absolute() else self.state_dir / p
+    def __post_init__(self) -> None:
+        serials = [self.primary.ecu_serial] + [s.ecu_serial for s in self.secondaries]
+        twice = sorted({s for s in serials if serials.count(s) > 1})
+        if twice:
+            raise ValueError(
+                f"ECU serials must be unique across primary and secondaries: {', '.join(twice)}"
+            )
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.state_dir)
+
+    def path(self, p: str | Path) -> Path:
+        """``p`` (from this file) as a path: relative ones are under ``agent.state_dir``."""
+        path = Path(p)
+        return path if path.is_absolute() else self.state_dir / path
 
     @property
     def ecu_serials(self) -> dict[str, str]:
         """Every ECU of this vehicle: serial -> hardware id."""
-        ecus = {self.primary_serial: self.primary_hardware_id}
+        ecus = {self.primary.ecu_serial: self.primary.hardware_id}
         ecus.update({s.ecu_serial: s.hardware_id for s in self.secondaries})
         return ecus
 
 
-class _Table:
-    """Typed access to a TOML table that names the file and key on errors."""
+# -- loading ------------------------------------------------------------------------------
 
-    def __init__(self, data: Any, where: str, source: str) -> None:
-        if not isinstance(data, dict):
-            raise AgentConfigError(f"{source}: [{where}] must be a table")
-        self.data, self.where, self.source = data, where, source
-        self.used: set[str] = set()
-
-    def _err(self, key: str, problem: str) -> AgentConfigError:
-        return AgentConfigError(f"{self.source}: {self.where}.{key} {problem}")
-
-    def get(self, key: str, typ: type | tuple[type, ...], default: Any = ...) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is ...:
-                raise self._err(key, "is required")
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,)):
-            raise self._err(key, f"must be {getattr(typ, '__name__', typ)}, not a boolean")
-        if not isinstance(value, typ):
-            names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-            raise self._err(key, f"must be {names}, got {type(value).__name__}")
-        return value
-
-    def name(self, key: str) -> str:
-        """A required VIN, ECU serial or hardware id (the grammar of :mod:`signing.names`)."""
-        value = self.get(key, str)
-        try:
-            return check_name(value, f"{self.source}: {self.where}.{key}")
-        except InvalidNameError as exc:
-            raise AgentConfigError(str(exc)) from exc
-
-    def positive(self, key: str, default: float) -> float:
-        value = self.get(key, (int, float), default)
-        if value <= 0:
-            raise self._err(key, "must be > 0")
-        return float(value)
-
-    def check_unknown(self) -> None:
-        unknown = set(self.data) - self.used
-        if unknown:
-            raise AgentConfigError(
-                f"{self.source}: unknown key(s) in [{self.where}]: {', '.join(sorted(unknown))}"
-            )
+_AT = re.compile(r"(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+#: What each enumerated key of the agent configuration may be, for error messages.
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "type": tuple(t.value for t in InstallerType),
+    "slot_type": tuple(t.value for t in SlotType),
+    "transport": ("local", "uds"),
+}
 
 
-def _array_of_tables(raw: dict[str, Any], key: str, source: str) -> list[_Table]:
-    """The ``[[key]]`` tables of the file (none when absent)."""
-    items = raw.get(key, [])
-    if not isinstance(items, list):
-        raise AgentConfigError(f"{source}: [[{key}]] must be an array of tables")
-    return [_Table(item, f"{key}[{i}]", source) for i, item in enumerate(items)]
+def _key(path: str, key: str) -> str:
+    return f"{path}.{key}" if path and key else path or key
 
 
-def _command(table: _Table, key: str) -> tuple[str, ...]:
-    argv = table.get(key, list, [])
-    if not all(isinstance(a, str) for a in argv):
-        raise AgentConfigError(f"{table.source}: {table.where}.{key} must be a list of strings")
-    return tuple(argv)
+def explain(
+    exc: msgspec.ValidationError,
+    source: str,
+    choices: Mapping[str, tuple[str, ...]] = _CHOICES,
+    within: str = "",
+) -> str:
+    """A msgspec validation error as "FILE: table.key problem" (bench files use it too).
+
+    ``choices`` names the values each enumerated key may take, for "must be one of";
+    ``within`` is the table the validated value came from, when it was validated alone.
+    """
+    match = _AT.fullmatch(str(exc))
+    assert match is not None  # the pattern matches any text
+    problem, path = match["problem"], _key(within, (match["path"] or "").lstrip("."))
+    if found := re.fullmatch(r"Object missing required field `(.+)`", problem):
+        return f"{source}: {_key(path, found[1])} is required"
+    if found := re.fullmatch(r"Object contains unknown field `(.+)`", problem):
+        return f"{source}: unknown key {_key(path, found[1])}"
+    if found := re.fullmatch(r"Expected `(.+?)`, got `(.+?)`", problem):
+        return f"{source}: {path} must be {found[1]}, not {found[2]}"
+    if found := re.fullmatch(r"Invalid (?:enum )?value (.+)", problem):
+        allowed = choices.get(path.rsplit(".", 1)[-1], ())
+        return f"{source}: {path} must be one of {', '.join(allowed)}, not {found[1]}"
+    if found := re.fullmatch(r"(\w+): (.+)", problem, re.DOTALL):  # our own checks name the key
+        return f"{source}: {_key(path, found[1])}: {found[2]}"
+    return f"{source}: {path}: {problem}" if path else f"{source}: {problem}"
+
+
+def parse_config(raw: object, source: str = "<config>", base: Path = Path()) -> AgentConfig:
+    """Check the parsed TOML document ``raw`` against the schema; paths relative to ``base``."""
+    try:
+        config = msgspec.convert(raw, AgentConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        raise AgentConfigError(explain(exc, source)) from exc
+    state_dir = Path(config.agent.state_dir)
+    if not state_dir.is_absolute():
+        state_dir = base / state_dir
+    return msgspec.structs.replace(
+        config,
+        agent=msgspec.structs.replace(
+            config.agent, state_dir=str(state_dir), server_url=config.agent.server_url.rstrip("/")
+        ),
+    )
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -173,161 +397,3 @@ def load_config(path: Path) -> AgentConfig:
     except RecursionError as exc:
         raise AgentConfigError(f"{source}: not valid TOML (nested too deeply)") from exc
     return parse_config(raw, source, Path(path).resolve().parent)
-
-
-def parse_config(raw: dict[str, Any], source: str = "<config>", base: Path = Path()) -> AgentConfig:
-    unknown = set(raw) - {
-        "agent",
-        "primary",
-        "installer",
-        "health_check",
-        "secondaries",
-        "preconditions",
-        "download",
-    }
-    if unknown:
-        raise AgentConfigError(f"{source}: unknown table(s): {', '.join(sorted(unknown))}")
-    agent = _Table(raw.get("agent"), "agent", source)
-    state_dir = Path(agent.get("state_dir", str))
-    if not state_dir.is_absolute():
-        state_dir = base / state_dir
-    server_url = agent.get("server_url", str)
-    if not server_url.startswith(("http://", "https://")):
-        raise AgentConfigError(f"{source}: agent.server_url must start with http:// or https://")
-    vin = agent.name("vin")
-    poll_interval = agent.positive("poll_interval", 300.0)
-    jitter = agent.get("poll_jitter", (int, float), 0.2)
-    if not 0 <= jitter <= 1:
-        raise AgentConfigError(f"{source}: agent.poll_jitter must be between 0 and 1")
-    max_image = agent.get("max_image_size", int, 4 * 1024**3)
-    heartbeat = agent.positive("manifest_heartbeat", 3600.0)
-    agent.check_unknown()
-
-    primary = _Table(raw.get("primary"), "primary", source)
-    serial = primary.name("ecu_serial")
-    hw = primary.name("hardware_id")
-    key = Path(primary.get("key", str, f"keys/{serial}.key"))
-    encryption_key = Path(primary.get("encryption_key", str, "keys/encryption.key"))
-    primary.check_unknown()
-
-    inst = _Table(raw.get("installer", {}), "installer", source)
-    itype = inst.get("type", str, "file")
-    if itype not in INSTALLER_TYPES:
-        raise AgentConfigError(
-            f"{source}: installer.type must be one of {', '.join(INSTALLER_TYPES)}"
-        )
-    reboot = inst.get("reboot", (str, list), "simulate")
-    if isinstance(reboot, list):
-        if not reboot or not all(isinstance(a, str) for a in reboot):
-            raise AgentConfigError(
-                f'{source}: installer.reboot must be "simulate" or a command list'
-            )
-        reboot = tuple(reboot)
-    elif reboot != "simulate":
-        raise AgentConfigError(f'{source}: installer.reboot must be "simulate" or a command list')
-    bootlimit = inst.get("bootlimit", int, 3)
-    if bootlimit < 1:
-        raise AgentConfigError(f"{source}: installer.bootlimit must be >= 1")
-    slot_type = inst.get("slot_type", str, "block" if itype in ("uboot", "grub") else "file")
-    if slot_type not in {t.value for t in SlotType}:
-        raise AgentConfigError(f'{source}: installer.slot_type must be "block" or "file"')
-    installer = InstallerConfig(
-        type=itype,
-        slot_a=Path(inst.get("slot_a", str, "slots/a.img")),
-        slot_b=Path(inst.get("slot_b", str, "slots/b.img")),
-        slot_type=SlotType(slot_type),
-        boot_env=Path(inst.get("boot_env", str, "bootenv.json")),
-        bootlimit=bootlimit,
-        reboot=reboot,
-        install_command=_command(inst, "install_command"),
-        rollback_command=_command(inst, "rollback_command"),
-        command_timeout=inst.positive("command_timeout", 600.0),
-    )
-    if itype == "command" and not installer.install_command:
-        raise AgentConfigError(
-            f'{source}: installer.install_command is required with type = "command"'
-        )
-    inst.check_unknown()
-
-    hc = _Table(raw.get("health_check", {}), "health_check", source)
-    commands = hc.get("commands", list, [])
-    if not all(isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in commands):
-        raise AgentConfigError(
-            f"{source}: health_check.commands must be a list of non-empty string lists"
-        )
-    health = HealthCheckConfig(tuple(tuple(c) for c in commands), hc.positive("timeout", 60.0))
-    hc.check_unknown()
-
-    secondaries = []
-    for i, t in enumerate(_array_of_tables(raw, "secondaries", source)):
-        transport = t.get("transport", str, "local")
-        if transport not in SECONDARY_TRANSPORTS:
-            raise AgentConfigError(
-                f"{source}: secondaries[{i}].transport must be one of {', '.join(SECONDARY_TRANSPORTS)}"
-            )
-        sec = SecondaryConfig(
-            ecu_serial=t.name("ecu_serial"),
-            hardware_id=t.name("hardware_id"),
-            transport=transport,
-            directory=Path(t.get("directory", str, f"secondaries/{t.data.get('ecu_serial', i)}")),
-            options=t.get("options", dict, {}),
-        )
-        t.check_unknown()
-        secondaries.append(sec)
-    preconditions = []
-    for i, t in enumerate(_array_of_tables(raw, "preconditions", source)):
-        name = t.get("name", str)
-        command = t.get("command", list, [])
-        hook = t.get("hook", str, "")
-        if bool(command) == bool(hook) or not all(isinstance(a, str) for a in command):
-            raise AgentConfigError(
-                f'{source}: preconditions[{i}] needs exactly one of command (a list of strings) or hook ("module:function")'
-            )
-        if hook and ":" not in hook:
-            raise AgentConfigError(
-                f'{source}: preconditions[{i}].hook must look like "package.module:function"'
-            )
-        preconditions.append(Precondition(name, tuple(command), hook, t.positive("timeout", 10.0)))
-        t.check_unknown()
-    dl = _Table(raw.get("download", {}), "download", source)
-    defaults = FetcherConfig()
-    max_rate = dl.get("max_rate", (int, float), 0)
-    min_rate = dl.get("min_rate", (int, float), defaults.min_rate)
-    try:
-        download = FetcherConfig(
-            connect_timeout=dl.positive("connect_timeout", defaults.connect_timeout),
-            read_timeout=dl.positive("read_timeout", defaults.read_timeout),
-            max_attempts=dl.get("max_attempts", int, defaults.max_attempts),
-            backoff_initial=dl.positive("backoff_initial", defaults.backoff_initial),
-            backoff_max=dl.positive("backoff_max", defaults.backoff_max),
-            min_rate=float(min_rate),
-            rate_window=dl.positive("rate_window", defaults.rate_window),
-            max_rate=float(max_rate) if max_rate else None,
-        )
-    except ValueError as exc:
-        raise AgentConfigError(f"{source}: [download] {exc}") from exc
-    dl.check_unknown()
-    serials = [serial] + [s.ecu_serial for s in secondaries]
-    if len(set(serials)) != len(serials):
-        raise AgentConfigError(
-            f"{source}: ECU serials must be unique across primary and secondaries"
-        )
-    return AgentConfig(
-        vin=vin,
-        server_url=server_url.rstrip("/"),
-        state_dir=state_dir,
-        primary_serial=serial,
-        primary_hardware_id=hw,
-        primary_key=key,
-        encryption_key=encryption_key,
-        installer=installer,
-        health_check=health,
-        secondaries=tuple(secondaries),
-        preconditions=tuple(preconditions),
-        download=download,
-        poll_interval=poll_interval,
-        poll_jitter=float(jitter),
-        max_image_size=max_image,
-        manifest_heartbeat=heartbeat,
-        source=Path(source),
-    )

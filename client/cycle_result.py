@@ -26,7 +26,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from signing.manifest import FAILED_RESULTS, InstallOutcome
+from signing.manifest import FAILED_RESULTS, InstallOutcome, InstallResult
 
 
 class ManifestDelivery(enum.Enum):
@@ -43,7 +43,8 @@ class ManifestDelivery(enum.Enum):
 
 
 class FailureKind(enum.Enum):
-    """Why verification did not let the cycle install (see :mod:`client.verification`)."""
+    """Why verification did not let the cycle install (the class of the failure, see
+    :mod:`signing.exceptions`)."""
 
     ATTACK = "attack"
     TRANSIENT = "transient"
@@ -92,7 +93,7 @@ class CycleReport:
             self.verification_failure is FailureKind.TRANSIENT
             or self.manifest is ManifestDelivery.UNREACHABLE
             or bool(self.waiting)
-            or any(o.result == "postponed" for o in self.outcomes.values())
+            or any(o.result is InstallResult.POSTPONED for o in self.outcomes.values())
         )
         return CycleStatus.POSTPONED if postponed else CycleStatus.OK
 
@@ -108,7 +109,7 @@ class CycleReport:
         if self.waiting:
             lines.append(f"waiting for precondition {self.waiting}")
         for serial, outcome in sorted(self.outcomes.items()):
-            if outcome.result != "installed":
+            if outcome.result is not InstallResult.INSTALLED:
                 detail = f": {outcome.detail}" if outcome.detail else ""
                 lines.append(f"{serial} {outcome.result} {outcome.filepath}{detail}")
         return lines

@@ -15,8 +15,9 @@ download (:func:`fetch_and_decrypt`):
 3. keeps the plaintext only if its length and sha256 are the image
    repository's; otherwise nothing is left behind.
 
-Any failure raises :class:`DecryptionFailure` naming the step: it is
-evidence of an attack (or of a key mix-up) and the image is refused.
+Any failure raises :class:`DecryptionFailure` naming the step: an
+:class:`~signing.exceptions.AttackDetected` (or a key mix-up), so the image is refused
+and the attempt reported.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from signing.encryption import (
     decrypt_stream,
     encryption_info,
 )
+from signing.exceptions import AttackDetected
 
 
-class DecryptionFailure(Exception):
+class DecryptionFailure(AttackDetected):
     """An encrypted image was malformed, tampered with, or not for this ECU; says which step."""
 
 

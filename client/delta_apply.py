@@ -37,6 +37,7 @@ import zstandard
 
 from signing import delta_format as fmt
 from signing.atomic_file import atomic_writer
+from signing.exceptions import UptakeError
 
 _PIECE = 1 << 20  # unit of work for reads, adds and writes
 # What the decompressors raise on bad input (bz2 reports it as OSError).
@@ -44,7 +45,7 @@ _DECODE_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdE
 _INPUT_CHUNK = 1 << 16
 
 
-class DeltaError(Exception):
+class DeltaError(UptakeError):
     """A delta could not be applied; nothing trustworthy was produced."""
 
 

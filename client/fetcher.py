@@ -3,8 +3,10 @@
 :class:`ResumableFetcher` is the one HTTP client of the agent. It is a
 python-tuf :class:`~tuf.ngclient.FetcherInterface`, so both
 ``tuf.ngclient.Updater`` instances (director and image repository) download
-metadata and targets through it, and it adds :meth:`ResumableFetcher.download_to`
-for large images that must survive an agent restart.
+metadata and targets through it; it adds :meth:`ResumableFetcher.download_to`
+for large images that must survive an agent restart, and
+:meth:`ResumableFetcher.post` for the vehicle manifest, so every request the
+agent makes shares one connection pool, one set of timeouts and one TLS setup.
 
 One download runs like this:
 
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 from urllib.parse import urljoin
 
+import msgspec
 import urllib3
 from tuf.api.exceptions import (
     DownloadError,
@@ -75,6 +78,8 @@ __all__ = [
     "DownloadHTTPError",
     "DownloadLengthMismatchError",
     "FetcherConfig",
+    "HTTPAnswer",
+    "HTTPConnectionError",
     "HTTPStatusError",
     "ResumableFetcher",
     "SlowRetrievalError",
@@ -98,15 +103,29 @@ class CrossOriginRedirectError(DownloadError):
     """The server redirected to another origin (scheme, host, port), which the agent refuses."""
 
 
+class HTTPConnectionError(DownloadError):
+    """A request could not be sent, or its answer not read (network, TLS, server gone)."""
+
+
+@dataclass(frozen=True)
+class HTTPAnswer:
+    """A server's answer to :meth:`ResumableFetcher.post`: its status and (bounded) body."""
+
+    status: int
+    body: bytes
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urllib3.util.parse_url(url)
     default_port = {"http": 80, "https": 443}.get(parts.scheme or "")
     return (parts.scheme or "").lower(), (parts.host or "").lower(), parts.port or default_port
 
 
-@dataclass(frozen=True)
-class FetcherConfig:
-    """How the agent downloads. The defaults suit a vehicle on a cellular link.
+class FetcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the agent downloads (``[download]`` of the agent configuration).
+
+    The defaults suit a vehicle on a cellular link; this class is the schema
+    of the ``[download]`` table too, so the file and the code share them.
 
     Attributes:
         connect_timeout: Seconds to establish a connection (per attempt).
@@ -129,8 +148,8 @@ class FetcherConfig:
         max_rate: Bandwidth cap in bytes per second, or ``None`` for none.
         chunk_size: Largest read from the socket, in bytes.
         user_agent: ``User-Agent`` header of every request.
-        ca_certs: CA bundle to verify HTTPS servers with, or ``None`` for
-            the system's.
+        ca_certs: CA bundle (a file path) to verify HTTPS servers with, or
+            ``None`` for the system's.
     """
 
     connect_timeout: float = 10.0
@@ -146,17 +165,24 @@ class FetcherConfig:
     max_rate: float | None = None
     chunk_size: int = 64 * 1024
     user_agent: str = "uptake-agent"
-    ca_certs: Path | None = None
+    ca_certs: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("connect_timeout", "read_timeout", "backoff_initial", "backoff_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
         if self.max_attempts < 1 or self.max_total_attempts < 1:
-            raise ValueError("max_attempts and max_total_attempts must be at least 1")
+            raise ValueError("max_attempts and max_total_attempts: must be at least 1")
+        if self.backoff_multiplier < 1:
+            raise ValueError("backoff_multiplier: must be at least 1")
         if not 0.0 <= self.jitter <= 1.0:
-            raise ValueError("jitter must be between 0 and 1")
+            raise ValueError("jitter: must be between 0 and 1")
+        if self.min_rate < 0:
+            raise ValueError("min_rate: must be >= 0 (0 disables the check)")
         if self.rate_window <= 0 or self.chunk_size <= 0:
-            raise ValueError("rate_window and chunk_size must be positive")
+            raise ValueError("rate_window and chunk_size: must be positive")
         if self.max_rate is not None and self.max_rate < max(self.min_rate, 1.0):
-            raise ValueError("max_rate must be at least min_rate (and at least 1 byte/s)")
+            raise ValueError("max_rate: must be at least min_rate (and at least 1 byte/s)")
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failed attempts (>= 1)."""
@@ -413,7 +439,7 @@ class ResumableFetcher(FetcherInterface):
         self.config = config or FetcherConfig()
         pool_args: dict[str, Any] = {}
         if self.config.ca_certs is not None:
-            pool_args["ca_certs"] = str(self.config.ca_certs)
+            pool_args["ca_certs"] = self.config.ca_certs
         # Identity encoding: byte offsets must be those of the file itself.
         self._headers = {"User-Agent": self.config.user_agent, "Accept-Encoding": "identity"}
         self._pool = urllib3.PoolManager(
@@ -469,9 +495,37 @@ class ResumableFetcher(FetcherInterface):
             urllib3.exceptions.NewConnectionError,
             urllib3.exceptions.ConnectTimeoutError,
         ) as exc:
+            # urllib3 >= 2.8 raises these directly when retries are off
             raise _Transient(f"cannot connect: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Transient(f"request failed: {exc}") from exc
+
+    def post(
+        self, url: str, body: bytes, content_type: str = "application/json", max_answer: int = 65536
+    ) -> HTTPAnswer:
+        """Send ``body`` to ``url`` once, over the same pool, timeouts and TLS as every download.
+
+        No retries and no redirects: a report that did not get through is sent
+        again at the next poll. The answer's body is read up to ``max_answer``
+        bytes (an endless answer cannot hold the agent).
+
+        Raises:
+            HTTPConnectionError: the server could not be reached or the answer broke off.
+        """
+        headers = {**self._headers, "Content-Type": content_type}
+        try:
+            response = self._pool.request(
+                "POST", url, body=body, headers=headers, preload_content=False, redirect=False
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise HTTPConnectionError(f"{url}: {exc}") from exc
+        try:
+            answer = response.read(max_answer, decode_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise HTTPConnectionError(f"{url}: reading the answer failed: {exc}") from exc
+        finally:
+            response.close()  # never return a half-read connection to the pool
+        return HTTPAnswer(response.status, bytes(answer))
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         """Stream ``url`` (FetcherInterface API), resuming on interruptions.

@@ -16,31 +16,26 @@ leaves the device bootable:
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
-from client.bootenv import BootEnvironment, BootEnvironmentError
+from client.bootenv import BootEnvironment, BootEnvironmentError, open_boot_environment
+from client.config import AgentConfig, SlotType
 from client.delta_apply import DeltaError, apply_delta, read_delta_header
 from signing.exceptions import UptakeError
 
-SLOTS = ("a", "b")
+#: The two slots of an A/B device.
+Slot = Literal["a", "b"]
+SLOTS: tuple[Slot, ...] = ("a", "b")
 _CHUNK = 1024 * 1024
 
 
 class InstallError(UptakeError):
     """Writing or switching a slot failed, or a slot is unusable; names the slot and the problem."""
-
-
-class SlotType(enum.Enum):
-    """What a slot path must be: a block device (partitions booted by U-Boot or GRUB) or a file."""
-
-    BLOCK = "block"
-    FILE = "file"
 
 
 def check_slot(name: str, path: Path, slot_type: SlotType) -> None:
@@ -72,20 +67,43 @@ def check_slot(name: str, path: Path, slot_type: SlotType) -> None:
 
 @dataclass(frozen=True)
 class BootState:
-    boot_slot: str
+    boot_slot: Slot
     upgrade_available: bool
     bootcount: int
     bootlimit: int
 
 
-def other_slot(slot: str) -> str:
+def other_slot(slot: Slot) -> Slot:
     return "b" if slot == "a" else "a"
 
 
 class SlotInstaller:
+    """The primary's two slots and the boot environment that chooses between them."""
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> SlotInstaller:
+        """The slots, boot environment and bootlimit ``[installer]`` names (nothing checked yet)."""
+        installer = config.installer
+        return cls(
+            {"a": config.path(installer.slot_a), "b": config.path(installer.slot_b)},
+            open_boot_environment(config),
+            installer.bootlimit,
+            installer.slots_are,
+        )
+
+    def check_slots(self) -> list[str]:
+        """What is wrong with the slots (empty: both are what the installer writes to)."""
+        problems = []
+        for name, path in self.slots.items():
+            try:
+                check_slot(name, path, self.slot_type)
+            except InstallError as exc:
+                problems.append(str(exc))
+        return problems
+
     def __init__(
         self,
-        slots: dict[str, Path],
+        slots: dict[Slot, Path],
         env: BootEnvironment,
         bootlimit: int,
         slot_type: SlotType = SlotType.FILE,
@@ -114,7 +132,7 @@ class SlotInstaller:
             raise BootEnvironmentError(f"boot_slot={slot!r} is neither 'a' nor 'b'")
         try:
             return BootState(
-                slot,
+                "a" if slot == "a" else "b",
                 env.get("upgrade_available", "0") == "1",
                 int(env.get("bootcount", "0")),
                 int(env.get("bootlimit", str(self.bootlimit))),
@@ -124,7 +142,7 @@ class SlotInstaller:
                 f"boot environment has a non-numeric counter: {exc}"
             ) from exc
 
-    def write(self, slot: str, source: BinaryIO, length: int, sha256: str) -> None:
+    def write(self, slot: Slot, source: BinaryIO, length: int, sha256: str) -> None:
         """Stream ``length`` bytes from ``source`` into ``slot`` and verify the read-back hash."""
         path = self.slots[slot]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +165,9 @@ class SlotInstaller:
                 f"slot {slot} ({path}): read-back sha256 {actual} differs from the image's {sha256}"
             )
 
-    def write_delta(self, slot: str, base_slot: str, patch: Path, length: int, sha256: str) -> str:
+    def write_delta(
+        self, slot: Slot, base_slot: Slot, patch: Path, length: int, sha256: str
+    ) -> str:
         """Apply ``patch`` to the image in ``base_slot``, streaming the result into ``slot``.
 
         Memory stays bounded whatever the image size (see :mod:`client.delta_apply`);
@@ -180,7 +200,7 @@ class SlotInstaller:
             )
         return applied.method
 
-    def _open_slot(self, slot: str) -> BinaryIO:
+    def _open_slot(self, slot: Slot) -> BinaryIO:
         """Open a slot for writing: a block device is overwritten in place (never created), a
         file replaced."""
         path = self.slots[slot]
@@ -190,7 +210,7 @@ class SlotInstaller:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "wb")
 
-    def slot_sha256(self, slot: str, length: int) -> str:
+    def slot_sha256(self, slot: Slot, length: int) -> str:
         digest = hashlib.sha256()
         with open(self.slots[slot], "rb") as f:
             remaining = length
@@ -202,7 +222,7 @@ class SlotInstaller:
                 remaining -= len(chunk)
         return digest.hexdigest()
 
-    def arm(self, slot: str) -> None:
+    def arm(self, slot: Slot) -> None:
         self.env.write(
             {
                 "boot_slot": slot,

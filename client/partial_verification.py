@@ -28,10 +28,11 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
+from signing.exceptions import AttackDetected
 from signing.metadata import MetadataFormatError, director_ecus, director_vin
 
 
-class PartialVerificationError(Exception):
+class PartialVerificationError(AttackDetected):
     """Director metadata failed partial verification (always evidence of an attack)."""
 
 

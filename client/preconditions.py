@@ -20,15 +20,27 @@ from __future__ import annotations
 import importlib
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class Precondition:
+class Precondition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[preconditions]]`` table: a ``command`` or a ``hook``, never both."""
+
     name: str
     command: tuple[str, ...] = ()
     hook: str = ""
     timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if bool(self.command) == bool(self.hook):
+            raise ValueError(
+                'needs exactly one of command (a list of strings) or hook ("module:function")'
+            )
+        if self.hook and ":" not in self.hook:
+            raise ValueError('hook: must look like "package.module:function"')
+        if self.timeout <= 0:
+            raise ValueError("timeout: must be > 0")
 
 
 def _run_hook(spec: str) -> str | None:

@@ -15,14 +15,36 @@ vehicle.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgspec
+import tomli_w
 import urllib3
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
+from client.bootenv import (
+    BootEnvironment,
+    BootEnvironmentError,
+    GrubEnvironment,
+    UBootEnvironment,
+)
+from client.config import (
+    AgentConfig,
+    AgentSection,
+    HealthCheckConfig,
+    InstallerConfig,
+    InstallerType,
+    LocalOptions,
+    LocalSecondaryConfig,
+    PrimarySection,
+)
+from client.installer import InstallError, check_slot
 from client.secondaries.local import provision_local_secondary
 from signing.atomic_file import write_atomic
 from signing.encryption import generate_encryption_key, public_key_hex, save_encryption_key
@@ -40,20 +62,6 @@ class ProvisioningError(UptakeError):
 class EcuSpec:
     serial: str
     hardware_id: str
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def _check_root(data: bytes, what: str) -> Metadata[Root]:
@@ -154,6 +162,66 @@ def check_names(vin: str, ecus: Sequence[EcuSpec]) -> None:
         raise ProvisioningError(f"ECU serial(s) {', '.join(twice)} given more than once")
 
 
+def check_installer(installer: InstallerConfig, state_dir: Path) -> None:
+    """Refuse an ``[installer]`` this device cannot run, before anything is written.
+
+    The slots must be two different paths of the installer's kind (block devices for
+    U-Boot and GRUB, unless ``slot_type`` says otherwise), the boot environment must be
+    readable with its tools, and the reboot and install commands must exist.
+    """
+    config_dir = state_dir.resolve()
+
+    def path(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() else config_dir / p
+
+    problems = []
+    slot_a, slot_b = path(installer.slot_a), path(installer.slot_b)
+    if os.path.realpath(slot_a) == os.path.realpath(slot_b):
+        problems.append(f"--slot-a and --slot-b are the same ({slot_a})")
+    for name, slot in (("a", slot_a), ("b", slot_b)):
+        try:
+            check_slot(name, slot, installer.slots_are)
+        except InstallError as exc:
+            problems.append(str(exc).replace("installer.slot_", "--slot-"))
+    if installer.type in (InstallerType.UBOOT, InstallerType.GRUB):
+        env: BootEnvironment = (
+            UBootEnvironment(path(installer.boot_env))
+            if installer.type is InstallerType.UBOOT
+            else GrubEnvironment(path(installer.boot_env))
+        )
+        try:
+            env.read()
+        except BootEnvironmentError as exc:
+            problems.append(f"--boot-env: {exc}")
+    for what, argv in (
+        ("--reboot", installer.reboot_command or ()),
+        ("--install-command", installer.install_command),
+        ("--rollback-command", installer.rollback_command),
+    ):
+        if argv and shutil.which(argv[0]) is None:
+            problems.append(f"{what}: {argv[0]!r} is not an executable on this machine")
+    if problems:
+        raise ProvisioningError("; ".join(problems))
+
+
+def configuration_toml(config: AgentConfig) -> bytes:
+    """``config`` as the TOML of an agent.toml: every option with its value (tomli-w)."""
+
+    def without_none(value: Any) -> Any:  # TOML has no null; an absent key is the default
+        if isinstance(value, dict):
+            return {k: without_none(v) for k, v in value.items() if v is not None and v != []}
+        if isinstance(value, list):
+            return [without_none(v) for v in value]
+        return value
+
+    document = without_none(msgspec.json.decode(msgspec.json.encode(config)))
+    header = (
+        "# Uptake agent configuration, written by 'uptake agent init'.\n"
+        "# Every option is listed with its value; client/agent.example.toml explains each.\n\n"
+    )
+    return header.encode() + tomli_w.dumps(document).encode()
+
+
 def provision_vehicle(
     state_dir: Path,
     *,
@@ -164,15 +232,38 @@ def provision_vehicle(
     image_root: bytes,
     director_root: bytes,
     password: bytes,
+    installer: InstallerConfig | None = None,
     health_check: Sequence[Sequence[str]] = (),
     secondary_health_check: Sequence[Sequence[str]] = (),
-    bootlimit: int = 3,
 ) -> Path:
-    """Create a ready-to-run agent under ``state_dir``; returns the config path."""
+    """Create a ready-to-run agent under ``state_dir``; returns the config path.
+
+    Everything is checked before anything is written: the names, the trusted
+    roots, and the configuration as a whole (the same schema the agent loads).
+    """
     if (state_dir / "agent.toml").exists():
         raise ProvisioningError(f"{state_dir} already holds a provisioned agent")
     check_names(vin, [primary, *secondaries])
     check_trust_anchors(image_root, director_root)
+    check_installer(installer or InstallerConfig(), state_dir)
+    try:
+        config = AgentConfig(
+            agent=AgentSection(vin, server_url, str(state_dir.resolve())),
+            primary=PrimarySection(primary.serial, primary.hardware_id),
+            installer=installer or InstallerConfig(),
+            health_check=HealthCheckConfig(tuple(tuple(c) for c in health_check)),
+            secondaries=tuple(
+                LocalSecondaryConfig(
+                    sec.serial,
+                    sec.hardware_id,
+                    f"secondaries/{sec.serial}",
+                    LocalOptions(tuple(tuple(c) for c in secondary_health_check)),
+                )
+                for sec in secondaries
+            ),
+        )
+    except ValueError as exc:  # the schema's own checks (a bad URL, an empty command...)
+        raise ProvisioningError(str(exc)) from exc
     state_dir.mkdir(parents=True, exist_ok=True)
     save_signer(generate_signer(), state_dir / "keys" / "primary.key", password)
     encryption_key = generate_encryption_key()  # images the director encrypts for the primary
@@ -189,51 +280,20 @@ def provision_vehicle(
             "encryption_key": public_key_hex(encryption_key),
         }
     ]
-    lines = [
-        "# Uptake agent configuration (see client/agent.example.toml for every option)",
-        "[agent]",
-        f"vin = {_toml_value(vin)}",
-        f"server_url = {_toml_value(server_url)}",
-        f"state_dir = {_toml_value(str(state_dir.resolve()))}",
-        "poll_interval = 300",
-        "",
-        "[primary]",
-        f"ecu_serial = {_toml_value(primary.serial)}",
-        f"hardware_id = {_toml_value(primary.hardware_id)}",
-        'key = "keys/primary.key"',
-        "",
-        "[installer]",
-        'type = "file"',
-        'reboot = "simulate"',
-        f"bootlimit = {bootlimit}",
-        "",
-        "[health_check]",
-        f"commands = {_toml_value([list(c) for c in health_check])}",
-        "timeout = 60",
-    ]
-    for sec in secondaries:
-        directory = Path("secondaries") / sec.serial
-        pub = provision_local_secondary(state_dir / directory, director_root, password)
+    for sec in config.secondaries:
+        assert isinstance(sec, LocalSecondaryConfig)  # agent init provisions local ones
+        pub = provision_local_secondary(config.path(sec.state_directory), director_root, password)
         ecus.append(
             {
-                "serial": sec.serial,
+                "serial": sec.ecu_serial,
                 "hardware_id": sec.hardware_id,
                 "public_key": public_key_to_dict(load_public_key(pub)),
             }
         )
-        lines += [
-            "",
-            "[[secondaries]]",
-            f"ecu_serial = {_toml_value(sec.serial)}",
-            f"hardware_id = {_toml_value(sec.hardware_id)}",
-            'transport = "local"',
-            f"directory = {_toml_value(str(directory))}",
-            f"options = {_toml_value({'health_check': [list(c) for c in secondary_health_check]})}",
-        ]
     registration = {"vin": vin, "primary_ecu_serial": primary.serial, "ecus": ecus}
     write_atomic(
         state_dir / "registration.json", json.dumps(registration, indent=2).encode() + b"\n"
     )
     config_path = state_dir / "agent.toml"
-    write_atomic(config_path, "\n".join(lines).encode() + b"\n")
+    write_atomic(config_path, configuration_toml(config))
     return config_path

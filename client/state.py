@@ -1,4 +1,4 @@
-"""The agent's persistent state and install journal.
+"""The agent's persistent state and the primary's install journal.
 
 One JSON document (``STATE_DIR/state.json``), replaced atomically on every
 change, holds what must survive a power cut:
@@ -8,68 +8,77 @@ change, holds what must survive a power cut:
   verification, and the outcome of the last install attempt (kept until the
   server has acknowledged a manifest carrying it);
 * per slot: which image it holds (``None`` while being written);
-* the **journal** of the install in progress: its phase and everything
-  needed to resume or roll back from that phase after a restart.
+* the **journal** of the primary's install in progress: its
+  :class:`JournalPhase` and everything needed to resume or roll back from
+  that phase after a restart (:mod:`client.primary_install`);
+* what the server last acknowledged (:mod:`client.reporting`).
 
-The journal is written *before* each side effect it announces, and each
-side effect is idempotent or detectable (see :mod:`client.agent`), which is
-what makes a SIGKILL at any instant recoverable.
+The document is declared once, as the :class:`AgentState` schema (msgspec):
+strict types, unknown keys refused, names checked against
+:mod:`signing.names`. A file that does not match is a :class:`StateError`
+naming the file and the field, never a half-loaded state.
+
+A cycle loads the state once (:meth:`StateStore.load`), every module of the
+cycle works on that one object, and :meth:`StateStore.save` writes it at each
+journal step. The journal is written *before* each side effect it announces,
+and each side effect is idempotent or detectable, which is what makes a
+SIGKILL at any instant recoverable.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import enum
 from pathlib import Path
-from typing import Any
 
+import msgspec
+
+from client.installer import Slot
 from signing.atomic_file import write_atomic
-from signing.manifest import ImageInfo, InstallOutcome, ManifestError
+from signing.exceptions import UptakeError
+from signing.manifest import ImageInfo, InstallMethod, InstallOutcome
+from signing.names import check_name, check_sha256, check_target_path
+
+_MAX_STATE_BYTES = 4 * 1024 * 1024
 
 
-class StateError(Exception):
+class StateError(UptakeError):
     """The state file is unreadable or corrupt (names the file and problem)."""
 
 
-@dataclass
-class EcuState:
+class JournalPhase(enum.StrEnum):
+    """Where the primary's install stands; each phase is journaled before its side effect."""
+
+    #: fetching the image or delta (nothing written to a slot yet)
+    DOWNLOAD = "download"
+    #: writing the inactive slot (its recorded image is cleared first)
+    WRITE = "write"
+    #: telling the bootloader to try the new slot
+    ARM = "arm"
+    #: rebooting into the new slot
+    REBOOT = "reboot"
+    #: booted (or about to boot) the new slot: health check, then commit or roll back
+    TRIAL = "trial"
+
+
+class EcuState(msgspec.Struct, forbid_unknown_fields=True):
     report_counter: int = 0
     release_counter: int = 0
     attacks_detected: str = ""
     last_install: InstallOutcome | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "report_counter": self.report_counter,
-            "release_counter": self.release_counter,
-            "attacks_detected": self.attacks_detected,
-            "last_install": self.last_install.to_dict() if self.last_install else None,
-        }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EcuState:
-        last = d.get("last_install")
-        return cls(
-            int(d["report_counter"]),
-            int(d["release_counter"]),
-            str(d["attacks_detected"]),
-            InstallOutcome.from_dict(last, "last_install") if last else None,
-        )
-
-
-@dataclass
-class Journal:
+class Journal(msgspec.Struct, forbid_unknown_fields=True):
     """An install of the primary's own image in progress."""
 
-    phase: str  # download → write → arm → reboot → trial (then the journal is cleared)
+    phase: JournalPhase
     filepath: str
     length: int
     sha256: str
     release_counter: int
-    target_slot: str
-    from_slot: str
-    method: str = "full"  # "delta" while a delta is used, "full" otherwise
-    health_failures: list[str] = field(default_factory=list)
+    target_slot: Slot
+    from_slot: Slot
+    method: InstallMethod = InstallMethod.FULL
+    health_failures: list[str] = msgspec.field(default_factory=list)
     #: the delta chosen (its target path and sha256), and why it was abandoned if it was
     delta_filepath: str = ""
     delta_length: int = 0
@@ -78,33 +87,48 @@ class Journal:
     #: /proc/sys/kernel/random/boot_id when a real reboot was asked for
     boot_id: str = ""
 
+    def __post_init__(self) -> None:
+        check_target_path(self.filepath, "filepath")
+        check_sha256(self.sha256, "sha256")
+        if self.delta_sha256:
+            check_sha256(self.delta_sha256, "delta_sha256")
+
     def image(self) -> ImageInfo:
-        return ImageInfo(self.filepath, self.length, {"sha256": self.sha256})
+        return ImageInfo.of(self.filepath, self.length, {"sha256": self.sha256})
 
 
-@dataclass
-class AgentState:
-    ecus: dict[str, EcuState] = field(default_factory=dict)
-    slot_images: dict[str, ImageInfo | None] = field(default_factory=dict)
+class AgentState(msgspec.Struct, forbid_unknown_fields=True):
+    version: int = 1
+    ecus: dict[str, EcuState] = msgspec.field(default_factory=dict)
+    slot_images: dict[Slot, ImageInfo | None] = msgspec.field(default_factory=dict)
     journal: Journal | None = None
     #: what the server last acknowledged (reports without their counters) and when
     manifest_digest: str = ""
     manifest_sent_at: float = 0.0
 
+    def __post_init__(self) -> None:
+        for serial in self.ecus:
+            check_name(serial, f"ecus key {serial!r}")
+
     def ecu(self, serial: str) -> EcuState:
         return self.ecus.setdefault(serial, EcuState())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "ecus": {s: e.to_dict() for s, e in sorted(self.ecus.items())},
-            "slot_images": {
-                s: (i.to_dict() if i else None) for s, i in sorted(self.slot_images.items())
-            },
-            "journal": None if self.journal is None else self.journal.__dict__,
-            "manifest_digest": self.manifest_digest,
-            "manifest_sent_at": self.manifest_sent_at,
-        }
+
+def encode_state(state: AgentState) -> bytes:
+    """The state file's bytes (sorted keys, one field a line: diffable by hand)."""
+    return msgspec.json.format(msgspec.json.encode(state, order="sorted"), indent=1)
+
+
+def decode_state(data: bytes, where: str) -> AgentState:
+    """Parse a state file; :class:`StateError` names ``where`` and the field."""
+    if len(data) > _MAX_STATE_BYTES:
+        raise StateError(f"agent state {where} is larger than {_MAX_STATE_BYTES} bytes")
+    try:
+        return msgspec.json.decode(data, type=AgentState, strict=True)
+    except msgspec.ValidationError as exc:
+        raise StateError(f"agent state {where} is corrupt: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise StateError(f"agent state {where} is not JSON: {exc}") from exc
 
 
 class StateStore:
@@ -120,21 +144,7 @@ class StateStore:
             return AgentState()
         except OSError as exc:
             raise StateError(f"cannot read agent state {self.path}: {exc.strerror}") from exc
-        try:
-            d = json.loads(raw)
-            journal = d.get("journal")
-            return AgentState(
-                ecus={s: EcuState.from_dict(e) for s, e in d["ecus"].items()},
-                slot_images={
-                    s: ImageInfo.from_dict(i, f"slot_images.{s}") if i else None
-                    for s, i in d["slot_images"].items()
-                },
-                journal=Journal(**journal) if journal else None,
-                manifest_digest=str(d.get("manifest_digest", "")),
-                manifest_sent_at=float(d.get("manifest_sent_at", 0.0)),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, ManifestError) as exc:
-            raise StateError(f"agent state {self.path} is corrupt: {exc!r}") from exc
+        return decode_state(raw, str(self.path))
 
     def save(self, state: AgentState) -> None:
-        write_atomic(self.path, json.dumps(state.to_dict(), indent=1, sort_keys=True).encode())
+        write_atomic(self.path, encode_state(state))

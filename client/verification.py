@@ -1,9 +1,12 @@
 """Uptane full verification (Uptane Standard 2.x, section 5.4.4.2).
 
-:class:`FullVerifier` runs two ``tuf.ngclient.Updater`` instances, one per
-repository, each anchored on the root provisioned into the vehicle
+:meth:`FullVerifier.verify` runs two ``tuf.ngclient.Updater`` instances, one
+per repository, each anchored on the root provisioned into the vehicle
 (``STATE_DIR/metadata/{director,image}/root.json``, kept up to date by the
-updaters through root rotation):
+updaters through root rotation), and returns one immutable
+:class:`VerifiedUpdate` that everything after it consumes: the installer,
+the bundle check, the secondaries. Nothing else reads verified metadata back
+from disk.
 
 1. refresh the director repository (root → timestamp → snapshot → targets,
    with every TUF check: signatures, thresholds, versions, expiry, lengths).
@@ -22,65 +25,66 @@ updaters through root rotation):
    serial must be one of this vehicle's ECUs with that hardware id, and its
    release counter must not be below what that ECU has installed. A target
    the director encrypted for one ECU (:mod:`client.decryption`) is
-   cross-checked by the plaintext length and sha256 it promises, and its
-   ciphertext is verified before and the plaintext after decryption.
+   cross-checked by the plaintext length and sha256 it promises;
+5. for each image not yet installed on an ECU that can take a delta, look
+   up the delta from what it runs in the image repository's ``deltas`` role
+   (:meth:`FullVerifier` never lets that online role vouch for an image);
+6. when a secondary is to be updated and the director root has rotated,
+   fetch the director roots since version 1, which the secondary follows.
+
+The result holds the verified director targets exactly as signed (the
+secondaries check their signatures again), the offline-signed image
+repository targets (for the bundle check), the director root chain and the
+images directed to each ECU. python-tuf keeps each role it verified as
+``<role>.json`` in the Updater's metadata directory (the same directory whose
+``root.json`` it trusts); :func:`_verified_targets` reads it once, right
+after the refresh that verified it.
 
 Names in signed metadata (target paths, hashes, ECU serials, hardware ids)
-must follow :mod:`signing.names`, and every file a download creates is placed
-with :func:`signing.names.confined`, so no signed value can become a path
-outside the agent's download directory.
+must follow :mod:`signing.names`; downloads (:mod:`client.downloads`) place
+every file with :func:`signing.names.confined`.
 
-Anything that fails raises a :class:`VerificationFailure` whose class says
-what it means for the vehicle:
-
-* :class:`AttackDetected`: evidence of an attack, refused and reported in
-  the next manifest's ``attacks_detected``;
-* :class:`TransientFailure`: the network or the server failed; the update is
-  postponed to the next poll (a partial download resumes);
-* :class:`ConfigurationFailure`: a provisioning or deployment mistake (a
-  trusted root that never verified anything from this server, a VIN the
-  server does not know, a redirect to another origin); refused and reported
-  as a failure, never as an attack.
+Anything that fails raises a :class:`~signing.exceptions.VerificationFailure`
+whose class says what it means for the vehicle (:func:`classify`):
+:class:`~signing.exceptions.AttackDetected`,
+:class:`~signing.exceptions.TransientFailure` or
+:class:`~signing.exceptions.ConfigurationFailure`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib import parse
+from types import MappingProxyType
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tuf.api.exceptions import (
     DownloadError,
     DownloadLengthMismatchError,
-    LengthOrHashMismatchError,
     RepositoryError,
     SlowRetrievalError,
     UnsignedMetadataError,
 )
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
-from client.decryption import (
-    DecryptionFailure,
-    EncryptedDelivery,
-    encrypted_delivery,
-    fetch_and_decrypt,
-)
+from client.decryption import EncryptedDelivery, encrypted_delivery
 from client.fetcher import CrossOriginRedirectError, HTTPStatusError, ResumableFetcher
-from signing.atomic_file import fsync_directory
-from signing.exceptions import UptakeError
+from signing.exceptions import (
+    AttackDetected,
+    ConfigurationFailure,
+    TransientFailure,
+    VerificationFailure,
+)
 from signing.json_limits import UntrustedJsonError, parse_json
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
     check_target,
-    consistent_target_path,
     delta_custom,
     delta_target_path,
     director_ecus,
@@ -88,25 +92,22 @@ from signing.metadata import (
     director_vin_of,
     image_custom,
 )
-from signing.names import InvalidNameError, confined
+
+__all__ = [
+    "AttackDetected",
+    "ConfigurationFailure",
+    "DirectedImage",
+    "EcuBeforeUpdate",
+    "ForeignMetadataError",
+    "FullVerifier",
+    "TransientFailure",
+    "VehicleBoundFetcher",
+    "VerificationFailure",
+    "VerifiedUpdate",
+    "classify",
+]
 
 log = logging.getLogger(__name__)
-
-
-class VerificationFailure(UptakeError):
-    """Full verification, or a verified download, did not succeed; the subclass says why."""
-
-
-class AttackDetected(VerificationFailure):
-    """Evidence of an attack: refused, and reported in the next manifest's ``attacks_detected``."""
-
-
-class TransientFailure(VerificationFailure):
-    """The network or the server failed: the update is postponed to the next poll."""
-
-
-class ConfigurationFailure(VerificationFailure):
-    """A provisioning or deployment mistake: refused and reported as a failure, not an attack."""
 
 
 class ForeignMetadataError(RepositoryError):
@@ -115,6 +116,7 @@ class ForeignMetadataError(RepositoryError):
 
 #: Director roles whose files carry the VIN they were signed for (root is shared by the fleet).
 _VEHICLE_BOUND_ROLES = ("timestamp", "snapshot", "targets")
+_ROOT_MAX_LENGTH = UpdaterConfig().root_max_length
 
 
 class VehicleBoundFetcher(FetcherInterface):
@@ -156,6 +158,19 @@ class VehicleBoundFetcher(FetcherInterface):
 
 
 @dataclass(frozen=True)
+class EcuBeforeUpdate:
+    """What verification needs to know about one ECU of the vehicle before the update."""
+
+    hardware_id: str
+    #: release counter of the installed image (anti-rollback)
+    release_counter: int = 0
+    #: sha256 of the installed image ('' for none or unknown)
+    sha256: str = ""
+    #: whether the primary can rebuild this ECU's next image from a delta of the installed one
+    takes_delta: bool = False
+
+
+@dataclass(frozen=True)
 class DirectedImage:
     """An image the director wants on one ECU, verified against both repositories."""
 
@@ -165,13 +180,35 @@ class DirectedImage:
     custom: ImageCustom
     #: set when the director sends this image encrypted to the ECU (client.decryption)
     encrypted: EncryptedDelivery | None = None
+    #: the verified delta from the image the ECU runs, when the repository has one
+    delta: TargetFile | None = None
 
     @property
     def sha256(self) -> str:
         return self.target.hashes["sha256"]
 
 
-def _classify(exc: Exception, repo: str, *, first_contact: bool = False) -> VerificationFailure:
+@dataclass(frozen=True)
+class VerifiedUpdate:
+    """What one full verification vouched for; immutable, consumed by the rest of the cycle."""
+
+    #: the director targets metadata exactly as signed (secondaries verify it again)
+    director_targets: bytes = b""
+    #: the offline-signed top-level targets of the image repository, by path
+    image_targets: Mapping[str, TargetFile] = field(default_factory=lambda: MappingProxyType({}))
+    #: director roots after version 1 up to the trusted one (for secondaries to follow rotations);
+    #: fetched only when a secondary is to be updated
+    director_roots: tuple[bytes, ...] = ()
+    #: every image the director names, by ECU serial
+    directed: Mapping[str, DirectedImage] = field(default_factory=lambda: MappingProxyType({}))
+    #: the directed images an ECU does not run yet, in the director's order
+    to_install: tuple[DirectedImage, ...] = ()
+    #: deltas the deltas role offered that failed their checks: attack evidence (the full
+    #: image is used instead)
+    refused_deltas: tuple[str, ...] = ()
+
+
+def classify(exc: Exception, repo: str, *, first_contact: bool = False) -> VerificationFailure:
     """What a python-tuf or download error means for the vehicle (see module docstring)."""
     what = f"{repo} repository: {type(exc).__name__}: {exc}"
     if isinstance(exc, (DownloadLengthMismatchError, SlowRetrievalError)):
@@ -197,8 +234,7 @@ def _classify(exc: Exception, repo: str, *, first_contact: bool = False) -> Veri
         return ConfigurationFailure(
             f"{repo} repository: the {repo} root this vehicle was provisioned with does not verify "
             f"the server's {repo} metadata ({type(exc).__name__}: {exc}); was it provisioned "
-            f"with the right "
-            f"{repo}-root.json of this deployment?"
+            f"with the right {repo}-root.json of this deployment?"
         )
     return AttackDetected(what)
 
@@ -212,27 +248,25 @@ def _root_version(directory: Path) -> int | None:
     return version if isinstance(version, int) else None
 
 
+def _verified_targets(directory: Path, repo: str) -> tuple[bytes, Metadata[Targets]]:
+    """The top-level targets python-tuf just verified (and kept as targets.json), read once."""
+    try:
+        data = (directory / "targets.json").read_bytes()
+        return data, Metadata[Targets].from_bytes(data)
+    except (OSError, DeserializationError) as exc:
+        raise TransientFailure(f"{repo} repository: verified targets unreadable: {exc}") from exc
+
+
 class FullVerifier:
     """Verifies director and image metadata for one vehicle (see module docstring)."""
 
     def __init__(
-        self,
-        metadata_dir: Path,
-        downloads_dir: Path,
-        server_url: str,
-        vin: str,
-        fetcher: ResumableFetcher | None = None,
+        self, metadata_dir: Path, server_url: str, vin: str, fetcher: ResumableFetcher
     ) -> None:
         self.metadata_dir = metadata_dir
-        #: where downloads go; every file name in it comes through :meth:`download_path`
-        self.downloads_dir = downloads_dir
         self.server_url = server_url.rstrip("/")
         self.vin = vin
-        self.fetcher = fetcher or ResumableFetcher()
-        self.image_updater: Updater | None = None
-        #: this ECU's X25519 key, for images the director encrypts to it
-        self.decryption_key: X25519PrivateKey | None = None
-        self.director_targets: Metadata[Targets] | None = None
+        self.fetcher = fetcher
 
     def _refresh(
         self, repo: str, metadata_url: str, targets_url: str | None, fetcher: FetcherInterface
@@ -263,22 +297,30 @@ class FullVerifier:
             first_contact = not (directory / "timestamp.json").exists() and provisioned_root == (
                 _root_version(directory)
             )
-            raise _classify(exc, repo, first_contact=first_contact) from exc
+            raise classify(exc, repo, first_contact=first_contact) from exc
         return updater
 
     def verify(
-        self, installed_release_counters: dict[str, int], ecus: dict[str, str]
-    ) -> list[DirectedImage]:
-        """Run full verification; return the images the director wants installed."""
+        self,
+        ecus: Mapping[str, str],
+        release_counters: Mapping[str, int],
+        before: Callable[[str], EcuBeforeUpdate],
+        primary_serial: str,
+    ) -> VerifiedUpdate:
+        """Run full verification; return what it vouched for (see module docstring).
+
+        ``ecus`` maps this vehicle's ECU serials to hardware ids, and
+        ``release_counters`` holds what each has installed. ``before`` tells
+        what an ECU runs; it is asked only about ECUs the director names, so
+        an idle poll asks no ECU anything.
+        """
         self._refresh(
             "director",
             f"{self.server_url}/director/{self.vin}/metadata/",
             None,
             VehicleBoundFetcher(self.fetcher, self.vin),
         )
-        # the Updater persisted exactly the targets it verified
-        targets = Metadata[Targets].from_file(str(self.metadata_dir / "director" / "targets.json"))
-        self.director_targets = targets
+        director_bytes, targets = _verified_targets(self.metadata_dir / "director", "director")
         try:
             vin = director_vin(targets.signed)
             for dtarget in targets.signed.targets.values():
@@ -290,7 +332,7 @@ class FullVerifier:
                 f"director targets are for VIN {vin!r}, this vehicle is {self.vin!r}"
             )
         if not targets.signed.targets:
-            return []
+            return VerifiedUpdate(director_targets=director_bytes)
 
         image = self._refresh(
             "image",
@@ -298,34 +340,51 @@ class FullVerifier:
             f"{self.server_url}/image/targets/",
             self.fetcher,
         )
-        self.image_updater = image
         # Only the top-level targets, signed by the OFFLINE targets keys, vouch for
         # images: delegated roles (the online "deltas" role) must never make an image
         # installable, or a server compromise alone could install software.
-        image_targets = (
-            Metadata[Targets]
-            .from_file(str(self.metadata_dir / "image" / "targets.json"))
-            .signed.targets
-        )
+        image_targets = _verified_targets(self.metadata_dir / "image", "image")[1].signed.targets
 
-        directed: list[DirectedImage] = []
+        directed: dict[str, DirectedImage] = {}
         for path, dtarget in sorted(targets.signed.targets.items()):
-            directed.extend(
-                self._cross_check(image_targets, path, dtarget, installed_release_counters, ecus)
-            )
-        serials = [d.ecu_serial for d in directed]
-        if len(set(serials)) != len(serials):  # Uptane 5.4.4.2: one image per ECU
-            twice = sorted({s for s in serials if serials.count(s) > 1})
-            raise AttackDetected(f"director targets name ECU(s) {', '.join(twice)} more than once")
-        return directed
+            for item in self._cross_check(image_targets, path, dtarget, release_counters, ecus):
+                if item.ecu_serial in directed:  # Uptane 5.4.4.2: one image per ECU
+                    raise AttackDetected(
+                        f"director targets name ECU(s) {item.ecu_serial} more than once"
+                    )
+                directed[item.ecu_serial] = item
+        to_install: list[DirectedImage] = []
+        refused: list[str] = []
+        for serial, item in directed.items():
+            ecu = before(serial)
+            if ecu.sha256 == item.sha256:
+                continue
+            if ecu.takes_delta and ecu.sha256 and item.encrypted is None:
+                delta, refusal = self._find_delta(image, item, ecu.sha256)
+                if refusal:
+                    refused.append(refusal)
+                item = replace(item, delta=delta)
+                directed[serial] = item
+            to_install.append(item)
+        roots: tuple[bytes, ...] = ()
+        if any(item.ecu_serial != primary_serial for item in to_install):
+            roots = self._director_roots()
+        return VerifiedUpdate(
+            director_targets=director_bytes,
+            image_targets=MappingProxyType(dict(image_targets)),
+            director_roots=roots,
+            directed=MappingProxyType(directed),
+            to_install=tuple(to_install),
+            refused_deltas=tuple(refused),
+        )
 
     def _cross_check(
         self,
         image_targets: dict[str, TargetFile],
         path: str,
         dtarget: TargetFile,
-        installed_release_counters: dict[str, int],
-        ecus: dict[str, str],
+        installed_release_counters: Mapping[str, int],
+        ecus: Mapping[str, str],
     ) -> list[DirectedImage]:
         try:
             wanted = director_ecus(dtarget)
@@ -339,17 +398,14 @@ class FullVerifier:
             custom = image_custom(itarget)
         except MetadataFormatError as exc:
             raise AttackDetected(str(exc)) from exc
-        try:
-            encrypted = encrypted_delivery(dtarget, wanted)
-        except DecryptionFailure as exc:
-            raise AttackDetected(str(exc)) from exc
+        encrypted = encrypted_delivery(dtarget, wanted)  # DecryptionFailure is an AttackDetected
         if encrypted is not None:
-            dtarget = (
-                encrypted.plaintext
-            )  # the director's promise about the plaintext, cross-checked below
+            # the director's promise about the plaintext, cross-checked below
+            dtarget = encrypted.plaintext
         if dtarget.length != itarget.length:
             raise AttackDetected(
-                f"director target {path!r}: length {dtarget.length} differs from the image repository's {itarget.length}"
+                f"director target {path!r}: length {dtarget.length} differs from the image "
+                f"repository's {itarget.length}"
             )
         if not dtarget.hashes or "sha256" not in itarget.hashes:
             raise AttackDetected(f"target {path!r}: no sha256 hash to compare")
@@ -366,7 +422,8 @@ class FullVerifier:
                 )
             if ecus[serial] != hw:
                 raise AttackDetected(
-                    f"director target {path!r}: ECU {serial} is {ecus[serial]!r}, director says {hw!r}"
+                    f"director target {path!r}: ECU {serial} is {ecus[serial]!r}, director says "
+                    f"{hw!r}"
                 )
             if hw not in custom.hardware_ids:
                 raise AttackDetected(
@@ -376,115 +433,72 @@ class FullVerifier:
             installed = installed_release_counters.get(serial, 0)
             if custom.release_counter < installed:
                 raise AttackDetected(
-                    f"rollback: {path!r} has release counter {custom.release_counter}, ECU {serial} has {installed}"
+                    f"rollback: {path!r} has release counter {custom.release_counter}, ECU "
+                    f"{serial} has {installed}"
                 )
             result.append(DirectedImage(serial, hw, itarget, custom, encrypted))
         return result
 
-    def download(self, item: DirectedImage, destination: Path) -> Path:
-        """Download and verify (length + hashes) one directed image into ``destination``.
-
-        The bytes go to ``destination.part`` first, resumable across failures
-        and restarts (Range requests), capped at the signed length; only a
-        file whose length and hashes match the verified metadata is renamed
-        to ``destination``.
-        """
-        assert self.image_updater is not None, "verify() first"
-        target = item.target
-        destination = self.download_path(destination.name)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if self.image_updater.find_cached_target(target, str(destination)):
-            return destination
-        if item.encrypted is not None:
-            return self._download_encrypted(item.encrypted, destination)
-        return self._fetch_verified(target, destination)
-
-    def download_path(self, name: str) -> Path:
-        """Where the download called ``name`` (a sha256, maybe with a suffix) lives: never elsewhere."""
-        try:
-            return confined(self.downloads_dir, name, where="download")
-        except InvalidNameError as exc:
-            raise AttackDetected(str(exc)) from exc
-
-    def _fetch_verified(self, target: TargetFile, destination: Path) -> Path:
-        # the .part and .resume files sit beside the destination: check it is where it must be
-        destination = self.download_path(destination.name)
-        partial = destination.with_name(destination.name + ".part")
-        try:
-            received = self.fetcher.download_to(self._target_url(target), partial, target.length)
-        except DownloadError as exc:
-            raise _classify(exc, "image") from exc
-        if received < target.length:  # the body ended early: resume next time
-            raise TransientFailure(
-                f"download of {target.path!r} ended at {received} of {target.length} bytes"
-            )
-        try:
-            with open(partial, "rb") as f:
-                target.verify_length_and_hashes(f)
-        except LengthOrHashMismatchError as exc:
-            partial.unlink(missing_ok=True)  # never resume from bytes that failed verification
-            raise AttackDetected(f"image {target.path!r}: {exc}") from exc
-        os.replace(partial, destination)
-        # the rename must survive a power cut before the slot write
-        fsync_directory(destination.parent)
-        return destination
-
-    def find_delta(self, item: DirectedImage, installed_sha256: str) -> TargetFile | None:
-        """The verified delta from ``installed_sha256`` to ``item``'s image, if the repository has one.
+    def _find_delta(
+        self, image: Updater, item: DirectedImage, installed_sha256: str
+    ) -> tuple[TargetFile | None, str]:
+        """The verified delta from ``installed_sha256`` to ``item``'s image, and why one was refused.
 
         The delta target comes from the image repository's delegated ``deltas``
         role (TUF-verified); it is used only if it names exactly this base and
         exactly the image the director and the offline-signed targets name.
         A network problem means "no delta" (the full image is always the
         fallback); a delta target that is malformed or joins other images
-        than its path says is signed evidence of an attack: :class:`AttackDetected`,
-        which the caller reports and then falls back to the full image.
+        than its path says is signed evidence of an attack: refused, reported,
+        and the full image used.
         """
-        assert self.image_updater is not None, "verify() first"
-        if not installed_sha256 or item.encrypted is not None:
-            return None
         try:
-            delta = self.image_updater.get_targetinfo(
-                delta_target_path(installed_sha256, item.sha256)
-            )
+            delta = image.get_targetinfo(delta_target_path(installed_sha256, item.sha256))
         except (RepositoryError, DownloadError, OSError) as exc:
             log.warning("ignoring deltas for %s: %s", item.target.path, exc)
-            return None
+            return None, ""
         if delta is None:
-            return None
+            return None, ""
         try:
             custom = delta_custom(delta)
         except MetadataFormatError as exc:
-            raise AttackDetected(f"deltas role: {exc}") from exc
+            return None, f"deltas role: {exc}"
         if (custom.base_sha256, custom.result_sha256, custom.result_length) != (
             installed_sha256,
             item.sha256,
             item.target.length,
         ):
-            raise AttackDetected(
+            return None, (
                 f"deltas role: delta {delta.path!r} does not join the installed image to "
                 f"{item.target.path!r} ({custom.result_length} bytes)"
             )
-        return delta
+        return delta, ""
 
-    def download_target(self, target: TargetFile, destination: Path) -> Path:
-        """Download ``target`` (a delta from :meth:`find_delta`, or an image whose length and
-        hashes were verified earlier, as a resumed install has them) and check length and hashes."""
-        return self._fetch_verified(target, destination)
+    def _director_roots(self) -> tuple[bytes, ...]:
+        """Director roots 2..N, N the trusted one, as the server serves them (TUF keeps them all).
 
-    def _download_encrypted(self, delivery: EncryptedDelivery, destination: Path) -> Path:
-        name = consistent_target_path(
-            delivery.ciphertext.path, delivery.ciphertext.hashes["sha256"]
-        )
-        url = f"{self.server_url}/director/{self.vin}/targets/{parse.quote(name)}"
+        A secondary follows them from its own trusted root, checking each
+        signature itself; the primary only makes sure the chain ends at the
+        root it trusts, so it never hands over a chain it would not follow.
+        """
+        directory = self.metadata_dir / "director"
+        newest = _root_version(directory)
+        if newest is None or newest < 2:
+            return ()
+        base = f"{self.server_url}/director/{self.vin}/metadata/"
         try:
-            fetch_and_decrypt(self.fetcher, url, delivery, self.decryption_key, destination)
+            chain = tuple(
+                self.fetcher.download_bytes(f"{base}{v}.root.json", _ROOT_MAX_LENGTH)
+                for v in range(2, newest + 1)
+            )
+            trusted = Metadata[Root].from_bytes((directory / "root.json").read_bytes())
+            served = Metadata[Root].from_bytes(chain[-1])
         except DownloadError as exc:
-            raise _classify(exc, "director") from exc
-        except DecryptionFailure as exc:
-            raise AttackDetected(str(exc)) from exc
-        return destination
-
-    def _target_url(self, target: TargetFile) -> str:
-        name = consistent_target_path(target.path, target.hashes["sha256"])
-        return f"{self.server_url}/image/targets/{parse.quote(name)}"
+            raise classify(exc, "director") from exc
+        except (OSError, DeserializationError) as exc:
+            raise AttackDetected(f"director root chain: {exc}") from exc
+        if served.signed_bytes != trusted.signed_bytes:
+            raise AttackDetected(
+                f"director root v{newest} served for secondaries differs from the trusted one"
+            )
+        return chain

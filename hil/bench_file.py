@@ -3,7 +3,7 @@
 A bench file is TOML::
 
     [bench]
-    name = "sample"                  # names the JUnit test suite
+    name = "sample"                  # names the JUnit test suite (default: the file's name)
     description = "free text"
 
     [primary]
@@ -20,6 +20,8 @@ A bench file is TOML::
     request_id = 0x7E0
     response_id = 0x7E8
     key_secret = "..."               # seed/key secret (HMAC-SHA256 algorithm)
+    erase_seconds = 1.5              # virtual: how long the simulated erase takes
+    boot_seconds = 2.0               # how long the ECU takes to boot after power-on
     relay = { port = "/dev/ttyUSB3", on = "A00101A2", off = "A00100A1" }
 
     [secondaries.body]
@@ -36,74 +38,210 @@ A bench file is TOML::
     version = "2.0.0"
     at = 0.5                         # power-loss: fraction of the transfer
 
+The file is declared once, as the :class:`BenchSpec` schema (msgspec): each
+transport has its own secondary table (:class:`UdsSecondarySpec`,
+:class:`Stm32SecondarySpec`), types are strict, unknown keys are refused.
 ``relay`` is optional: a serial relay board that cuts the ECU's supply
 (``on``/``off`` are the hex bytes it expects); without one, power-loss
 scenarios on real hardware are skipped. Every mistake in the file is a
-:class:`BenchFileError` that names the table and key.
+:class:`BenchFileError` that names the file, the table and the key.
 """
 
 from __future__ import annotations
 
+import enum
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-TRANSPORTS = ("uds", "stm32-uart")
-KINDS = ("update", "rollback", "power-loss", "wrong-key", "mute")
+import msgspec
+
+from client.config import explain
+from signing.exceptions import UptakeError
+
+__all__ = [
+    "BenchFileError",
+    "BenchSpec",
+    "RelaySpec",
+    "ScenarioKind",
+    "ScenarioSpec",
+    "SecondarySpec",
+    "Stm32SecondarySpec",
+    "UdsSecondarySpec",
+    "load_bench",
+    "parse_bench",
+]
 
 
-class BenchFileError(Exception):
+class BenchFileError(UptakeError):
     """The bench file is missing, not TOML, or describes an impossible bench."""
 
 
-@dataclass(frozen=True)
-class RelaySpec:
+class ScenarioKind(enum.StrEnum):
+    UPDATE = "update"
+    ROLLBACK = "rollback"
+    POWER_LOSS = "power-loss"
+    WRONG_KEY = "wrong-key"
+    MUTE = "mute"
+
+
+def _hex(name: str, text: str) -> None:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{name}: not hex bytes: {text!r}") from None
+
+
+class RelaySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A serial relay board that switches one ECU's supply."""
+
     port: str
-    on: bytes
-    off: bytes
+    #: the bytes (hex) that switch the supply on and off
+    on: str
+    off: str
     baudrate: int = 9600
 
+    def __post_init__(self) -> None:
+        _hex("on", self.on)
+        _hex("off", self.off)
 
-@dataclass(frozen=True)
-class SecondarySpec:
-    name: str
-    transport: str
-    virtual: bool
+    @property
+    def on_bytes(self) -> bytes:
+        return bytes.fromhex(self.on)
+
+    @property
+    def off_bytes(self) -> bytes:
+        return bytes.fromhex(self.off)
+
+
+class UdsSecondarySpec(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="transport", tag="uds"
+):
+    """A ``[secondaries.NAME]`` table with ``transport = "uds"``: an ECU on CAN."""
+
+    interface: Literal["virtual", "socketcan"] = "virtual"
+    #: the socketcan interface (required with interface = "socketcan")
     channel: str = ""
-    port: str = ""
     can_fd: bool = False
     bitrate: int = 500_000
     data_bitrate: int = 2_000_000
-    baudrate: int = 115_200
     wire_time: bool = True
     request_id: int = 0x7E0
     response_id: int = 0x7E8
-    key_secret: bytes | None = None
+    #: the seed/key secret of the HMAC-SHA256 algorithm (text)
+    key_secret: str | None = None
     erase_seconds: float = 0.0
     boot_seconds: float = 2.0
     relay: RelaySpec | None = None
 
+    def __post_init__(self) -> None:
+        if self.interface == "socketcan" and not self.channel:
+            raise ValueError('channel: is required with interface = "socketcan"')
 
-@dataclass(frozen=True)
-class ScenarioSpec:
-    name: str
-    kind: str
+    @property
+    def transport(self) -> str:
+        return "uds"
+
+    @property
+    def virtual(self) -> bool:
+        return self.interface == "virtual"
+
+    @property
+    def secret(self) -> bytes | None:
+        return self.key_secret.encode() if self.key_secret is not None else None
+
+
+class Stm32SecondarySpec(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    tag_field="transport",
+    tag="stm32-uart",
+):
+    """A ``[secondaries.NAME]`` table with ``transport = "stm32-uart"``: a ROM bootloader."""
+
+    #: "virtual" (an emulator on a pty) or the serial device
+    port: str
+    baudrate: int = 115_200
+    wire_time: bool = True
+    boot_seconds: float = 2.0
+    relay: RelaySpec | None = None
+
+    @property
+    def transport(self) -> str:
+        return "stm32-uart"
+
+    @property
+    def virtual(self) -> bool:
+        return self.port == "virtual"
+
+
+SecondarySpec = UdsSecondarySpec | Stm32SecondarySpec
+
+
+class ScenarioSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[scenario]]``."""
+
+    kind: ScenarioKind
     secondary: str
+    #: defaults to "<kind> <secondary>" (and " at N%" for a power loss)
+    name: str = ""
     image_size: int | None = None
-    image: Path | None = None
+    #: an image file, relative to the bench file
+    image: str | None = None
     version: str | None = None
     at: float | None = None
 
+    def __post_init__(self) -> None:
+        given = (self.image_size is None) != (self.image is None)
+        if not given and self.kind is not ScenarioKind.MUTE:
+            raise ValueError("image: give exactly one of 'image_size' or 'image'")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError("image_size: must be positive")
+        if self.kind is ScenarioKind.POWER_LOSS and (self.at is None or not 0 < self.at < 1):
+            raise ValueError("at: power-loss needs 'at', a fraction between 0 and 1 (e.g. 0.5)")
 
-@dataclass(frozen=True)
-class BenchSpec:
-    name: str
-    description: str
-    primary: str
+    @property
+    def image_path(self) -> Path | None:
+        return Path(self.image) if self.image is not None else None
+
+
+class BenchSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str = ""
+    description: str = ""
+
+
+class PrimaryNode(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str = "primary"
+
+
+class BenchSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole bench file (see module docstring)."""
+
     secondaries: dict[str, SecondarySpec]
-    scenarios: list[ScenarioSpec] = field(default_factory=list)
-    path: Path | None = None
+    bench: BenchSection = msgspec.field(default_factory=BenchSection)
+    primary: PrimaryNode = msgspec.field(default_factory=PrimaryNode)
+    scenario: tuple[ScenarioSpec, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.bench.name
+
+    @property
+    def description(self) -> str:
+        return self.bench.description
+
+    @property
+    def scenarios(self) -> tuple[ScenarioSpec, ...]:
+        return self.scenario
+
+
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "transport": ("uds", "stm32-uart"),
+    "kind": tuple(k.value for k in ScenarioKind),
+    "interface": ("virtual", "socketcan"),
+}
 
 
 def load_bench(path: Path | str) -> BenchSpec:
@@ -120,202 +258,48 @@ def load_bench(path: Path | str) -> BenchSpec:
     return parse_bench(raw, path)
 
 
-def parse_bench(raw: dict[str, Any], path: Path | None = None) -> BenchSpec:
+def parse_bench(raw: object, path: Path | None = None) -> BenchSpec:
+    """Check the parsed TOML document ``raw`` against the schema and the bench's own rules."""
     where = str(path) if path else "bench"
-    bench = _table(raw, "bench", where, required=False)
-    primary = _table(raw, "primary", where, required=False)
-    secondaries_raw = _table(raw, "secondaries", where)
-    if not secondaries_raw:
+    tables = raw.get("secondaries") if isinstance(raw, dict) else None
+    for name, table in tables.items() if isinstance(tables, dict) else ():
+        try:  # each alone first, so that an error names its table (msgspec says "[...]")
+            msgspec.convert(table, SecondarySpec, strict=True)
+        except msgspec.ValidationError as exc:
+            raise BenchFileError(explain(exc, where, _CHOICES, f"secondaries.{name}")) from None
+    try:
+        spec = msgspec.convert(raw, BenchSpec, strict=True)
+    except msgspec.ValidationError as exc:
+        raise BenchFileError(explain(exc, where, _CHOICES)) from None
+    if not spec.secondaries:
         raise BenchFileError(f"{where}: [secondaries] names no ECU")
-    secondaries = {
-        name: _secondary(
-            name,
-            _table(secondaries_raw, name, f"{where}: [secondaries]"),
-            f"{where}: [secondaries.{name}]",
-        )
-        for name in secondaries_raw
-    }
-    scenarios_raw = raw.get("scenario", [])
-    if not isinstance(scenarios_raw, list):
-        raise BenchFileError(f"{where}: 'scenario' must be an array of tables ([[scenario]])")
     base = path.parent if path else Path.cwd()
-    scenarios = [
-        _scenario(item, secondaries, base, f"{where}: [[scenario]] #{index + 1}")
-        for index, item in enumerate(scenarios_raw)
-    ]
+    scenarios = []
+    for index, item in enumerate(spec.scenario):
+        at = f"{where}: scenario[{index}]"
+        secondary = spec.secondaries.get(item.secondary)
+        if secondary is None:
+            raise BenchFileError(
+                f"{at}: no secondary named {item.secondary!r} (have {', '.join(spec.secondaries)})"
+            )
+        needs_uds = item.kind in (ScenarioKind.ROLLBACK, ScenarioKind.WRONG_KEY)
+        if needs_uds and not isinstance(secondary, UdsSecondarySpec):
+            raise BenchFileError(
+                f"{at}: '{item.kind}' needs a UDS secondary (the STM32 ROM bootloader has neither)"
+            )
+        default_name = f"{item.kind} {item.secondary}" + (f" at {item.at:.0%}" if item.at else "")
+        scenarios.append(
+            msgspec.structs.replace(
+                item,
+                name=item.name or default_name,
+                image=str(base / item.image) if item.image is not None else None,
+            )
+        )
     names = [s.name for s in scenarios]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise BenchFileError(f"{where}: scenario names must be unique: {', '.join(duplicates)}")
-    return BenchSpec(
-        name=_get(bench, "name", str, where + ": [bench]", default=path.stem if path else "bench"),
-        description=_get(bench, "description", str, where + ": [bench]", default=""),
-        primary=_get(primary, "name", str, where + ": [primary]", default="primary"),
-        secondaries=secondaries,
-        scenarios=scenarios,
-        path=path,
+    bench = msgspec.structs.replace(
+        spec.bench, name=spec.bench.name or (path.stem if path else "bench")
     )
-
-
-def _table(raw: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
-    value = raw.get(key)
-    if value is None:
-        if required:
-            raise BenchFileError(f"{where}: missing table [{key}]")
-        return {}
-    if not isinstance(value, dict):
-        raise BenchFileError(f"{where}: '{key}' must be a table")
-    return value
-
-
-def _get(
-    table: dict[str, Any],
-    key: str,
-    kind: type,
-    where: str,
-    default: Any = None,
-    required: bool = False,
-) -> Any:
-    if key not in table:
-        if required:
-            raise BenchFileError(f"{where}: missing key '{key}'")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BenchFileError(f"{where}: '{key}' must be a {kind.__name__}, not {value!r}")
-    return value
-
-
-def _secondary(name: str, table: dict[str, Any], where: str) -> SecondarySpec:
-    transport = _get(table, "transport", str, where, required=True)
-    if transport not in TRANSPORTS:
-        raise BenchFileError(
-            f"{where}: transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}"
-        )
-    known = {
-        "transport",
-        "interface",
-        "channel",
-        "port",
-        "can_fd",
-        "bitrate",
-        "data_bitrate",
-        "baudrate",
-        "wire_time",
-        "request_id",
-        "response_id",
-        "key_secret",
-        "erase_seconds",
-        "boot_seconds",
-        "relay",
-    }
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise BenchFileError(f"{where}: unknown keys {', '.join(unknown)}")
-    if transport == "uds":
-        interface = _get(table, "interface", str, where, default="virtual")
-        if interface not in ("virtual", "socketcan"):
-            raise BenchFileError(
-                f"{where}: interface must be 'virtual' or 'socketcan', not {interface!r}"
-            )
-        virtual = interface == "virtual"
-        channel = _get(table, "channel", str, where, default="", required=not virtual)
-        port = ""
-    else:
-        port = _get(table, "port", str, where, required=True)
-        virtual = port == "virtual"
-        channel = ""
-    secret = _get(table, "key_secret", str, where)
-    relay_table = table.get("relay")
-    relay = None
-    if relay_table is not None:
-        if not isinstance(relay_table, dict):
-            raise BenchFileError(f"{where}: 'relay' must be a table")
-        relay = RelaySpec(
-            port=_get(relay_table, "port", str, where + ".relay", required=True),
-            on=_hex(
-                _get(relay_table, "on", str, where + ".relay", required=True), where + ".relay.on"
-            ),
-            off=_hex(
-                _get(relay_table, "off", str, where + ".relay", required=True), where + ".relay.off"
-            ),
-            baudrate=_get(relay_table, "baudrate", int, where + ".relay", default=9600),
-        )
-    return SecondarySpec(
-        name=name,
-        transport=transport,
-        virtual=virtual,
-        channel=channel,
-        port=port,
-        can_fd=_get(table, "can_fd", bool, where, default=False),
-        bitrate=_get(table, "bitrate", int, where, default=500_000),
-        data_bitrate=_get(table, "data_bitrate", int, where, default=2_000_000),
-        baudrate=_get(table, "baudrate", int, where, default=115_200),
-        wire_time=_get(table, "wire_time", bool, where, default=True),
-        request_id=_get(table, "request_id", int, where, default=0x7E0),
-        response_id=_get(table, "response_id", int, where, default=0x7E8),
-        key_secret=secret.encode() if secret is not None else None,
-        erase_seconds=_get(table, "erase_seconds", float, where, default=0.0),
-        boot_seconds=_get(table, "boot_seconds", float, where, default=2.0),
-        relay=relay,
-    )
-
-
-def _hex(text: str, where: str) -> bytes:
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise BenchFileError(f"{where}: not hex bytes: {text!r}") from None
-
-
-def _scenario(
-    item: Any, secondaries: dict[str, SecondarySpec], base: Path, where: str
-) -> ScenarioSpec:
-    if not isinstance(item, dict):
-        raise BenchFileError(f"{where}: must be a table")
-    kind = _get(item, "kind", str, where, required=True)
-    if kind not in KINDS:
-        raise BenchFileError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    secondary = _get(item, "secondary", str, where, required=True)
-    if secondary not in secondaries:
-        raise BenchFileError(
-            f"{where}: no secondary named {secondary!r} (have {', '.join(secondaries)})"
-        )
-    unknown = sorted(
-        set(item) - {"name", "kind", "secondary", "image_size", "image", "version", "at"}
-    )
-    if unknown:
-        raise BenchFileError(f"{where}: unknown keys {', '.join(unknown)}")
-    image_size = _get(item, "image_size", int, where)
-    image_name = _get(item, "image", str, where)
-    if (image_size is None) == (image_name is None) and kind != "mute":
-        raise BenchFileError(f"{where}: give exactly one of 'image_size' or 'image'")
-    if image_size is not None and image_size <= 0:
-        raise BenchFileError(f"{where}: 'image_size' must be positive")
-    at = _get(item, "at", float, where)
-    if kind == "power-loss" and (at is None or not 0 < at < 1):
-        raise BenchFileError(
-            f"{where}: power-loss needs 'at', a fraction between 0 and 1 (e.g. 0.5)"
-        )
-    spec = secondaries[secondary]
-    if kind in ("rollback", "wrong-key") and spec.transport != "uds":
-        raise BenchFileError(
-            f"{where}: '{kind}' needs a UDS secondary (the STM32 ROM bootloader has neither)"
-        )
-    return ScenarioSpec(
-        name=_get(
-            item,
-            "name",
-            str,
-            where,
-            default=f"{kind} {secondary}" + (f" at {at:.0%}" if at else ""),
-        ),
-        kind=kind,
-        secondary=secondary,
-        image_size=image_size,
-        image=(base / image_name) if image_name else None,
-        version=_get(item, "version", str, where),
-        at=at,
-    )
+    return msgspec.structs.replace(spec, bench=bench, scenario=tuple(scenarios))

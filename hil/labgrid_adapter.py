@@ -18,11 +18,12 @@ depends on labgrid: only calling these functions needs it installed.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hil.bench_file import BenchSpec, load_bench
+import msgspec
+
+from hil.bench_file import BenchSpec, UdsSecondarySpec, load_bench
 from hil.runner import BenchRunner, PowerSwitch, ScenarioResult
 
 
@@ -55,21 +56,22 @@ def bench_for_target(target: Any, bench: BenchSpec) -> tuple[BenchSpec, dict[str
     for name, spec in bench.secondaries.items():
         if spec.virtual:
             continue
-        if spec.transport == "uds":
+        if isinstance(spec, UdsSecondarySpec):
             interface = _resource(target, ("NetworkInterface",), name)
-            secondaries[name] = replace(spec, channel=interface.ifname)
+            secondaries[name] = msgspec.structs.replace(spec, channel=interface.ifname)
         else:
             port = _resource(target, ("RawSerialPort", "USBSerialPort", "NetworkSerialPort"), name)
             if hasattr(port, "host"):
-                secondaries[name] = replace(spec, port=f"rfc2217://{port.host}:{port.port}")
+                url = f"rfc2217://{port.host}:{port.port}"
+                secondaries[name] = msgspec.structs.replace(spec, port=url)
             else:
-                secondaries[name] = replace(spec, port=port.port)
+                secondaries[name] = msgspec.structs.replace(spec, port=port.port)
         try:
             driver = target.get_driver("PowerProtocol", name=name)
         except Exception:  # no power driver for this ECU: power-loss scenarios are skipped
             continue
         power[name] = LabgridPower(driver)
-    return replace(bench, secondaries=secondaries), power
+    return msgspec.structs.replace(bench, secondaries=secondaries), power
 
 
 def run_bench_on_target(target: Any, bench_file: Path | str) -> list[ScenarioResult]:

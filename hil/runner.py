@@ -49,14 +49,22 @@ from client.secondaries.uds import (
     UdsFlasher,
     UdsTimeouts,
 )
-from hil.bench_file import BenchSpec, RelaySpec, ScenarioSpec, SecondarySpec
+from hil.bench_file import (
+    BenchSpec,
+    RelaySpec,
+    ScenarioSpec,
+    SecondarySpec,
+    Stm32SecondarySpec,
+    UdsSecondarySpec,
+)
 from hil.can_bus import VirtualCanWire
 from hil.stm32_bootloader import Stm32BootloaderEmulator, Stm32Config
 from hil.uds_ecu import SIMULATOR_SECRET, EcuConfig, UdsEcuSimulator
 from hil.wire_time import CanTiming, SerialTiming
+from signing.exceptions import UptakeError
 
 
-class BenchError(Exception):
+class BenchError(UptakeError):
     """The bench could not be brought up (a device missing, a simulator failing)."""
 
 
@@ -125,17 +133,18 @@ class SerialRelay:
             raise BenchError(f"relay {self.spec.port}: {exc}") from None
 
     def off(self) -> None:
-        self._send(self.spec.off)
+        self._send(self.spec.off_bytes)
 
     def on(self) -> None:
-        self._send(self.spec.on)
+        self._send(self.spec.on_bytes)
 
 
 class Node(ABC):
     """One secondary on the bench."""
 
-    def __init__(self, spec: SecondarySpec, power: PowerSwitch | None = None) -> None:
-        self.spec = spec
+    def __init__(self, name: str, spec: SecondarySpec, power: PowerSwitch | None = None) -> None:
+        self.name = name
+        self.spec: SecondarySpec = spec
         self.relay: PowerSwitch | None = power or (SerialRelay(spec.relay) if spec.relay else None)
 
     @abstractmethod
@@ -173,9 +182,10 @@ class Node(ABC):
 
 class UdsNode(Node):
     def __init__(
-        self, spec: SecondarySpec, state_dir: Path, power: PowerSwitch | None = None
+        self, name: str, spec: UdsSecondarySpec, state_dir: Path, power: PowerSwitch | None = None
     ) -> None:
-        super().__init__(spec, power)
+        super().__init__(name, spec, power)
+        self.spec: UdsSecondarySpec = spec
         self.addressing = UdsAddressing(
             request_id=spec.request_id, response_id=spec.response_id, can_fd=spec.can_fd
         )
@@ -188,11 +198,11 @@ class UdsNode(Node):
             self._ecu_bus = self.wire.open_bus()
             config = EcuConfig(
                 addressing=self.addressing,
-                serial=f"SIM-{spec.name}",
+                serial=f"SIM-{name}",
                 erase_seconds=spec.erase_seconds,
-                key_algorithm=HmacKeyAlgorithm(spec.key_secret or SIMULATOR_SECRET),
+                key_algorithm=HmacKeyAlgorithm(spec.secret or SIMULATOR_SECRET),
             )
-            self.simulator = UdsEcuSimulator(self._ecu_bus, state_dir / spec.name, config)
+            self.simulator = UdsEcuSimulator(self._ecu_bus, state_dir / name, config)
             self.simulator.power_on()
 
     def _bus(self) -> can.BusABC:
@@ -204,12 +214,12 @@ class UdsNode(Node):
             )
         except (can.CanError, OSError) as exc:
             raise BenchError(
-                f"{self.spec.name}: cannot open socketcan {self.spec.channel}: {exc}"
+                f"{self.name}: cannot open socketcan {self.spec.channel}: {exc}"
             ) from None
         return bus
 
     def open_flasher(self, *, key_secret: bytes | None = None) -> EcuFlasher:
-        secret = key_secret or self.spec.key_secret or SIMULATOR_SECRET
+        secret = key_secret or self.spec.secret or SIMULATOR_SECRET
         # An infinitely fast simulated wire answers in milliseconds: fail faster there.
         instant = self.spec.virtual and not self.spec.wire_time
         config = UdsConfig(
@@ -240,7 +250,7 @@ class UdsNode(Node):
             super().restore_power()
             return
         if not self.simulator.wait_power_lost(10):
-            raise BenchError(f"{self.spec.name}: the simulator never lost power")
+            raise BenchError(f"{self.name}: the simulator never lost power")
         self.simulator.power_on()
 
     def set_mute(self, mute: bool) -> None:
@@ -258,14 +268,19 @@ class UdsNode(Node):
 
 class Stm32Node(Node):
     def __init__(
-        self, spec: SecondarySpec, state_dir: Path, power: PowerSwitch | None = None
+        self,
+        name: str,
+        spec: Stm32SecondarySpec,
+        state_dir: Path,
+        power: PowerSwitch | None = None,
     ) -> None:
-        super().__init__(spec, power)
+        super().__init__(name, spec, power)
+        self.spec: Stm32SecondarySpec = spec
         self.timing = SerialTiming(baudrate=spec.baudrate)
         self.emulator: Stm32BootloaderEmulator | None = None
         if spec.virtual:
             self.emulator = Stm32BootloaderEmulator(
-                state_dir / spec.name, Stm32Config(timing=self.timing if spec.wire_time else None)
+                state_dir / name, Stm32Config(timing=self.timing if spec.wire_time else None)
             )
             self.emulator.power_on()
 
@@ -306,7 +321,7 @@ class Stm32Node(Node):
             super().restore_power()
             return
         if not self.emulator.power_lost.wait(10):
-            raise BenchError(f"{self.spec.name}: the emulator never lost power")
+            raise BenchError(f"{self.name}: the emulator never lost power")
         self.emulator.power_on()
 
     def set_mute(self, mute: bool) -> None:
@@ -341,8 +356,12 @@ class BenchRunner:
             nodes: dict[str, Node] = {}
             try:
                 for name, spec in self.bench.secondaries.items():
-                    node_class = UdsNode if spec.transport == "uds" else Stm32Node
-                    nodes[name] = node_class(spec, state_dir, self._power.get(name))
+                    power = self._power.get(name)
+                    nodes[name] = (
+                        UdsNode(name, spec, state_dir, power)
+                        if isinstance(spec, UdsSecondarySpec)
+                        else Stm32Node(name, spec, state_dir, power)
+                    )
                 return [
                     self._run_one(scenario, nodes[scenario.secondary])
                     for scenario in self.bench.scenarios
@@ -370,9 +389,9 @@ class BenchRunner:
         return result
 
     def _image(self, scenario: ScenarioSpec) -> bytes:
-        if scenario.image is not None:
+        if scenario.image_path is not None:
             try:
-                return scenario.image.read_bytes()
+                return scenario.image_path.read_bytes()
             except OSError as exc:
                 raise BenchError(f"image {scenario.image}: {exc}") from None
         return make_image(scenario.image_size or 4096, scenario.name)

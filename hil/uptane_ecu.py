@@ -38,7 +38,7 @@ from client.secondaries.metadata_bundle import MetadataBundle, MetadataBundleErr
 from hil.uds_ecu import EcuStatus
 from signing.atomic_file import write_atomic
 from signing.keys import generate_signer, load_signer, public_key_path, save_signer
-from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome
+from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome, InstallResult
 
 
 class UptaneEcuFirmware:
@@ -109,12 +109,12 @@ class UptaneEcuFirmware:
         except (MetadataBundleError, PartialVerificationError) as exc:
             state["attacks"] = str(exc)
             state["last_install"] = InstallOutcome(
-                _bundle_path(metadata), "refused", str(exc)
+                _bundle_path(metadata), InstallResult.REFUSED, str(exc)
             ).to_dict()
             self._save(state)
             return False, str(exc)
         state["targets_version"] = verified.version
-        state["images"][f"{len(image)}:{zlib.crc32(image) & 0xFFFFFFFF:08x}"] = ImageInfo(
+        state["images"][f"{len(image)}:{zlib.crc32(image) & 0xFFFFFFFF:08x}"] = ImageInfo.of(
             target.path, target.length, dict(target.hashes)
         ).to_dict()
         state["pending"] = target.path
@@ -129,11 +129,13 @@ class UptaneEcuFirmware:
         installed = ImageInfo.from_dict(raw, "image") if raw else NO_IMAGE
         if state["pending"]:
             if installed.filepath == state["pending"]:
-                state["last_install"] = InstallOutcome(state["pending"], "installed").to_dict()
+                state["last_install"] = InstallOutcome(
+                    state["pending"], InstallResult.INSTALLED
+                ).to_dict()
                 state["pending"] = None
             elif status.last_boot_failure:
                 state["last_install"] = InstallOutcome(
-                    state["pending"], "rolled_back", status.last_boot_failure
+                    state["pending"], InstallResult.ROLLED_BACK, status.last_boot_failure
                 ).to_dict()
                 state["pending"] = None
         self._save(state)
@@ -152,4 +154,4 @@ def _bundle_path(metadata: bytes) -> str:
     try:
         return MetadataBundle.decode(metadata).filepath
     except MetadataBundleError:
-        return "(unreadable metadata)"
+        return "unreadable-metadata-bundle"

@@ -40,6 +40,8 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from signing.exceptions import UptakeError
+
 MAGIC = b"UPTDELTA"
 FORMAT_VERSION = 1
 
@@ -52,7 +54,7 @@ _BODY = struct.Struct(">Q32sQ32sQ32s")  # base, result, payload (length + sha256
 _CRC = struct.Struct(">I")
 
 
-class DeltaFormatError(ValueError):
+class DeltaFormatError(UptakeError, ValueError):
     """A delta header is malformed; ``field`` names the offending field."""
 
     def __init__(self, field: str, message: str):

@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.serialization import (
 from tuf.api.metadata import TargetFile
 
 from signing.atomic_file import write_atomic
+from signing.exceptions import UptakeError
 
 SCHEME = "x25519-hkdf-sha256-aes256gcm-stream-v1"
 #: Director target ``custom`` field holding :class:`EncryptionInfo`.
@@ -65,11 +66,11 @@ _LABEL = b"uptake image encryption v1"
 _HEX32_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class EncryptionFormatError(Exception):
+class EncryptionFormatError(UptakeError):
     """``custom.encryption`` or an encryption key is malformed; says where."""
 
 
-class DecryptionError(Exception):
+class DecryptionError(UptakeError):
     """Ciphertext did not decrypt to the promised plaintext (tampering or the wrong key)."""
 
 

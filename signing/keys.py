@@ -35,6 +35,7 @@ from securesystemslib.signer import (
 )
 
 from signing.atomic_file import write_atomic
+from signing.exceptions import UptakeError
 
 #: Environment variable holding the password of private key files.
 PASSWORD_ENV = "UPTAKE_KEY_PASSWORD"
@@ -43,7 +44,7 @@ PASSWORD_ENV = "UPTAKE_KEY_PASSWORD"
 KEY_TYPES = ("ed25519", "ecdsa-p256", "rsa-pss")
 
 
-class KeyFileError(Exception):
+class KeyFileError(UptakeError):
     """A key file is missing, malformed, or cannot be decrypted."""
 
 

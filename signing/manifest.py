@@ -19,6 +19,7 @@ ECU serials, image paths and hashes follow :mod:`signing.names`.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +37,28 @@ from signing.names import InvalidNameError, check_hashes, check_name, check_targ
 MAX_MANIFEST_BYTES = 1024 * 1024
 _MAX_ECUS = 256
 
+
+class InstallResult(enum.StrEnum):
+    """How an ECU's last install attempt ended (the wire value is the string)."""
+
+    INSTALLED = "installed"
+    ROLLED_BACK = "rolled_back"
+    REFUSED = "refused"
+    FAILED = "failed"
+    POSTPONED = "postponed"
+
+
+class InstallMethod(enum.StrEnum):
+    """What travelled to the vehicle: the whole image, or a delta from the image it ran."""
+
+    FULL = "full"
+    DELTA = "delta"
+
+
 #: Outcomes an ECU can report for its last install attempt.
-INSTALL_RESULTS = ("installed", "rolled_back", "refused", "failed", "postponed")
+INSTALL_RESULTS = tuple(r.value for r in InstallResult)
 #: Outcomes that end an assignment as failed (``postponed`` keeps it pending).
-FAILED_RESULTS = ("rolled_back", "refused", "failed")
+FAILED_RESULTS = (InstallResult.ROLLED_BACK, InstallResult.REFUSED, InstallResult.FAILED)
 
 
 class ManifestError(UptakeError):
@@ -111,12 +130,45 @@ def _int(d: dict[str, Any], key: str, where: str) -> int:
 
 
 @dataclass(frozen=True)
-class ImageInfo:
-    """An image as TUF describes it: path, length, hashes."""
+class FileInfo:
+    """Length and hashes of an image, as TUF's ``fileinfo`` has them."""
 
-    filepath: str
     length: int
     hashes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image as TUF describes it: path, length, hashes (fields laid out as on the wire)."""
+
+    filepath: str
+    fileinfo: FileInfo
+
+    def __post_init__(self) -> None:
+        # every ImageInfo, built here or decoded from a state file, follows the grammar
+        if self.filepath:
+            check_target_path(self.filepath, "filepath")
+        if self.fileinfo.length < 0:
+            raise ValueError("fileinfo.length must not be negative")
+        if self.filepath or self.fileinfo.hashes:
+            check_hashes(self.fileinfo.hashes, "fileinfo.hashes")
+
+    @classmethod
+    def of(cls, filepath: str, length: int, hashes: dict[str, str]) -> ImageInfo:
+        return cls(filepath, FileInfo(length, dict(hashes)))
+
+    @property
+    def length(self) -> int:
+        return self.fileinfo.length
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return self.fileinfo.hashes
+
+    @property
+    def sha256(self) -> str:
+        """The image's sha256 ('' for no image)."""
+        return self.fileinfo.hashes.get("sha256", "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,11 +188,11 @@ class ImageInfo:
                 check_hashes(hashes, f"{where}.fileinfo.hashes")
             except InvalidNameError as exc:
                 raise ManifestFormatError(exc.where, exc.problem) from exc
-        return cls(filepath, length, dict(hashes))
+        return cls.of(filepath, length, dict(hashes))
 
 
 #: What an ECU with no image (factory state) reports.
-NO_IMAGE = ImageInfo("", 0, {})
+NO_IMAGE = ImageInfo.of("", 0, {})
 
 
 @dataclass(frozen=True)
@@ -148,16 +200,22 @@ class InstallOutcome:
     """The result of the ECU's last install attempt, kept until reported."""
 
     filepath: str
-    result: str
+    result: InstallResult
     detail: str = ""
-    method: str = "full"  # "full" or "delta"
+    method: InstallMethod = InstallMethod.FULL
+
+    def __post_init__(self) -> None:
+        check_target_path(self.filepath, "filepath")
+        # the wire strings become the enums (ValueError for any other string)
+        object.__setattr__(self, "result", InstallResult(self.result))
+        object.__setattr__(self, "method", InstallMethod(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "filepath": self.filepath,
-            "result": self.result,
+            "result": self.result.value,
             "detail": self.detail,
-            "method": self.method,
+            "method": self.method.value,
         }
 
     @classmethod
@@ -173,9 +231,9 @@ class InstallOutcome:
             raise ManifestFormatError(f"{where}.method", "must be 'full' or 'delta'")
         return cls(
             _str(d, "filepath", where, grammar=check_target_path),
-            result,
+            InstallResult(result),
             _str(d, "detail", where, allow_empty=True, max_len=4096),
-            method,
+            InstallMethod(method),
         )
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,6 @@ def _run_text(vehicle: Vehicle) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*argv, "--once"], env=ENV, capture_output=True, text=True, timeout=120, check=False
     )
-
-
-def _set_config(vehicle: Vehicle, old: str, new: str) -> None:
-    text = vehicle.config_path.read_text()
-    assert old in text, text
-    vehicle.config_path.write_text(text.replace(old, new))
 
 
 def test_nothing_to_do_exits_0_and_an_unneeded_manifest_is_not_called_accepted(
@@ -58,7 +53,7 @@ def test_an_install_that_rolls_back_exits_1_and_says_why(
 
 def test_unreachable_server_exits_75_postponed(server: ServerProcess, tmp_path: Path) -> None:
     vehicle = Vehicle(tmp_path, server, secondaries=False)
-    _set_config(vehicle, server.url, f"http://127.0.0.1:{free_port()}")
+    vehicle.configure(agent={"server_url": f"http://127.0.0.1:{free_port()}"})
     run = vehicle.run_once()
     assert run.returncode == 75, run.report
     assert run.report["status"] == "postponed" and run.report["manifest"] == "unreachable"
@@ -72,7 +67,7 @@ def test_unknown_vin_exits_1_as_a_configuration_error_not_an_attack(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     vehicle = Vehicle(tmp_path, server, secondaries=False)
-    _set_config(vehicle, 'vin = "VIN0001"', 'vin = "VIN9999"')
+    vehicle.configure(agent={"vin": "VIN9999"})
     run = vehicle.run_once()
     assert run.returncode == 1, run.report
     assert run.report["manifest"] == "refused"
@@ -86,20 +81,25 @@ def test_unknown_vin_exits_1_as_a_configuration_error_not_an_attack(
 def test_a_slot_that_does_not_exist_stops_the_agent_and_status_says_so(
     server: ServerProcess, tmp_path: Path, installer: str
 ) -> None:
-    missing = "/dev/uptake-test-mmcblk0p3"
+    missing = f"/dev/uptake-test-{uuid.uuid4().hex[:8]}p3"  # unique: never an earlier run's
     assert not os.path.exists(missing)
     vehicle = Vehicle(tmp_path, server, secondaries=False, health_check=[SELFTEST])
     image = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, image.filepath)
-    new = f'type = "{installer}"\nslot_b = "{missing}"'
+    changes = {"type": installer, "slot_b": missing}
     if installer == "uboot":
-        new += f'\nboot_env = "{tmp_path / "fw_env.config"}"'
-    _set_config(vehicle, 'type = "file"', new)
+        changes["boot_env"] = str(tmp_path / "fw_env.config")
+    vehicle.configure(installer=changes)
 
-    text = _run_text(vehicle)
+    try:
+        text = _run_text(vehicle)
+        created = os.path.isfile(missing)
+    finally:  # an agent without this defence writes a regular file there: never leave it
+        if os.path.isfile(missing):
+            os.unlink(missing)
     assert text.returncode == 1 and "Traceback" not in text.stderr
     assert "slot_b" in text.stderr and missing in text.stderr, text.stderr
-    assert not os.path.exists(missing)  # never created
+    assert not created  # never created
     status = subprocess.run(
         [sys.executable, "-m", "uptake", "agent", "status", "--config", str(vehicle.config_path)],
         env=ENV, capture_output=True, text=True, timeout=60, check=False,
@@ -112,7 +112,7 @@ def test_a_slot_that_does_not_exist_stops_the_agent_and_status_says_so(
 
 def test_status_json_lists_problems(server: ServerProcess, tmp_path: Path) -> None:
     vehicle = Vehicle(tmp_path, server, secondaries=False)
-    _set_config(vehicle, 'type = "file"', 'type = "file"\nslot_a = "/dev/uptake-test-missing"')
+    vehicle.configure(installer={"slot_a": "/dev/uptake-test-missing"})
     status = subprocess.run(
         [sys.executable, "-m", "uptake", "agent", "status", "--json",
          "--config", str(vehicle.config_path)],

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
+import msgspec.inspect as mi
 import pytest
 
-from client.config import AgentConfigError, load_config, parse_config
-from tests.uptake_fixtures import ENV, ServerProcess, Vehicle, sample
+from client.config import AgentConfig, AgentConfigError, load_config, parse_config
+from client.fetcher import FetcherConfig
+from tests.uptake_fixtures import ENV, REPO, ServerProcess, Vehicle, sample
 
 
 def test_install_waits_while_a_precondition_fails(
@@ -55,11 +60,11 @@ def test_precondition_hook_that_raises_blocks_the_install() -> None:
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ("[agent]\n", "agent.state_dir is required"),
+        ("[agent]\n", "agent.vin is required"),
         ('[agent]\nstate_dir="s"\nserver_url="ftp://x"\nvin="V"\n', "must start with http"),
         (
             '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\npoll_interval=-1\n[primary]\necu_serial="E"\nhardware_id="h"\n',
-            "agent.poll_interval must be > 0",
+            "agent.poll_interval: must be > 0",
         ),
         (
             '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
@@ -68,7 +73,7 @@ def test_precondition_hook_that_raises_blocks_the_install() -> None:
         ),
         (
             '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\nbogus=1\n',
-            "unknown key(s) in [primary]: bogus",
+            "unknown key primary.bogus",
         ),
         (
             '[agent]\nstate_dir="s"\nserver_url="http://x"\nvin="V"\n[primary]\necu_serial="E"\nhardware_id="h"\n'
@@ -96,28 +101,75 @@ def test_bad_configuration_names_file_and_key(tmp_path: Path, toml: str, message
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Error:" in proc.stderr
 
 
-def test_example_configuration_is_valid() -> None:
-    example = Path(__file__).resolve().parent.parent / "client" / "agent.example.toml"
-    config = load_config(example)
-    assert config.preconditions and config.health_check.commands
-    assert (
-        parse_config(
-            {
-                "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
-                "primary": {"ecu_serial": "E", "hardware_id": "h"},
-            }
-        ).poll_interval
-        == 300
+def test_defaults_come_from_the_schema() -> None:
+    minimal = parse_config(
+        {
+            "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
+            "primary": {"ecu_serial": "E", "hardware_id": "h"},
+        }
     )
+    assert minimal.agent.poll_interval == 300 and minimal.download == FetcherConfig()
+
+
+def _schema_keys(info: mi.Type, prefix: str, found: set[str]) -> None:
+    """Every key the schema accepts, as dotted paths (``secondaries[uds].options.can_fd``)."""
+    if isinstance(info, mi.StructType):
+        for field in info.fields:
+            path = f"{prefix}.{field.encode_name}" if prefix else field.encode_name
+            found.add(path)
+            _schema_keys(field.type, path, found)
+    elif isinstance(info, mi.UnionType):
+        for member in info.types:
+            _schema_keys(member, prefix, found)
+    elif isinstance(info, (mi.ListType, mi.VarTupleType)):
+        item = info.item_type
+        if isinstance(item, mi.UnionType):  # a tagged union: one table per tag
+            for member in item.types:
+                assert isinstance(member, mi.StructType) and member.tag_field
+                found.add(f"{prefix}[{member.tag}].{member.tag_field}")
+                _schema_keys(member, f"{prefix}[{member.tag}]", found)
+        elif isinstance(item, mi.StructType):
+            _schema_keys(item, f"{prefix}[]", found)
+
+
+def _file_keys(value: Any, prefix: str, found: set[str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            found.add(path)
+            _file_keys(inner, path, found)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for item in value:
+            tag = f"[{item['transport']}]" if "transport" in item else "[]"
+            _file_keys(item, prefix + tag, found)
+
+
+def test_example_configuration_names_every_option_of_the_schema() -> None:
+    """The example can never miss an option again: every key of the schema is in it."""
+    example = REPO / "client" / "agent.example.toml"
+    text = example.read_text()
+    load_config(example)  # and it is valid
+    accepted: set[str] = set()
+    _schema_keys(mi.type_info(AgentConfig), "", accepted)
+    shown: set[str] = set()
+    _file_keys(tomllib.loads(text), "", shown)
+    missing = accepted - shown
+    # a key that excludes another (UDS: security_secret or key_algorithm) is shown commented out
+    commented = {k for k in missing if re.search(rf"^# {k.rsplit('.', 1)[-1]} = ", text, re.M)}
+    assert missing - commented == set(), sorted(missing - commented)
+    assert commented == {"secondaries[uds].options.key_algorithm"}
+    assert {
+        "download.min_rate",
+        "agent.manifest_heartbeat",
+        "secondaries[uds].options.can_fd",
+    } <= shown
+    assert shown - accepted == set()  # and nothing the agent would refuse
 
 
 def test_long_running_agent_polls_and_stops_cleanly_on_sigterm(
     server: ServerProcess, vehicle: Vehicle
 ) -> None:
-    text = vehicle.config_path.read_text().replace(
-        "poll_interval = 300", "poll_interval = 0.5\nmanifest_heartbeat = 0.5"
-    )
-    vehicle.config_path.write_text(text)
+    vehicle.configure(agent={"poll_interval": 0.5, "manifest_heartbeat": 0.5})
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -173,10 +225,12 @@ def test_status_reports_slots_and_boot_state(server: ServerProcess, vehicle: Veh
         text=True,
         check=True,
     )
-    status = json.loads(proc.stdout)
-    assert status["boot"]["boot_slot"] == "b"
-    assert status["slot_images"]["b"]["filepath"] == gw.filepath
-    assert status["journal"] is None
+    primary, secondary = json.loads(proc.stdout)["ecus"]
+    assert primary["serial"] == vehicle.primary and primary["boot"]["boot_slot"] == "b"
+    assert primary["slot"] == "b" and primary["installed"]["filepath"] == gw.filepath
+    assert primary["slots"]["b"]["filepath"] == gw.filepath and primary["pending"] is None
+    assert primary["last_install"] is None  # acknowledged by the server
+    assert secondary["serial"] == vehicle.secondary and secondary["transport"] == "local"
 
 
 def test_command_installer_installs_and_rolls_back_with_the_users_commands(
@@ -192,13 +246,17 @@ def test_command_installer_installs_and_rolls_back_with_the_users_commands(
         secondaries=False,
         health_check=[[a.replace("{slot_path}", str(target / "firmware")) for a in SELFTEST]],
     )
-    text = vehicle.config_path.read_text().replace(
-        'type = "file"',
-        'type = "command"\n'
-        f'install_command = ["sh", "-c", "cp \\"$0\\" {target}/firmware.new && mv {target}/firmware.new {target}/firmware && cp {target}/firmware {target}/last-good.tmp", "{{image}}"]\n'
-        f'rollback_command = ["sh", "-c", "cp {target}/last-good {target}/firmware"]',
+    install = (
+        f'cp "$0" {target}/firmware.new && mv {target}/firmware.new {target}/firmware '
+        f"&& cp {target}/firmware {target}/last-good.tmp"
     )
-    vehicle.config_path.write_text(text)
+    vehicle.configure(
+        installer={
+            "type": "command",
+            "install_command": ["sh", "-c", install, "{image}"],
+            "rollback_command": ["sh", "-c", f"cp {target}/last-good {target}/firmware"],
+        }
+    )
     good = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, good.filepath)
     assert vehicle.run_once().report["outcomes"][vehicle.primary]["result"] == "installed"
@@ -232,10 +290,7 @@ def test_idle_polls_do_not_resend_an_unchanged_manifest(
     primary = next(e for e in record["ecus"] if e["serial"] == vehicle.primary)
     assert primary["installed"]["filepath"] == gw.filepath
     # and an unchanged vehicle still reports at the heartbeat
-    text = vehicle.config_path.read_text().replace(
-        "poll_interval = 300", "poll_interval = 300\nmanifest_heartbeat = 0.01"
-    )
-    vehicle.config_path.write_text(text)
+    vehicle.configure(agent={"manifest_heartbeat": 0.01})
     before = server.vehicle(vehicle.vin)["manifests_accepted"]
     vehicle.run_once()
     assert server.vehicle(vehicle.vin)["manifests_accepted"] == before + 1
@@ -245,8 +300,7 @@ def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(
     server: ServerProcess, vehicle: Vehicle
 ) -> None:
     """A restart without a reboot (killed agent, reboot command that did nothing) is not the trial boot."""
-    text = vehicle.config_path.read_text().replace('reboot = "simulate"', 'reboot = ["true"]')
-    vehicle.config_path.write_text(text)
+    vehicle.configure(installer={"reboot": ["true"]})
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     for _ in range(2):  # "reboot" returns and the process exits; the next start sees the same boot
@@ -270,10 +324,7 @@ def test_real_reboot_mode_never_commits_a_slot_that_did_not_boot(
 def test_failing_reboot_command_is_a_clear_error_and_resumes(
     server: ServerProcess, vehicle: Vehicle
 ) -> None:
-    text = vehicle.config_path.read_text().replace(
-        'reboot = "simulate"', 'reboot = ["sh", "-c", "echo no permission >&2; exit 1"]'
-    )
-    vehicle.config_path.write_text(text)
+    vehicle.configure(installer={"reboot": ["sh", "-c", "echo no permission >&2; exit 1"]})
     gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     proc = subprocess.run(

@@ -1,4 +1,7 @@
-"""ruff over the whole tree and mypy --strict over signing/ and client/ (part of the test command)."""
+"""ruff check and ruff format over the whole tree, mypy --strict over signing/, client/ and hil/.
+
+Part of the test command, so CI enforces all three.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,18 @@ def test_ruff_is_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_mypy_strict_is_clean_on_signing_and_client() -> None:
+def test_ruff_format_is_enforced() -> None:
+    proc = subprocess.run(
+        [_tool("ruff"), "format", "--check", "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, "run: ruff format .\n" + proc.stdout + proc.stderr
+
+
+def test_mypy_strict_is_clean_on_signing_client_and_hil() -> None:
     proc = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from signing.keys import generate_signer, load_signer
 from tests.malicious_proxy import MaliciousProxy, resign
@@ -268,10 +270,9 @@ def test_secondary_killed_during_its_trial_boot_finishes_after_restart(
     hang = ["sh", "-c", f"test ! -e {marker} || sleep 60"]
     vehicle = Vehicle(tmp_path, server, health_check=[hang, SELFTEST])
     # the interrupted trial boot counts as one failed boot: allow a second one
-    text = vehicle.config_path.read_text().replace(
-        "options = { health_check", "options = { bootlimit = 2, health_check"
-    )
-    vehicle.config_path.write_text(text)
+    config = tomllib.loads(vehicle.config_path.read_text())
+    config["secondaries"][0]["options"]["bootlimit"] = 2
+    vehicle.config_path.write_text(tomli_w.dumps(config))
     bms = server.publish(sample("stm32f4-bms", "1.1.0"), "stm32f4-bms", "1.1.0")
     server.assign(vehicle.vin, vehicle.secondary, bms.filepath)
     marker.touch()

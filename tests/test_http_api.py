@@ -143,12 +143,8 @@ def test_manifest_problems_are_refused_and_recorded(
 
 
 def test_replayed_manifest_is_refused(server: ServerProcess, vehicle: Vehicle) -> None:
-    from client.agent import Agent
-    from client.config import load_config
-    from tests.uptake_fixtures import PASSWORD
 
-    agent = Agent(load_config(vehicle.config_path), PASSWORD.encode())
-    body = agent.build_manifest()
+    body = vehicle.signed_manifest()
     url = f"/api/v1/vehicles/{vehicle.vin}/manifest"
     status, _ = call(server, "POST", url, raw=body, token=False)
     assert status == 200

@@ -79,7 +79,7 @@ def test_random_sigkill_during_updates_and_rollbacks(server: ServerProcess, tmp_
                 journal = vehicle.state().journal
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
-                phase = journal.phase if journal else "none"
+                phase = journal.phase.value if journal else "none"
                 phases[phase] = phases.get(phase, 0) + 1
         proc.wait()
         if not install_window:

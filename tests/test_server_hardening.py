@@ -35,8 +35,6 @@ from typing import Any
 import pytest
 import urllib3
 
-from client.agent import Agent
-from client.config import load_config
 from server.config import ServerConfig
 from server.encrypted_images import EncryptedImages
 from server.fleet import MAX_EVENTS_PER_VEHICLE, MAX_REPORT_COUNTER_JUMP, SUMMARY_ITEMS
@@ -89,10 +87,6 @@ def _with_counter(genuine: bytes, key: Any, counter: int) -> bytes:
 
 def _primary_key(vehicle: Vehicle) -> Any:
     return load_signer(vehicle.state_dir / "keys" / "primary.key", PASSWORD.encode())
-
-
-def _agent(vehicle: Vehicle) -> Agent:
-    return Agent(load_config(vehicle.config_path), PASSWORD.encode())
 
 
 def _registration(vehicle: Vehicle) -> dict[str, Any]:
@@ -237,7 +231,7 @@ def _garbage(template: bytes, n: int) -> bytes:
 def test_garbage_manifests_are_counted_rate_limited_and_bounded(
     server: ServerProcess, vehicle: Vehicle
 ) -> None:
-    template = _agent(vehicle).build_manifest()
+    template = vehicle.signed_manifest()
     before = _database_bytes(server)
     statuses: dict[int, int] = {}
     limited: Any = None
@@ -274,7 +268,7 @@ def test_garbage_manifests_are_counted_rate_limited_and_bounded(
     assert growth < 64 * 1024, growth
     assert record_size < 16 * 1024, record_size
     # the genuine vehicle is not locked out by the flood
-    status, answer = _post_manifest(server, vehicle.vin, _agent(vehicle).build_manifest())
+    status, answer = _post_manifest(server, vehicle.vin, vehicle.signed_manifest())
     assert status == 200, answer
 
 
@@ -283,7 +277,7 @@ def test_stored_vehicle_text_and_event_history_are_bounded(
 ) -> None:
     """A vehicle's own key can report attacks at will: long text is cut, old events pruned."""
     key = _primary_key(vehicle)
-    genuine = _agent(vehicle).build_manifest()
+    genuine = vehicle.signed_manifest()
     posts = MAX_EVENTS_PER_VEHICLE + 10
     for n in range(posts):
 
@@ -322,7 +316,7 @@ def test_every_list_is_paged(server: ServerProcess, vehicle: Vehicle) -> None:
     gw = [server.publish(sample("rpi-gateway", v), "rpi-gateway", v) for v in ("1.0.0", "1.1.0")]
     for n in range(7):  # each supersedes the one before
         server.assign(vehicle.vin, vehicle.primary, gw[n % 2].filepath)
-    template = _agent(vehicle).build_manifest()
+    template = vehicle.signed_manifest()
     for n in range(4):  # four reasons for refusal, then an operator reset: five events
         _post_manifest(server, vehicle.vin, _garbage(template, n))
     _call(
@@ -371,10 +365,10 @@ def test_report_counter_jump_is_bounded_and_an_operator_can_reset_it(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     vehicle = Vehicle(tmp_path, server, secondaries=False)
-    key, agent = _primary_key(vehicle), _agent(vehicle)
-    assert _post_manifest(server, vehicle.vin, agent.build_manifest())[0] == 200
+    key = _primary_key(vehicle)
+    assert _post_manifest(server, vehicle.vin, vehicle.signed_manifest())[0] == 200
     genuine_counter = _ecu(server.vehicle(vehicle.vin), vehicle.primary)["report_counter"]
-    template = agent.build_manifest()  # only its content is reused, re-signed with the real key
+    template = vehicle.signed_manifest()  # only its content is reused, re-signed with the real key
 
     # a stolen key (or a bug) signs the largest counter there is: refused, and nothing changes
     status, answer = _post_manifest(server, vehicle.vin, _with_counter(template, key, 2**63 - 1))
@@ -387,7 +381,7 @@ def test_report_counter_jump_is_bounded_and_an_operator_can_reset_it(
     ahead = genuine_counter + MAX_REPORT_COUNTER_JUMP
     status, answer = _post_manifest(server, vehicle.vin, _with_counter(template, key, ahead))
     assert status == 200, answer
-    status, answer = _post_manifest(server, vehicle.vin, agent.build_manifest())
+    status, answer = _post_manifest(server, vehicle.vin, vehicle.signed_manifest())
     assert status == 400 and "replayed report" in answer["error"]["message"], answer
 
     # the operator's recorded recovery
@@ -406,7 +400,7 @@ def test_report_counter_jump_is_bounded_and_an_operator_can_reset_it(
     assert "counter pushed ahead" in resets[-1]["detail"]
 
     # the genuine agent is accepted again, and its report is the new baseline
-    status, answer = _post_manifest(server, vehicle.vin, agent.build_manifest())
+    status, answer = _post_manifest(server, vehicle.vin, vehicle.signed_manifest())
     assert status == 200, answer
     ecu = _ecu(server.vehicle(vehicle.vin), vehicle.primary)
     assert ecu["report_counter_state"] == "bounded" and ecu["report_counter"] < 100
@@ -419,7 +413,7 @@ def test_first_report_counter_is_bounded_from_registration(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     vehicle = Vehicle(tmp_path, server, secondaries=False)
-    key, template = _primary_key(vehicle), _agent(vehicle).build_manifest()
+    key, template = _primary_key(vehicle), vehicle.signed_manifest()
     status, _ = _post_manifest(
         server, vehicle.vin, _with_counter(template, key, MAX_REPORT_COUNTER_JUMP)
     )

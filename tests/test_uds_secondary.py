@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import can
@@ -128,13 +128,17 @@ def test_uds_secondary_refuses_director_metadata_signed_by_an_attacker(
         server.assign(VIN, ECU, pub.filepath)
         stranger = generate_signer()
         # run verification on the primary, then hand the ECU targets re-signed by a stranger
-        directed = vehicle.agent.check()
-        assert [d.ecu_serial for d in directed] == [ECU]
-        targets_path = vehicle.agent.config.state_dir / "metadata" / "director" / "targets.json"
-        targets_path.write_bytes(resign(targets_path.read_bytes(), [stranger], lambda s: None))
-        outcome = vehicle.agent.install(directed[0])
+        agent = vehicle.agent
+        state = agent.store.load()
+        verified = agent.verify(state)
+        assert [d.ecu_serial for d in verified.to_install] == [ECU]
+        forged = replace(
+            verified,
+            director_targets=resign(verified.director_targets, [stranger], lambda s: None),
+        )
+        outcome = agent.install(state, verified.to_install[0], forged)
         assert outcome.result == "refused" and "signature" in outcome.detail
-        report = vehicle.agent.secondaries[0].version_report().ecu_report()
+        report = agent.secondaries[ECU].version_report().ecu_report()
         assert "signature" in report.attacks_detected
         assert report.installed_image.filepath == ""  # still the factory image
     finally:

@@ -14,10 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import urllib3
 
 from client.provisioning import EcuSpec, provision_vehicle
@@ -33,6 +35,21 @@ SAMPLES = REPO / "firmware-samples"
 PASSWORD = "test-password"
 ENV = {**os.environ, "UPTAKE_KEY_PASSWORD": PASSWORD, "UPTAKE_SERVER_KEY_PASSWORD": PASSWORD}
 SELFTEST = [sys.executable, "-m", "uptake.firmware_info", "selftest", "{slot_path}"]
+
+
+def edit_config(path: Path, tables: dict[str, Any]) -> None:
+    """Merge ``tables`` into the TOML file at ``path`` (tables merge, other values replace)."""
+
+    def merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    document = tomllib.loads(path.read_text())
+    merge(document, tables)
+    path.write_text(tomli_w.dumps(document))
 
 
 def sample(hardware_id: str, version: str) -> Path:
@@ -200,12 +217,24 @@ class Vehicle:
     def state(self) -> AgentState:
         return StateStore(self.state_dir / "state.json").load()
 
-    def boot_env(self) -> dict[str, str]:
-        """The bootloader variables, through whatever environment the agent is configured with."""
-        from client.agent import make_boot_environment
+    def signed_manifest(self) -> bytes:
+        """A manifest this vehicle's agent signs now (its report counters move on)."""
+        from client.agent import Agent
         from client.config import load_config
 
-        return make_boot_environment(load_config(self.config_path)).read()
+        agent = Agent(load_config(self.config_path), PASSWORD.encode())
+        return agent.reporter.signed_manifest(agent.store.load())
+
+    def configure(self, **tables: Any) -> None:
+        """Change keys of agent.toml: ``configure(installer={"type": "uboot"})`` (a TOML edit)."""
+        edit_config(self.config_path, tables)
+
+    def boot_env(self) -> dict[str, str]:
+        """The bootloader variables, through whatever environment the agent is configured with."""
+        from client.bootenv import open_boot_environment
+        from client.config import load_config
+
+        return open_boot_environment(load_config(self.config_path)).read()
 
     def booted_image(self) -> str:
         image = self.state().slot_images.get(self.boot_env().get("boot_slot", "a"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 
 import click
@@ -99,10 +100,12 @@ def cli(verbose: int, log_format: str) -> None:
       uptake hil run BENCH.toml        hardware-in-the-loop bench scenarios
     """
     handler = logging.StreamHandler(sys.stderr)
+    # under systemd (stderr goes to the journal), journald stamps each line itself
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     handler.setFormatter(
         _JsonFormatter()
         if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        else logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(
         level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler]

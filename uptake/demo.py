@@ -41,6 +41,7 @@ from server.api_client import AdminClient
 from server.config import ServerConfig
 from server.release import publish_image
 from server.service import init_server
+from signing.exceptions import UptakeError
 from signing.keys import load_signer
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +49,8 @@ _SAMPLES = _REPO / "firmware-samples"
 _IMAGES = {"rpi-gateway": "gateway.elf", "stm32f4-bms": "bms.bin"}
 
 
-class DemoFailed(Exception):
-    pass
+class DemoFailed(UptakeError):
+    """A step of the demo did not do what it should; says which."""
 
 
 def _step(title: str) -> None:

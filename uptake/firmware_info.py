@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
+from signing.exceptions import UptakeError
+
 MAGIC = b"UPTKFWI1"
 _BLOCK = struct.Struct("<8s32s16sII")
 BLOCK_SIZE = _BLOCK.size  # 64
@@ -50,7 +52,7 @@ FAULT_INJECTED_FLAG = 1 << 31
 _CHUNK_SIZE = 64 * 1024
 
 
-class FirmwareInfoError(Exception):
+class FirmwareInfoError(UptakeError):
     """The firmware-info block of an image is missing or unusable."""
 
 

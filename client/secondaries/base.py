@@ -12,12 +12,30 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from signing.manifest import InstallOutcome, SignedEnvelope
+from signing.exceptions import UptakeError
+from signing.manifest import ImageInfo, InstallOutcome, SignedEnvelope
 
 
-class SecondaryError(Exception):
+class SecondaryError(UptakeError):
     """A secondary could not be reached or answered nonsense; names the ECU and step."""
+
+
+@dataclass(frozen=True)
+class EcuStatus:
+    """What an ECU runs and would report, read without making it sign anything."""
+
+    installed: ImageInfo
+    attacks_detected: str = ""
+    last_install: InstallOutcome | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed.to_dict(),
+            "attacks_detected": self.attacks_detected,
+            "last_install": self.last_install.to_dict() if self.last_install else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,15 @@ class Secondary(ABC):
     @abstractmethod
     def version_report(self) -> SignedEnvelope:
         """A fresh signed ECU version report (its counter grows on every call)."""
+
+    def status(self) -> EcuStatus | None:
+        """What the ECU runs and reports, if it can tell without signing (None: it cannot).
+
+        The primary compares it with what it last reported to decide whether a
+        manifest is due; an ECU that cannot tell changes only when the primary
+        delivers to it, which the primary knows.
+        """
+        return None
 
     @abstractmethod
     def installed_sha256(self) -> str:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import BinaryIO
 
+from signing.exceptions import UptakeError
+
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while an image is written."""
 
@@ -50,7 +52,7 @@ class EcuIdentity:
     details: Mapping[str, str] = field(default_factory=dict)
 
 
-class FlashError(Exception):
+class FlashError(UptakeError):
     """Flashing a secondary failed; ``step`` names the step that failed."""
 
     def __init__(self, step: str, message: str) -> None:

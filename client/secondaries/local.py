@@ -19,26 +19,49 @@ Directory layout::
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
 from client.bootenv import FileBootEnvironment, simulate_bootloader
 from client.health import run_health_checks
-from client.installer import InstallError, SlotInstaller, other_slot
+from client.installer import InstallError, Slot, SlotInstaller, other_slot
 from client.partial_verification import (
     PartialVerificationError,
     follow_root_chain,
     verify_director_targets,
 )
-from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
+from client.secondaries.base import EcuStatus, Secondary, SecondaryError, SecondaryUpdate
 from signing.atomic_file import write_atomic
 from signing.keys import KeyFileError, load_signer
-from signing.manifest import NO_IMAGE, EcuVersionReport, ImageInfo, InstallOutcome, SignedEnvelope
+from signing.manifest import (
+    NO_IMAGE,
+    EcuVersionReport,
+    ImageInfo,
+    InstallOutcome,
+    InstallResult,
+    SignedEnvelope,
+)
+
+
+class _Trial(msgspec.Struct, forbid_unknown_fields=True):
+    filepath: str
+    bank: Slot
+
+
+class _EcuState(msgspec.Struct, forbid_unknown_fields=True):
+    """The secondary's own ``state.json`` (what its firmware would keep in flash)."""
+
+    report_counter: int = 0
+    targets_version: int = 0
+    banks: dict[Slot, ImageInfo | None] = msgspec.field(default_factory=dict)
+    attacks: str = ""
+    last_install: InstallOutcome | None = None
+    trial: _Trial | None = None
 
 
 class LocalSecondary(Secondary):
@@ -70,29 +93,22 @@ class LocalSecondary(Secondary):
         self._banks.initialize()
         self._state_path = directory / "state.json"
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self) -> _EcuState:
         try:
-            state: dict[str, Any] = json.loads(self._state_path.read_bytes())
-            return state
+            return msgspec.json.decode(self._state_path.read_bytes(), type=_EcuState, strict=True)
         except FileNotFoundError:
-            return {
-                "report_counter": 0,
-                "targets_version": 0,
-                "banks": {},
-                "attacks": "",
-                "last_install": None,
-            }
-        except (OSError, ValueError) as exc:
+            return _EcuState()
+        except (OSError, msgspec.DecodeError) as exc:
             raise SecondaryError(
                 f"secondary {self.ecu_serial}: state {self._state_path} unreadable: {exc}"
             ) from exc
 
-    def _save(self, state: dict[str, Any]) -> None:
-        write_atomic(self._state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+    def _save(self, state: _EcuState) -> None:
+        encoded = msgspec.json.encode(state, order="sorted")
+        write_atomic(self._state_path, msgspec.json.format(encoded, indent=1))
 
-    def _installed(self, state: dict[str, Any]) -> ImageInfo:
-        raw = state["banks"].get(self._banks.state().boot_slot)
-        return ImageInfo.from_dict(raw, "bank") if raw else NO_IMAGE
+    def _installed(self, state: _EcuState) -> ImageInfo:
+        return state.banks.get(self._banks.state().boot_slot) or NO_IMAGE
 
     def installed_image_path(self) -> Path | None:
         state = self._resume_trial()
@@ -103,19 +119,22 @@ class LocalSecondary(Secondary):
         )
 
     def installed_sha256(self) -> str:
-        return self._installed(self._resume_trial()).hashes.get("sha256", "")
+        return self._installed(self._resume_trial()).sha256
+
+    def status(self) -> EcuStatus:
+        state = self._resume_trial()
+        return EcuStatus(self._installed(state), state.attacks, state.last_install)
 
     def version_report(self) -> SignedEnvelope:
         state = self._resume_trial()
-        state["report_counter"] += 1
+        state.report_counter += 1
         self._save(state)  # a counter is never signed twice
-        last = state["last_install"]
         report = EcuVersionReport(
             self.ecu_serial,
             self._installed(state),
-            state["report_counter"],
-            state["attacks"],
-            InstallOutcome.from_dict(last, "last_install") if last else None,
+            state.report_counter,
+            state.attacks,
+            state.last_install,
         )
         return report.sign(self._signer)
 
@@ -129,24 +148,20 @@ class LocalSecondary(Secondary):
                 vin=self.vin,
                 ecu_serial=self.ecu_serial,
                 hardware_id=self.hardware_id,
-                min_version=state["targets_version"],
+                min_version=state.targets_version,
             )
         except PartialVerificationError as exc:
-            return self._finish(
-                state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc)
-            )
-        state["targets_version"] = verified.version
+            refused = InstallOutcome(update.filepath, InstallResult.REFUSED, str(exc))
+            return self._finish(state, refused, attack=str(exc))
+        state.targets_version = verified.version
         target = verified.target
         if target is None or target.path != update.filepath:
+            unknown = "director lists no such image for this ECU"
             return self._finish(
-                state,
-                InstallOutcome(
-                    update.filepath, "refused", "director lists no such image for this ECU"
-                ),
+                state, InstallOutcome(update.filepath, InstallResult.REFUSED, unknown)
             )
-        current = self._banks.state().boot_slot
-        new = other_slot(current)
-        state["banks"][new] = None
+        new = other_slot(self._banks.state().boot_slot)
+        state.banks[new] = None
         self._save(state)
         try:
             with open(update.image_path, "rb") as image:
@@ -159,45 +174,43 @@ class LocalSecondary(Secondary):
             with open(update.image_path, "rb") as image:
                 self._banks.write(new, image, target.length, target.hashes["sha256"])
         except PartialVerificationError as exc:
-            return self._finish(
-                state, InstallOutcome(update.filepath, "refused", str(exc)), attack=str(exc)
-            )
+            refused = InstallOutcome(update.filepath, InstallResult.REFUSED, str(exc))
+            return self._finish(state, refused, attack=str(exc))
         except (InstallError, OSError) as exc:
-            return self._finish(state, InstallOutcome(update.filepath, "failed", str(exc)))
-        state["banks"][new] = ImageInfo(target.path, target.length, dict(target.hashes)).to_dict()
-        state["trial"] = {"filepath": update.filepath, "bank": new}
+            failed = InstallOutcome(update.filepath, InstallResult.FAILED, str(exc))
+            return self._finish(state, failed)
+        state.banks[new] = ImageInfo.of(target.path, target.length, dict(target.hashes))
+        state.trial = _Trial(update.filepath, new)
         self._save(state)
         self._banks.arm(new)
         return self._run_trial(state)
 
-    def _run_trial(self, state: dict[str, Any]) -> InstallOutcome:
+    def _run_trial(self, state: _EcuState) -> InstallOutcome:
         """Boot the armed bank until it is healthy (commit) or the bootloader gives up on it."""
-        trial = state["trial"]
+        trial = state.trial
+        assert trial is not None  # only called with a trial under way
         reason = "the bootloader fell back to the previous bank"
         while True:
             booted = simulate_bootloader(self._banks.env)
-            if booted != trial["bank"]:
-                return self._finish(state, InstallOutcome(trial["filepath"], "rolled_back", reason))
+            if booted != trial.bank:
+                rolled_back = InstallOutcome(trial.filepath, InstallResult.ROLLED_BACK, reason)
+                return self._finish(state, rolled_back)
             result = run_health_checks(self._health_check, booted, self._banks.slots[booted], 30)
             if result.ok:
                 self._banks.commit()
-                return self._finish(state, InstallOutcome(trial["filepath"], "installed"))
+                return self._finish(state, InstallOutcome(trial.filepath, InstallResult.INSTALLED))
             reason = result.reason
 
-    def _resume_trial(self) -> dict[str, Any]:
+    def _resume_trial(self) -> _EcuState:
         """The state, after finishing a trial boot that a kill or power cut interrupted."""
         state = self._state()
-        if state.get("trial"):
+        if state.trial is not None:
             if self._banks.state().upgrade_available:
                 self._run_trial(state)
             else:  # committed or fallen back just before the interruption
-                booted_new = self._banks.state().boot_slot == state["trial"]["bank"]
-                self._finish(
-                    state,
-                    InstallOutcome(
-                        state["trial"]["filepath"], "installed" if booted_new else "rolled_back"
-                    ),
-                )
+                booted_new = self._banks.state().boot_slot == state.trial.bank
+                result = InstallResult.INSTALLED if booted_new else InstallResult.ROLLED_BACK
+                self._finish(state, InstallOutcome(state.trial.filepath, result))
             state = self._state()
         return state
 
@@ -211,11 +224,11 @@ class LocalSecondary(Secondary):
             self._root = newest
 
     def _finish(
-        self, state: dict[str, Any], outcome: InstallOutcome, attack: str = ""
+        self, state: _EcuState, outcome: InstallOutcome, attack: str = ""
     ) -> InstallOutcome:
-        state["trial"] = None
-        state["last_install"] = outcome.to_dict()
-        state["attacks"] = attack
+        state.trial = None
+        state.last_install = outcome
+        state.attacks = attack
         self._save(state)
         return outcome
 
@@ -228,3 +241,28 @@ def provision_local_secondary(directory: Path, director_root: bytes, password: b
     save_signer(generate_signer(), directory / "ecu.key", password)
     write_atomic(directory / "director-root.json", director_root)
     return public_key_path(directory / "ecu.key")
+
+
+def inspect_local_secondary(directory: Path) -> dict[str, Any]:
+    """What a local secondary runs and reports, read without its key and without changing it."""
+    try:
+        raw = (directory / "state.json").read_bytes()
+        state = msgspec.json.decode(raw, type=_EcuState, strict=True)
+    except FileNotFoundError:
+        state = _EcuState()
+    except (OSError, msgspec.DecodeError) as exc:
+        raise SecondaryError(f"state {directory / 'state.json'} unreadable: {exc}") from exc
+    env = FileBootEnvironment(directory / "bootenv.json").read()
+    bank = env.get("boot_slot", "a")
+    installed = state.banks.get("a" if bank == "a" else "b") or NO_IMAGE
+    return {
+        "installed": installed.to_dict() if installed.filepath else None,
+        "slot": bank,
+        "boot": env,
+        "last_install": state.last_install.to_dict() if state.last_install else None,
+        "attacks_detected": state.attacks,
+        "report_counter": state.report_counter,
+        "pending": {"filepath": state.trial.filepath, "phase": "trial", "slot": state.trial.bank}
+        if state.trial
+        else None,
+    }

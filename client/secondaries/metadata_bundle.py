@@ -16,10 +16,13 @@ import binascii
 import json
 from dataclasses import dataclass
 
+from signing.exceptions import UptakeError
+from signing.names import InvalidNameError, check_target_path
+
 MAX_BUNDLE_BYTES = 256 * 1024
 
 
-class MetadataBundleError(ValueError):
+class MetadataBundleError(UptakeError, ValueError):
     """The bundle is malformed; says which field."""
 
 
@@ -62,6 +65,10 @@ class MetadataBundle:
             raise MetadataBundleError(
                 "metadata bundle: targets must be base64, roots a list of base64"
             )
+        try:
+            check_target_path(raw["filepath"], "metadata bundle: filepath")
+        except InvalidNameError as exc:
+            raise MetadataBundleError(str(exc)) from exc
         try:
             return cls(
                 raw["filepath"],

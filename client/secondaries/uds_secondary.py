@@ -6,24 +6,21 @@ primary downloads into its metadata region (partial verification) in its
 check-dependencies routine, and signs its own version reports, which the
 primary reads from DID 0xF1A0 and forwards unchanged.
 
-Configuration (``[[secondaries]]`` with ``transport = "uds"``), ``options``:
-
-* ``interface`` / ``channel``: python-can bus, e.g. ``"socketcan"`` / ``"can0"``;
-* ``request_id`` / ``response_id`` (default 0x7E0 / 0x7E8), ``can_fd`` (false);
-* ``security_secret``: hex secret of the HMAC seed/key algorithm, or
-  ``key_algorithm = "package.module:factory"`` returning a ``(level, seed) -> key`` callable;
-* ``erase_timeout`` (60 s), ``request_timeout`` (2 s).
+Configuration: ``[[secondaries]]`` with ``transport = "uds"``, whose
+``options`` are :class:`client.config.UdsOptions` (typed and checked when the
+configuration loads): the python-can ``interface`` and ``channel``, the
+``request_id``/``response_id`` pair, ``can_fd``, the seed/key algorithm
+(``security_secret`` or ``key_algorithm``) and the timeouts.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
-from typing import Any
 
 import can
 
+from client.config import UdsOptions
 from client.secondaries.base import Secondary, SecondaryError, SecondaryUpdate
 from client.secondaries.flashing import DependencyCheckFailed, FlashError
 from client.secondaries.metadata_bundle import MetadataBundle
@@ -35,31 +32,33 @@ from client.secondaries.uds import (
     UdsFlasher,
     UdsTimeouts,
 )
-from signing.manifest import InstallOutcome, ManifestError, SignedEnvelope
+from signing.manifest import InstallOutcome, InstallResult, ManifestError, SignedEnvelope
 
 
-def _key_algorithm(options: Mapping[str, Any]) -> KeyAlgorithm | None:
-    if "key_algorithm" in options:
-        module, _, attr = str(options["key_algorithm"]).partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-        algorithm: KeyAlgorithm = factory()
+def _key_algorithm(options: UdsOptions) -> KeyAlgorithm | None:
+    if options.key_algorithm:
+        module, _, attr = options.key_algorithm.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+            algorithm: KeyAlgorithm = factory()
+        except Exception as exc:  # an integrator's module: whatever it raises, say where
+            raise SecondaryError(
+                f"key_algorithm {options.key_algorithm!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         return algorithm
-    if "security_secret" in options:
-        return HmacKeyAlgorithm(bytes.fromhex(str(options["security_secret"])))
+    if options.security_secret:
+        return HmacKeyAlgorithm(bytes.fromhex(options.security_secret))
     return None
 
 
-def uds_config(options: Mapping[str, Any]) -> UdsConfig:
+def uds_config(options: UdsOptions) -> UdsConfig:
     return UdsConfig(
         addressing=UdsAddressing(
-            request_id=int(options.get("request_id", 0x7E0)),
-            response_id=int(options.get("response_id", 0x7E8)),
-            can_fd=bool(options.get("can_fd", False)),
+            request_id=options.request_id,
+            response_id=options.response_id,
+            can_fd=options.can_fd,
         ),
-        timeouts=UdsTimeouts(
-            request=float(options.get("request_timeout", 2.0)),
-            erase=float(options.get("erase_timeout", 60.0)),
-        ),
+        timeouts=UdsTimeouts(request=options.request_timeout, erase=options.erase_timeout),
         key_algorithm=_key_algorithm(options),
     )
 
@@ -69,11 +68,11 @@ class UdsSecondary(Secondary):
         self,
         ecu_serial: str,
         hardware_id: str,
-        options: Mapping[str, Any],
+        options: UdsOptions,
         bus: can.BusABC | None = None,
     ) -> None:
         self.ecu_serial, self.hardware_id = ecu_serial, hardware_id
-        self._options = dict(options)
+        self._options = options
         self._bus = bus
         self._config = uds_config(options)
         # the last report read: what the ECU runs does not change until we flash it, and each
@@ -85,8 +84,8 @@ class UdsSecondary(Secondary):
             if self._bus is not None:
                 return UdsFlasher(self._bus, self._config)
             bus = can.Bus(
-                interface=self._options.get("interface", "socketcan"),
-                channel=self._options.get("channel", "can0"),
+                interface=self._options.interface,
+                channel=self._options.channel,
                 fd=self._config.addressing.can_fd,
             )
             return UdsFlasher(bus, self._config, owns_bus=True)
@@ -131,9 +130,9 @@ class UdsSecondary(Secondary):
             with open(update.image_path, "rb") as image:
                 flasher.flash(image, os.fstat(image.fileno()).st_size, metadata=bundle)
         except DependencyCheckFailed as exc:
-            return InstallOutcome(update.filepath, "refused", str(exc))
+            return InstallOutcome(update.filepath, InstallResult.REFUSED, str(exc))
         except FlashError as exc:
-            return InstallOutcome(update.filepath, "failed", f"{exc.step}: {exc}")
+            return InstallOutcome(update.filepath, InstallResult.FAILED, f"{exc.step}: {exc}")
         finally:
             flasher.close()
-        return InstallOutcome(update.filepath, "installed")
+        return InstallOutcome(update.filepath, InstallResult.INSTALLED)

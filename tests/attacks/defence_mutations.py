@@ -72,7 +72,7 @@ _CONFINED_PARTS_OFF = (
 MUTATIONS = [
     Mutation(
         "image hash check on download (agent)",
-        "client/verification.py",
+        "client/downloads.py",
         "                target.verify_length_and_hashes(f)",
         "                pass",
         (A + "test_arbitrary_software.py::test_image_not_signed_by_image_repository_is_refused",),
@@ -87,8 +87,8 @@ MUTATIONS = [
     Mutation(
         "only offline-signed top-level targets vouch for images (not the deltas role)",
         "client/verification.py",
-        "        itarget = image_targets.get(path)",
-        "        itarget = self.image_updater.get_targetinfo(path) if self.image_updater else None",
+        '        image_targets = _verified_targets(self.metadata_dir / "image", "image")[1].signed.targets',
+        "        image_targets = {p: t for p in targets.signed.targets if (t := image.get_targetinfo(p))}",
         (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",),
     ),
     Mutation(
@@ -347,7 +347,7 @@ MUTATIONS = [
     ),
     Mutation(
         "a manifest that was not sent is not reported as accepted",
-        "client/agent.py",
+        "client/reporting.py",
         """            return ManifestDelivery.UNCHANGED, """ "",
         """            return ManifestDelivery.ACCEPTED, """ "",
         (
@@ -390,6 +390,14 @@ MUTATIONS = [
         "    check_names(vin, [primary, *secondaries])\n",
         "",
         ("tests/test_provisioning.py::test_bad_names_are_refused",),
+        # the configuration schema checks names with the same grammar: a second layer
+        elsewhere=(
+            (
+                "signing/names.py",
+                "    if _NAME_RE.fullmatch(value) is None:",
+                _off("    if _NAME_RE.fullmatch(value) is None:"),
+            ),
+        ),
     ),
     Mutation(
         "refused manifests are rate-limited per vehicle",

@@ -72,7 +72,7 @@ class Deployment:
             self.baseline = image
 
     def baseline_image_info(self) -> ImageInfo:
-        return ImageInfo(
+        return ImageInfo.of(
             self.baseline.filepath, self.baseline.length, {"sha256": self.baseline.sha256}
         )
 

@@ -100,11 +100,8 @@ def test_oversized_manifest_is_refused_by_server(
 
 def test_genuine_manifest_arriving_in_pieces_is_read_whole(deployment: Deployment) -> None:
     # the size limit must not cut a legitimate body that arrives slowly, in many small chunks
-    from client.agent import Agent
-    from client.config import load_config
-    from tests.uptake_fixtures import PASSWORD
 
-    body = Agent(load_config(deployment.vehicle.config_path), PASSWORD.encode()).build_manifest()
+    body = deployment.vehicle.signed_manifest()
 
     def pieces() -> Iterator[bytes]:
         for i in range(0, len(body), 512):

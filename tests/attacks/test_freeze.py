@@ -28,7 +28,7 @@ import pytest
 from client.agent import Agent
 from client.config import load_config
 from client.cycle_result import ManifestDelivery
-from signing.manifest import InstallOutcome
+from signing.manifest import InstallOutcome, InstallResult
 from tests.attacks.deployment import BMS, GATEWAY, Deployment
 from tests.malicious_proxy import resign
 from tests.uptake_fixtures import PASSWORD, Vehicle
@@ -71,9 +71,10 @@ def _refused_by_vehicle(vehicle: Vehicle, filepath: str, detail: str = "not want
     so the server drops that assignment and signs it empty director targets again."""
     agent = Agent(load_config(vehicle.config_path), PASSWORD.encode())
     state = agent.store.load()
-    state.ecu(vehicle.primary).last_install = InstallOutcome(filepath, "refused", detail)
+    outcome = InstallOutcome(filepath, InstallResult.REFUSED, detail)
+    state.ecu(vehicle.primary).last_install = outcome
     agent.store.save(state)
-    assert agent.send_manifest()[0] is ManifestDelivery.ACCEPTED
+    assert agent.reporter.report(state)[0] is ManifestDelivery.ACCEPTED
 
 
 def test_director_targets_for_another_vin_are_refused(deployment: Deployment) -> None:

@@ -27,16 +27,10 @@ from typing import Any
 import pytest
 import urllib3
 
-from client.agent import Agent
-from client.config import load_config
 from signing.keys import generate_signer, load_signer
 from signing.manifest import EcuVersionReport, SignedEnvelope
 from tests.attacks.deployment import Deployment
 from tests.uptake_fixtures import PASSWORD, Vehicle
-
-
-def _agent(vehicle: Vehicle) -> Agent:
-    return Agent(load_config(vehicle.config_path), PASSWORD.encode())
 
 
 def _primary_key(vehicle: Vehicle) -> Any:
@@ -83,7 +77,8 @@ def _assert_rejected(
     events = [e for e in after["security_events"] if e["kind"] == "manifest_rejected"]
     assert events and needle.lower() in events[-1]["detail"].lower(), after["security_events"]
     assert "Traceback" not in d.server.log()
-    # the genuine vehicle is not locked out
+    # the genuine vehicle is not locked out: its next manifest (made due) is accepted
+    d.vehicle.configure(agent={"manifest_heartbeat": 0.01})
     assert d.vehicle.run_once().report["manifest_accepted"]
 
 
@@ -100,6 +95,7 @@ def test_manifest_tampered_in_flight_is_rejected(deployment: Deployment) -> None
         return json.dumps(doc).encode()
 
     d.proxy.request_rewrites.append(claim_other_image)
+    d.vehicle.configure(agent={"manifest_heartbeat": 0.01})  # nothing changed: make one due
     report = d.vehicle.run_once().report
     assert not report["manifest_accepted"]
     d.proxy.request_rewrites.clear()
@@ -109,7 +105,7 @@ def test_manifest_tampered_in_flight_is_rejected(deployment: Deployment) -> None
         and "does not verify" in after["last_rejection"]
     )
     # replay the tampered body once more, directly, to check the answer itself
-    tampered = claim_other_image("POST", "/manifest", _agent(d.vehicle).build_manifest())
+    tampered = claim_other_image("POST", "/manifest", d.vehicle.signed_manifest())
     assert tampered is not None
     status, answer = _post(d, tampered)
     before["manifests_rejected"] += 1  # the agent's own attempt above
@@ -127,9 +123,7 @@ def test_ecu_report_with_bad_signature_is_rejected(deployment: Deployment) -> No
             "fileinfo": {"length": 1234, "hashes": {"sha256": "ab" * 32}},
         }
 
-    forged = _re_signed(
-        _agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), lie_about_secondary
-    )
+    forged = _re_signed(d.vehicle.signed_manifest(), _primary_key(d.vehicle), lie_about_secondary)
     status, answer = _post(d, forged)
     _assert_rejected(
         d, before, status, answer, 403, f"ECU report of {d.vehicle.secondary}: signature"
@@ -158,7 +152,7 @@ def test_report_from_unknown_ecu_is_rejected(deployment: Deployment, whose: str)
     def add_rogue(signed: dict[str, Any]) -> None:
         signed["ecu_version_reports"][serial] = rogue.to_dict()
 
-    forged = _re_signed(_agent(d.vehicle).build_manifest(), _primary_key(d.vehicle), add_rogue)
+    forged = _re_signed(d.vehicle.signed_manifest(), _primary_key(d.vehicle), add_rogue)
     status, answer = _post(d, forged)
     _assert_rejected(
         d, before, status, answer, 400, f"ECU report from '{serial}', which is not an ECU"
@@ -169,5 +163,5 @@ def test_manifest_of_another_vehicle_is_rejected(deployment: Deployment) -> None
     d = deployment
     other = Vehicle(d.tmp, d.server, vin="VIN0002", secondaries=False)
     before = d.server.vehicle(d.vehicle.vin)
-    status, answer = _post(d, _agent(other).build_manifest())
+    status, answer = _post(d, other.signed_manifest())
     _assert_rejected(d, before, status, answer, 400, "manifest is for VIN 'VIN0002'")

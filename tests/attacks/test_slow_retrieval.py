@@ -18,10 +18,7 @@ from tests.malicious_proxy import trickle
 
 
 def _impatient(d: Deployment) -> None:
-    config = d.vehicle.config_path
-    text = config.read_text()
-    assert "[download]" not in text
-    config.write_text(text + "\n[download]\nmin_rate = 1000\nrate_window = 2.0\n")
+    d.vehicle.configure(download={"min_rate": 1000, "rate_window": 2.0})
 
 
 @pytest.mark.parametrize("what", ["image", "image metadata", "director metadata"])

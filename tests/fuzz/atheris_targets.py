@@ -133,7 +133,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 
 def _seeds(name: str) -> list[bytes]:
     """Valid inputs to start from: JSON and TOML are parsed in C, invisible to coverage."""
-    image = ImageInfo("rpi-gateway/1.0.0/gateway.elf", len(_OLD), {"sha256": "ab" * 32})
+    image = ImageInfo.of("rpi-gateway/1.0.0/gateway.elf", len(_OLD), {"sha256": "ab" * 32})
     report = EcuVersionReport(
         "GW-1", image, 3, "", InstallOutcome(image.filepath, "installed")
     ).sign(_KEY)

@@ -26,10 +26,10 @@ EXAMPLE_TEXT = EXAMPLE.read_text()
 
 
 def _check(config: AgentConfig) -> None:
-    assert isinstance(config.vin, str) and isinstance(config.server_url, str)
-    assert config.server_url.startswith(("http://", "https://"))
+    assert isinstance(config.agent.vin, str) and isinstance(config.agent.server_url, str)
+    assert config.agent.server_url.startswith(("http://", "https://"))
     # names become file names (secondaries' directories): only names of the grammar get through
-    assert is_name(config.vin) and all(is_name(s) for s in config.ecu_serials)
+    assert is_name(config.agent.vin) and all(is_name(s) for s in config.ecu_serials)
     assert all(is_name(hw) for hw in config.ecu_serials.values())
 
 

@@ -33,8 +33,6 @@ import urllib3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.agent import Agent
-from client.config import load_config
 from signing.keys import load_signer
 from signing.manifest import SignedEnvelope
 from tests.fuzz import EXAMPLES, fuzz_settings
@@ -64,9 +62,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     vehicle = Vehicle(tmp, server, secondaries=False)
     image = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
     server.assign(vehicle.vin, vehicle.primary, image.filepath)
-    manifest = json.loads(
-        Agent(load_config(vehicle.config_path), PASSWORD.encode()).build_manifest()
-    )
+    manifest = json.loads(vehicle.signed_manifest())
     yield Target(
         server,
         vehicle,

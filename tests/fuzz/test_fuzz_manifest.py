@@ -37,7 +37,7 @@ from tests.fuzz.strategies import (
 )
 
 PRIMARY, SECONDARY = generate_signer(), generate_signer()
-_IMAGE = ImageInfo("rpi-gateway/1.0.0/gateway.elf", 2592, {"sha256": "ab" * 32})
+_IMAGE = ImageInfo.of("rpi-gateway/1.0.0/gateway.elf", 2592, {"sha256": "ab" * 32})
 
 
 def _valid() -> bytes:
@@ -45,7 +45,9 @@ def _valid() -> bytes:
         "GW-1": EcuVersionReport(
             "GW-1", _IMAGE, 7, "", InstallOutcome(_IMAGE.filepath, "installed")
         ).sign(PRIMARY),
-        "BMS-1": EcuVersionReport("BMS-1", ImageInfo("", 0, {}), 3, "hash differs").sign(SECONDARY),
+        "BMS-1": EcuVersionReport("BMS-1", ImageInfo.of("", 0, {}), 3, "hash differs").sign(
+            SECONDARY
+        ),
     }
     return VehicleManifest("VIN1", "GW-1", reports).sign(PRIMARY).to_bytes()
 
@@ -153,7 +155,7 @@ def test_spliced_bytes(junk: bytes, at: int) -> None:
 def test_any_valid_report_roundtrips(
     serial: str, counter: int, attacks: str, filepath: str, length: int, result: str, detail: str
 ) -> None:
-    image = ImageInfo(filepath, length, {"sha256": "cd" * 32})
+    image = ImageInfo.of(filepath, length, {"sha256": "cd" * 32})
     report = EcuVersionReport(
         serial, image, counter, attacks, InstallOutcome(filepath or "x", result, detail)
     )

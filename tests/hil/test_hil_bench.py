@@ -108,8 +108,11 @@ def test_json_output_and_failure_exit_code(tmp_path: Path) -> None:
     [
         ("[secondaries]\n", "names no ECU"),
         ('[secondaries.a]\ntransport = "lin"\n', "transport must be one of"),
-        ('[secondaries.a]\ntransport = "uds"\ninterface = "socketcan"\n', "missing key 'channel'"),
-        ('[secondaries.a]\ntransport = "uds"\nbogus = 1\n', "unknown keys bogus"),
+        (
+            '[secondaries.a]\ntransport = "uds"\ninterface = "socketcan"\n',
+            "secondaries.a.channel: is required",
+        ),
+        ('[secondaries.a]\ntransport = "uds"\nbogus = 1\n', "unknown key secondaries.a.bogus"),
         (
             '[secondaries.a]\ntransport = "uds"\n[[scenario]]\nkind = "update"\nsecondary = "b"\nimage_size = 1\n',
             "no secondary named 'b'",
@@ -126,7 +129,10 @@ def test_json_output_and_failure_exit_code(tmp_path: Path) -> None:
             '[secondaries.a]\ntransport = "uds"\n[[scenario]]\nkind = "update"\nsecondary = "a"\n',
             "exactly one of 'image_size' or 'image'",
         ),
-        ('[secondaries.a]\ntransport = "uds"\nbitrate = "fast"\n', "'bitrate' must be a int"),
+        (
+            '[secondaries.a]\ntransport = "uds"\nbitrate = "fast"\n',
+            "secondaries.a.bitrate must be int, not str",
+        ),
     ],
 )
 def test_bench_file_errors_name_the_place(tmp_path: Path, text: str, message: str) -> None:
@@ -163,7 +169,7 @@ def test_sample_bench_parses_with_real_device_variant() -> None:
         }
     )
     assert real.secondaries["engine"].relay is not None
-    assert real.secondaries["engine"].relay.off == bytes.fromhex("A00100A1")
+    assert real.secondaries["engine"].relay.off_bytes == bytes.fromhex("A00100A1")
     assert not real.secondaries["body"].virtual
 
 
