@@ -25,16 +25,18 @@ SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 from client.bundle import check_bundle, install_order, unmet_dependency
 from client.config import AgentConfig
 from client.cycle_result import CycleReport, FailureKind
 from client.downloads import VerifiedDownloads
-from client.fetcher import ResumableFetcher
+from client.fetcher import DownloadError, ResumableFetcher, TlsSettings
 from client.installer import SlotInstaller
 from client.preconditions import unmet_precondition
 from client.primary_install import PrimaryInstall
@@ -43,6 +45,7 @@ from client.secondaries import open_secondaries
 from client.secondaries.base import Secondary, SecondaryError
 from client.secondary_delivery import SecondaryDelivery
 from client.state import AgentState, StateStore
+from client.vehicle_identity import ClientIdentity, IdentityError, certificate_from_answer
 from client.verification import (
     DirectedImage,
     EcuBeforeUpdate,
@@ -111,7 +114,13 @@ class Agent:
         self.secondaries: dict[str, Secondary] = {
             s.ecu_serial: s for s in open_secondaries(config, password)
         }
-        fetcher = ResumableFetcher(config.download)  # the agent's one HTTP client
+        self.identity = ClientIdentity(
+            config.path(config.tls.client_cert), config.path(config.tls.client_key), password
+        )
+        if self.identity.key_path.parent.is_dir():
+            self.identity.finish_interrupted_renewal()
+        # the agent's one HTTP client
+        fetcher = self.fetcher = ResumableFetcher(config.download, self._tls_settings())
         self.downloads = VerifiedDownloads(
             config.path("downloads"),
             config.agent.server_url,
@@ -140,10 +149,49 @@ class Agent:
             say=self.say,
         )
 
+    # -- TLS identity ---------------------------------------------------------------------
+
+    def _tls_settings(self) -> TlsSettings:
+        tls = self.config.tls
+        ca = str(self.config.path(tls.ca_certs)) if tls.ca_certs else ""
+        if not self.config.agent.server_url.startswith("https://") or not self.identity.available():
+            return TlsSettings(ca_certs=ca)
+        return TlsSettings(
+            ca_certs=ca,
+            cert_file=str(self.identity.cert_path),
+            key_file=str(self.identity.key_path),
+            key_password=self.identity.password.decode(),
+        )
+
+    def renew_identity_if_due(self) -> None:
+        """Renew the client certificate over mutual TLS when it nears its end (best effort)."""
+        if not (self.config.agent.server_url.startswith("https://") and self.identity.available()):
+            return
+        try:
+            if not self.identity.renewal_due(timedelta(days=self.config.tls.renew_before_days)):
+                return
+            url = f"{self.config.agent.server_url}/api/v1/vehicles/{self.config.agent.vin}/certificate"
+
+            def request(csr: str) -> str:
+                answer = self.fetcher.post(url, json.dumps({"tls_csr": csr}).encode())
+                if answer.status != 201:
+                    raise IdentityError(
+                        f"server answered HTTP {answer.status}: {answer.body[:300]!r}"
+                    )
+                return certificate_from_answer(answer.body)
+
+            not_after = self.identity.renew(self.config.agent.vin, request)
+        except (IdentityError, DownloadError) as exc:
+            self.say(f"client certificate renewal failed ({exc}); retrying at the next poll")
+            return
+        self.fetcher.use_tls(self._tls_settings())
+        self.say(f"renewed the client certificate (new key): valid until {not_after:%Y-%m-%d}")
+
     # -- the cycle ------------------------------------------------------------------------
 
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
+        self.renew_identity_if_due()
         state = self.store.load()
         serial = self.config.primary.ecu_serial
         resumed = self.primary.resume(state)

@@ -187,6 +187,18 @@ def agent() -> None:
     is_flag=True,
     help="Do not compare --image-root with the server's (a factory without network).",
 )
+@click.option(
+    "--ca-cert",
+    type=click.File("rb"),
+    envvar="UPTAKE_CA_CERT",
+    help="CA that signed the server's TLS certificate (DATA/tls/server-ca.crt of a server with "
+    "its own CA); copied to STATE/tls/server-ca.crt. Default: the system's CAs.",
+)
+@click.option(
+    "--allow-plain-http",
+    is_flag=True,
+    help="Allow an http:// --server that is not on loopback (no TLS: development only).",
+)
 def agent_init(
     state_dir: Path,
     vin: str,
@@ -206,8 +218,11 @@ def agent_init(
     health_checks: tuple[str, ...],
     bootlimit: int,
     offline: bool,
+    ca_cert: Any,
+    allow_plain_http: bool,
 ) -> None:
-    """Provision a vehicle: ECU keys, trusted roots, configuration, registration.json.
+    """Provision a vehicle: ECU keys, its TLS key and CSR, trusted roots, configuration,
+    registration.json.
 
     Everything is checked before anything is written: both TUF roots signed by
     their own keys, two different roots, each of the repository it is given
@@ -245,7 +260,9 @@ def agent_init(
         note = (
             "not compared with the server (--offline)"
             if offline
-            else check_image_root_with_server(server_url, image_root_bytes)
+            else check_image_root_with_server(
+                server_url, image_root_bytes, ca_cert=Path(ca_cert.name) if ca_cert else None
+            )
         )
         config = provision_vehicle(
             state_dir,
@@ -259,6 +276,8 @@ def agent_init(
             installer=installer,
             health_check=checks,
             secondary_health_check=checks,
+            server_ca=ca_cert.read() if ca_cert else None,
+            allow_plain_http=allow_plain_http,
         )
     except (UptakeError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -13,6 +13,7 @@ table                  schema
 ``[installer]``        :class:`InstallerConfig`
 ``[health_check]``     :class:`HealthCheckConfig`
 ``[download]``         :class:`client.fetcher.FetcherConfig`
+``[tls]``              :class:`TlsSection`
 ``[[preconditions]]``  :class:`client.preconditions.Precondition`
 ``[[secondaries]]``    :class:`LocalSecondaryConfig` or :class:`UdsSecondaryConfig`,
                        chosen by ``transport``; each has its own typed ``options``
@@ -28,10 +29,12 @@ id follows :mod:`signing.names`. Relative paths are relative to
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -52,6 +55,7 @@ __all__ = [
     "PrimarySection",
     "SecondaryConfig",
     "SlotType",
+    "TlsSection",
     "UdsOptions",
     "UdsSecondaryConfig",
     "load_config",
@@ -118,6 +122,33 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("poll_jitter: must be between 0 and 1")
         _positive("max_image_size", self.max_image_size)
         _positive("manifest_heartbeat", self.manifest_heartbeat)
+
+
+class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[tls]``: whom the agent trusts, and how it proves its VIN (:mod:`client.vehicle_identity`)."""
+
+    #: CA certificate(s) that signed the server's TLS certificate; "" for the system's CAs
+    ca_certs: str = ""
+    #: the vehicle's client certificate (binds its VIN) and its key (encrypted like the ECU keys)
+    client_cert: str = "tls/client.crt"
+    client_key: str = "tls/client.key"
+    #: renew the client certificate this many days before it expires
+    renew_before_days: float = 30.0
+    #: plain http:// to a host that is not loopback is refused unless this is true
+    allow_plain_http: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("renew_before_days", self.renew_before_days)
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class PrimarySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -297,10 +328,21 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     installer: InstallerConfig = msgspec.field(default_factory=InstallerConfig)
     health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
     download: FetcherConfig = msgspec.field(default_factory=FetcherConfig)
+    tls: TlsSection = msgspec.field(default_factory=TlsSection)
     preconditions: tuple[Precondition, ...] = ()
     secondaries: tuple[SecondaryConfig, ...] = ()
 
     def __post_init__(self) -> None:
+        url = self.agent.server_url
+        if (
+            url.startswith("http://")
+            and not _is_loopback_url(url)
+            and not self.tls.allow_plain_http
+        ):
+            raise ValueError(
+                "server_url: plain http:// to a host that is not loopback is refused "
+                "(use https://, or set tls.allow_plain_http = true)"
+            )
         serials = [self.primary.ecu_serial] + [s.ecu_serial for s in self.secondaries]
         twice = sorted({s for s in serials if serials.count(s) > 1})
         if twice:

@@ -83,6 +83,7 @@ __all__ = [
     "HTTPStatusError",
     "ResumableFetcher",
     "SlowRetrievalError",
+    "TLSError",
 ]
 
 # Server-side trouble worth waiting out; any other 4xx/5xx is final.
@@ -97,6 +98,11 @@ class HTTPStatusError(DownloadHTTPError):
     def __init__(self, message: str, status_code: int, url: str) -> None:
         super().__init__(message, status_code)
         self.url = url
+
+
+class TLSError(DownloadError):
+    """The TLS handshake failed: the server's certificate does not verify with the configured
+    CA (a wrong ``ca_certs``, or someone in the middle), or it refused the client's."""
 
 
 class CrossOriginRedirectError(DownloadError):
@@ -148,8 +154,6 @@ class FetcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         max_rate: Bandwidth cap in bytes per second, or ``None`` for none.
         chunk_size: Largest read from the socket, in bytes.
         user_agent: ``User-Agent`` header of every request.
-        ca_certs: CA bundle (a file path) to verify HTTPS servers with, or
-            ``None`` for the system's.
     """
 
     connect_timeout: float = 10.0
@@ -165,7 +169,6 @@ class FetcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_rate: float | None = None
     chunk_size: int = 64 * 1024
     user_agent: str = "uptake-agent"
-    ca_certs: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "read_timeout", "backoff_initial", "backoff_max"):
@@ -190,6 +193,24 @@ class FetcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             self.backoff_max, self.backoff_initial * self.backoff_multiplier ** (failures - 1)
         )
         return delay * (1.0 - self.jitter * random.random())
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """How the agent's connections use TLS: whom to trust, and the client certificate.
+
+    Attributes:
+        ca_certs: CA bundle (a file) to verify the server with; "" for the system's.
+        cert_file: the vehicle's client certificate (PEM), presented to the server;
+            "" for none.
+        key_file: its private key (PEM, encrypted with ``key_password``).
+        key_password: the key's password.
+    """
+
+    ca_certs: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    key_password: str | None = None
 
 
 class _Transient(Exception):
@@ -435,14 +456,21 @@ class ResumableFetcher(FetcherInterface):
     :meth:`download_to` for images too large to restart from zero.
     """
 
-    def __init__(self, config: FetcherConfig | None = None) -> None:
+    def __init__(self, config: FetcherConfig | None = None, tls: TlsSettings | None = None) -> None:
         self.config = config or FetcherConfig()
-        pool_args: dict[str, Any] = {}
-        if self.config.ca_certs is not None:
-            pool_args["ca_certs"] = self.config.ca_certs
         # Identity encoding: byte offsets must be those of the file itself.
         self._headers = {"User-Agent": self.config.user_agent, "Accept-Encoding": "identity"}
-        self._pool = urllib3.PoolManager(
+        self._pool = self._new_pool(tls or TlsSettings())
+
+    def _new_pool(self, tls: TlsSettings) -> urllib3.PoolManager:
+        pool_args: dict[str, Any] = {}
+        if tls.ca_certs:
+            pool_args["ca_certs"] = tls.ca_certs
+        if tls.cert_file:
+            pool_args.update(
+                cert_file=tls.cert_file, key_file=tls.key_file, key_password=tls.key_password
+            )
+        return urllib3.PoolManager(
             timeout=urllib3.Timeout(
                 connect=self.config.connect_timeout, read=self.config.read_timeout
             ),
@@ -450,6 +478,11 @@ class ResumableFetcher(FetcherInterface):
             retries=False,
             **pool_args,
         )
+
+    def use_tls(self, tls: TlsSettings) -> None:
+        """Connect with other TLS files from now on (a renewed client certificate)."""
+        old, self._pool = self._pool, self._new_pool(tls)
+        old.clear()
 
     def _request(self, url: str, offset: int, validator: str | None) -> urllib3.BaseHTTPResponse:
         headers = dict(self._headers)  # per-request headers replace the pool's
@@ -484,10 +517,10 @@ class ResumableFetcher(FetcherInterface):
                 redirect=False,
             )
         except urllib3.exceptions.SSLError as exc:
-            raise DownloadError(f"{url}: TLS error: {exc}") from exc
+            raise TLSError(f"{url}: TLS: {exc}") from exc
         except urllib3.exceptions.MaxRetryError as exc:
             if isinstance(exc.reason, urllib3.exceptions.SSLError):
-                raise DownloadError(f"{url}: TLS error: {exc.reason}") from exc
+                raise TLSError(f"{url}: TLS: {exc.reason}") from exc
             if isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 raise DownloadError(f"{url}: {exc.reason}") from exc
             raise _Transient(f"cannot connect: {exc.reason}") from exc

@@ -43,15 +43,20 @@ from client.config import (
     LocalOptions,
     LocalSecondaryConfig,
     PrimarySection,
+    TlsSection,
 )
 from client.installer import InstallError, check_slot
 from client.secondaries.local import provision_local_secondary
+from client.vehicle_identity import create_identity
 from signing.atomic_file import write_atomic
 from signing.encryption import generate_encryption_key, public_key_hex, save_encryption_key
 from signing.exceptions import UptakeError
 from signing.keys import generate_signer, load_public_key, public_key_to_dict, save_signer
 from signing.metadata import MetadataFormatError, root_identity
 from signing.names import InvalidNameError, check_name
+
+#: Where ``agent init --ca-cert`` puts the CA that signed the server's TLS certificate.
+SERVER_CA_FILE = "tls/server-ca.crt"
 
 
 class ProvisioningError(UptakeError):
@@ -116,7 +121,9 @@ def check_trust_anchors(image_root: bytes, director_root: bytes) -> None:
         )
 
 
-def check_image_root_with_server(server_url: str, image_root: bytes, timeout: float = 5.0) -> str:
+def check_image_root_with_server(
+    server_url: str, image_root: bytes, timeout: float = 5.0, ca_cert: Path | None = None
+) -> str:
     """Compare ``image_root`` with the same version on the server, where it can be reached.
 
     Catches roots of another deployment, which nothing inside the files can.
@@ -125,7 +132,11 @@ def check_image_root_with_server(server_url: str, image_root: bytes, timeout: fl
     """
     version = _check_root(image_root, "--image-root").signed.version
     url = f"{server_url.rstrip('/')}/image/metadata/{version}.root.json"
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(total=timeout), retries=False)
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(total=timeout),
+        retries=False,
+        ca_certs=str(ca_cert) if ca_cert else None,
+    )
     try:
         response = http.request("GET", url, redirect=False)
     except urllib3.exceptions.HTTPError as exc:
@@ -235,11 +246,16 @@ def provision_vehicle(
     installer: InstallerConfig | None = None,
     health_check: Sequence[Sequence[str]] = (),
     secondary_health_check: Sequence[Sequence[str]] = (),
+    server_ca: bytes | None = None,
+    allow_plain_http: bool = False,
 ) -> Path:
     """Create a ready-to-run agent under ``state_dir``; returns the config path.
 
     Everything is checked before anything is written: the names, the trusted
     roots, and the configuration as a whole (the same schema the agent loads).
+    The vehicle's TLS key is made here too; its CSR goes into
+    ``registration.json`` for the server's device CA (:mod:`client.vehicle_identity`).
+    ``server_ca`` (PEM) is the CA the agent verifies the server with.
     """
     if (state_dir / "agent.toml").exists():
         raise ProvisioningError(f"{state_dir} already holds a provisioned agent")
@@ -252,6 +268,9 @@ def provision_vehicle(
             primary=PrimarySection(primary.serial, primary.hardware_id),
             installer=installer or InstallerConfig(),
             health_check=HealthCheckConfig(tuple(tuple(c) for c in health_check)),
+            tls=TlsSection(
+                ca_certs=SERVER_CA_FILE if server_ca else "", allow_plain_http=allow_plain_http
+            ),
             secondaries=tuple(
                 LocalSecondaryConfig(
                     sec.serial,
@@ -270,6 +289,9 @@ def provision_vehicle(
     save_encryption_key(encryption_key, state_dir / "keys" / "encryption.key", password)
     write_atomic(state_dir / "metadata" / "image" / "root.json", image_root)
     write_atomic(state_dir / "metadata" / "director" / "root.json", director_root)
+    if server_ca:
+        write_atomic(state_dir / SERVER_CA_FILE, server_ca)
+    tls_csr = create_identity(config.path(config.tls.client_key), vin, password)
     ecus = [
         {
             "serial": primary.serial,
@@ -290,7 +312,9 @@ def provision_vehicle(
                 "public_key": public_key_to_dict(load_public_key(pub)),
             }
         )
-    registration = {"vin": vin, "primary_ecu_serial": primary.serial, "ecus": ecus}
+    registration = {
+        "vin": vin, "primary_ecu_serial": primary.serial, "ecus": ecus, "tls_csr": tls_csr,
+    }  # fmt: skip
     write_atomic(
         state_dir / "registration.json", json.dumps(registration, indent=2).encode() + b"\n"
     )

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,7 +74,8 @@ from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
 from client.decryption import EncryptedDelivery, encrypted_delivery
-from client.fetcher import CrossOriginRedirectError, HTTPStatusError, ResumableFetcher
+from client.fetcher import CrossOriginRedirectError, HTTPStatusError, ResumableFetcher, TLSError
+from signing.atomic_file import fsync_directory
 from signing.exceptions import (
     AttackDetected,
     ConfigurationFailure,
@@ -215,6 +217,12 @@ def classify(exc: Exception, repo: str, *, first_contact: bool = False) -> Verif
         return AttackDetected(what)
     if isinstance(exc, CrossOriginRedirectError):
         return ConfigurationFailure(f"{repo} repository: {exc}")
+    if isinstance(exc, TLSError):
+        # refused, never trusted: a wrong CA bundle or an expired client certificate is far
+        # likelier than a man in the middle, who learns nothing and changes nothing here
+        return ConfigurationFailure(
+            f"{repo} repository: {exc} (check [tls] ca_certs, and the client certificate)"
+        )
     if (
         isinstance(exc, HTTPStatusError)
         and exc.status_code in (401, 403, 404)
@@ -237,6 +245,36 @@ def classify(exc: Exception, repo: str, *, first_contact: bool = False) -> Verif
             f"with the right {repo}-root.json of this deployment?"
         )
     return AttackDetected(what)
+
+
+def _restore_trusted_root_link(directory: Path) -> None:
+    """Put back ``root.json`` if a kill took it away while python-tuf re-linked it.
+
+    python-tuf keeps every root it verified in ``root_history/N.root.json``
+    and points ``root.json`` at the newest by removing the old link and then
+    making the new one: a SIGKILL or power cut between the two leaves no
+    trusted root at all, and a vehicle that can never verify again. The newest
+    file in ``root_history`` is a root python-tuf verified (it writes one there
+    only after verifying it), so pointing ``root.json`` at it, atomically, is
+    exactly what the interrupted step would have done.
+    """
+    link = directory / "root.json"
+    if link.exists():  # (follows the link: a dangling one is repaired too)
+        return
+    history = directory / "root_history"
+    versions = sorted(
+        (int(v), p)
+        for p in history.glob("*.root.json")
+        if (v := p.name.split(".", 1)[0]).isascii() and v.isdigit()
+    )
+    if not versions:
+        return  # never provisioned: python-tuf says so
+    temporary = directory / ".root.json.restoring"
+    temporary.unlink(missing_ok=True)
+    os.symlink(os.path.join("root_history", versions[-1][1].name), temporary)
+    os.replace(temporary, link)
+    fsync_directory(directory)
+    log.warning("restored %s, lost in an interrupted root update", link)
 
 
 def _root_version(directory: Path) -> int | None:
@@ -273,6 +311,7 @@ class FullVerifier:
     ) -> Updater:
         """A refreshed Updater for ``repo`` (every TUF check passed), or a classified failure."""
         directory = self.metadata_dir / repo
+        _restore_trusted_root_link(directory)
         provisioned_root = _root_version(directory)
         try:
             # bootstrap=None: the provisioned (and since rotated) local root is the anchor

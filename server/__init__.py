@@ -1,6 +1,6 @@
 """The Uptake server: image repository, director, fleet database, HTTP API.
 
-One aiohttp process (:mod:`server.app`) serves
+One aiohttp process (:mod:`server.api`) serves
 
 * the **image repository** (:mod:`server.image_repository`): TUF metadata
   and firmware images, laid out as static files with consistent snapshots.
@@ -11,7 +11,11 @@ One aiohttp process (:mod:`server.app`) serves
   and timestamp signed with online keys, regenerated only when what a
   vehicle should install changes;
 * the **fleet** (:mod:`server.fleet`): vehicles, ECUs and their keys,
-  assignments, verified vehicle manifests and the security events they carry.
+  assignments, verified vehicle manifests and the security events they carry;
+* **identity and access** (:mod:`server.api.access`): TLS with vehicle client
+  certificates (:mod:`server.certificates`, :mod:`server.identities`) and
+  operator tokens with roles (:mod:`server.accounts`, :mod:`server.roles`);
+  every change is in the hash-chained audit log (:mod:`server.audit`).
 
 Nothing here is imported by the in-vehicle agent (``client``).
 """

@@ -22,9 +22,11 @@ reads.
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from signing.atomic_file import write_atomic
@@ -46,6 +48,35 @@ OFFLINE_KEYS = ("image-root", "image-targets", "director-root")
 MAX_TIMEOUT = 3600
 
 
+class VehicleIdentityMode(enum.StrEnum):
+    """Where the server learns which vehicle is asking (``vehicle_identity`` in server.json)."""
+
+    #: the client certificate of this server's own TLS connection
+    TLS = "tls"
+    #: the certificate a trusted proxy (nginx) verified and passed in a header
+    PROXY = "proxy"
+    #: nobody checks (plain-HTTP development on loopback)
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class VehicleAccess:
+    """How vehicle identities are checked (see module docstring)."""
+
+    mode: VehicleIdentityMode
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    images_require_client_cert: bool = False
+
+    def from_trusted_proxy(self, remote: str | None) -> bool:
+        if remote is None:
+            return False
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
+
+
 class ConfigError(UptakeError):
     """The server configuration or data directory is unusable (says why)."""
 
@@ -54,7 +85,7 @@ class ConfigError(UptakeError):
 class ServerConfig:
     data_dir: Path
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = 8443
     database_url: str = ""
     #: Deliver every vehicle's images encrypted per ECU (:mod:`server.encrypted_images`);
     #: also settable per vehicle at registration ("encrypt_images": true).
@@ -65,6 +96,26 @@ class ServerConfig:
     #: Seconds an image upload may go without a byte arriving before it gets 408
     #: (uploads may take long in total; only silence is refused).
     upload_idle_timeout: float = 30.0
+    #: TLS certificate (chain) and key of the server, PEM; relative paths are in the data dir.
+    #: ``uptake server init`` makes both, signed by its own server CA (tls/server-ca.crt, which
+    #: vehicles and operators then trust), unless the operator brings their own.
+    tls_cert: str = "tls/server.crt"
+    tls_key: str = "tls/server.key"
+    #: Serve plain HTTP: only on loopback for development, or behind a proxy that
+    #: terminates TLS (with vehicle_identity "proxy" and trusted_proxies).
+    plain_http: bool = False
+    #: How a vehicle proves who it is: "tls" (client certificate on this server's TLS),
+    #: "proxy" (the certificate a trusted proxy verified), "none" (development only).
+    vehicle_identity: str = "tls"
+    #: Extra CA certificates (PEM file) whose vehicle certificates the server accepts,
+    #: beside its own device CA (tls/device-ca.crt): an operator's own PKI.
+    client_ca_bundle: str = ""
+    #: Addresses (or networks) of proxies whose X-Client-Cert header is believed.
+    trusted_proxies: list[str] = field(default_factory=list)
+    #: Image downloads need a vehicle certificate (or an operator token) too.
+    images_require_client_cert: bool = False
+    #: Lifetime of the client certificates the device CA issues; agents renew well before.
+    vehicle_certificate_days: int = 365
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -86,6 +137,33 @@ class ServerConfig:
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def device_ca_cert(self) -> Path:
+        return self.tls_dir / "device-ca.crt"
+
+    @property
+    def server_ca_cert(self) -> Path:
+        return self.tls_dir / "server-ca.crt"
+
+    def path(self, value: str) -> Path:
+        """``value`` from the configuration as a path (relative ones are in the data dir)."""
+        return self.data_dir / value
+
+    @property
+    def identity_mode(self) -> VehicleIdentityMode:
+        return VehicleIdentityMode(self.vehicle_identity)
+
+    def vehicle_access(self) -> VehicleAccess:
+        return VehicleAccess(
+            self.identity_mode,
+            tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies),
+            self.images_require_client_cert,
+        )
 
     def save(self) -> None:
         data = asdict(self)
@@ -119,6 +197,7 @@ class ServerConfig:
             raise ConfigError(f"{path}: database_url must be a string")
         if not isinstance(config.encrypt_images, bool):
             raise ConfigError(f"{path}: encrypt_images must be true or false")
+        config.check_tls(path)
         for name in ("body_timeout", "upload_idle_timeout"):
             value = getattr(config, name)
             if (
@@ -130,6 +209,52 @@ class ServerConfig:
                     f"{path}: {name} must be a number of seconds above 0, at most {MAX_TIMEOUT}"
                 )
         return config
+
+    def check_tls(self, where: Path | str) -> None:
+        """TLS settings that make sense together (see the fields' comments)."""
+        for name in ("tls_cert", "tls_key", "client_ca_bundle", "vehicle_identity"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{where}: {name} must be a string")
+        for name in ("plain_http", "images_require_client_cert"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{where}: {name} must be true or false")
+        modes = ", ".join(m.value for m in VehicleIdentityMode)
+        if self.vehicle_identity not in {m.value for m in VehicleIdentityMode}:
+            raise ConfigError(f"{where}: vehicle_identity must be one of {modes}")
+        if not isinstance(self.trusted_proxies, list) or not all(
+            isinstance(p, str) for p in self.trusted_proxies
+        ):
+            raise ConfigError(f"{where}: trusted_proxies must be a list of addresses")
+        try:
+            for proxy in self.trusted_proxies:
+                ipaddress.ip_network(proxy, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: trusted_proxies: {exc}") from exc
+        days = self.vehicle_certificate_days
+        if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 3650:
+            raise ConfigError(f"{where}: vehicle_certificate_days must be from 1 to 3650")
+        mode = self.identity_mode
+        if mode is VehicleIdentityMode.TLS and self.plain_http:
+            raise ConfigError(
+                f'{where}: vehicle_identity "tls" needs TLS; with plain_http use "proxy" '
+                '(behind nginx) or "none" (development on loopback)'
+            )
+        if mode is VehicleIdentityMode.PROXY and not self.trusted_proxies:
+            raise ConfigError(f'{where}: vehicle_identity "proxy" needs trusted_proxies')
+        if self.plain_http and mode is VehicleIdentityMode.NONE and not _is_loopback(self.host):
+            raise ConfigError(
+                f"{where}: plain HTTP with no vehicle identity is for loopback only, "
+                f"not host {self.host!r}"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def server_password() -> bytes:

@@ -70,6 +70,8 @@ class Vehicle(SQLModel, table=True):
     manifests_rejected: int = Field(default=0, sa_type=BigInteger)
     last_rejection: str = Field(default="", max_length=MAX_STORED_TEXT)
     director_targets_version: int = 0
+    #: set when an operator revoked the vehicle: every request with its certificates is refused
+    revoked_at: datetime | None = None
 
 
 class Ecu(SQLModel, table=True):
@@ -147,6 +149,58 @@ class DirectorMetadata(SQLModel, table=True):
     version: int = Field(primary_key=True)
     content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     expires: datetime
+
+
+class OperatorToken(SQLModel, table=True):
+    """A named API token of an operator (:mod:`server.accounts`); only its SHA-256 is kept."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, unique=True)
+    role: str = Field(max_length=32)  # a server.roles.Role
+    hardware_ids: str = Field(default="[]", max_length=MAX_STORED_TEXT)  # JSON list (suppliers)
+    token_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=160)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str = Field(default="", max_length=160)
+
+
+class VehicleCertificate(SQLModel, table=True):
+    """A TLS client certificate that identifies a vehicle (:mod:`server.certificates`).
+
+    Issued by the server's device CA, or by an operator's CA and seen since;
+    a revoked one is refused on the next request.
+    """
+
+    serial: str = Field(primary_key=True, max_length=64)  # hex serial number
+    issuer_sha256: str = Field(primary_key=True, max_length=64)  # SHA-256 of the issuer name
+    vin: str = Field(index=True, max_length=128)
+    not_after: datetime
+    issued_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+    revoked_by: str = Field(default="", max_length=160)
+
+
+class AuditRecord(SQLModel, table=True):
+    """One state change, who made it and when; hash-chained (:mod:`server.audit`)."""
+
+    seq: int = Field(primary_key=True, sa_type=BigInteger)
+    at: datetime = Field(default_factory=utcnow)
+    actor: str = Field(max_length=160)
+    action: str = Field(max_length=64, index=True)
+    subject: str = Field(default="", max_length=MAX_STORED_TEXT, index=True)
+    detail: str = Field(default="{}", max_length=4 * MAX_STORED_TEXT)  # canonical JSON
+    prev_hash: str = Field(max_length=64, unique=True)
+    hash: str = Field(max_length=64, unique=True)
+
+
+class AuditHead(SQLModel, table=True):
+    """The one row naming the latest audit record: appends lock it, so the chain never forks."""
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = Field(default=0, sa_type=BigInteger)
+    hash: str = Field(default="0" * 64, max_length=64)
 
 
 def shown_database_url(database_url: str) -> str:

@@ -17,23 +17,26 @@ live, and talks to the server over HTTP:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from securesystemslib.signer import Signer
-from tuf.api.exceptions import DownloadError, RepositoryError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, RepositoryError
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import Updater
+from tuf.ngclient.fetcher import FetcherInterface
 
 from server.api_client import AdminClient, ApiClientError
+from signing.exceptions import UptakeError
 from signing.metadata import ImageCustom, MetadataFormatError, expiry, image_custom, parse_requires
 
 #: Name of the release engineer's trusted copy of the image repository root.
 TRUSTED_ROOT_NAME = "image-root.json"
 
 
-class PublishError(Exception):
+class PublishError(UptakeError):
     """Publishing was refused before anything was uploaded; says why."""
 
 
@@ -46,10 +49,34 @@ class Published:
     targets_version: int
 
 
-def fetch_verified_targets(server_url: str, trusted_root: bytes) -> Metadata[Targets]:
+class _ServerFetcher(FetcherInterface):
+    """python-tuf downloads over the operator's client (its TLS trust, its token)."""
+
+    def __init__(self, client: AdminClient) -> None:
+        self._client = client
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            status, body = self._client.get(url, _MAX_METADATA_BYTES)
+        except ApiClientError as exc:
+            raise DownloadError(str(exc)) from exc
+        if status != 200:
+            raise DownloadHTTPError(f"{url}: HTTP {status}", status)
+        yield body
+
+
+_MAX_METADATA_BYTES = 32 * 1024 * 1024
+
+
+def fetch_verified_targets(client: AdminClient, trusted_root: bytes) -> Metadata[Targets]:
     """The image repository's current targets, verified from ``trusted_root``."""
     with tempfile.TemporaryDirectory() as tmp:
-        updater = Updater(tmp, f"{server_url.rstrip('/')}/image/metadata/", bootstrap=trusted_root)
+        updater = Updater(
+            tmp,
+            f"{client.base_url}/image/metadata/",
+            bootstrap=trusted_root,
+            fetcher=_ServerFetcher(client),
+        )
         try:
             updater.refresh()
         except (RepositoryError, DownloadError, OSError) as exc:
@@ -76,7 +103,7 @@ def publish_image(
         raise PublishError(f"{image}: no such file")
     if not hardware_ids:
         raise PublishError("at least one --hardware-id is needed")
-    targets_md = fetch_verified_targets(client.base_url, trusted_root)
+    targets_md = fetch_verified_targets(client, trusted_root)
     targets = targets_md.signed
     filepath = filepath or f"{hardware_ids[0]}/{version}/{image.name}"
     target = TargetFile.from_file(filepath, str(image), ["sha256"])

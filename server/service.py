@@ -9,20 +9,26 @@ machine, and signs the first root and targets metadata with them.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import secrets
 import shutil
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner, Signer
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 from tuf.api.metadata import Metadata, Root, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from server.app import build_app
+from server.accounts import bootstrap_admin
+from server.api.application import build_app
+from server.certificates import CertificateAuthority, CertificateError, server_certificate
 from server.config import OFFLINE_KEYS, ONLINE_KEYS, ConfigError, ServerConfig
 from server.db import DatabaseUrlError, check_database_url, make_engine, shown_database_url
 from server.director import DirectorRepository
@@ -32,6 +38,9 @@ from signing.keys import KeyFileError, generate_signer, load_signer, save_signer
 from signing.metadata import RootIdentity, expiry, set_root_identity
 
 log = logging.getLogger(__name__)
+
+#: Lifetime of the TLS certificate ``uptake server init`` makes for the server itself.
+SERVER_CERTIFICATE_LIFETIME = datetime.timedelta(days=825)
 
 
 class ServerStartError(ConfigError):
@@ -44,10 +53,11 @@ class ServerComponents:
     engine: Engine
     image_repo: ImageRepository
     director: DirectorRepository
-    admin_token: str
+    device_ca: CertificateAuthority | None
+    ssl_context: ssl.SSLContext | None
 
     def app(self) -> web.Application:
-        return build_app(self.config, self.engine, self.image_repo, self.director, self.admin_token)
+        return build_app(self.config, self.engine, self.image_repo, self.director, self.device_ca)
 
 
 def _root(signers: dict[str, Signer], prefix: str, deployment: str) -> Metadata[Root]:
@@ -67,8 +77,12 @@ def init_server(
     password: bytes,
     offline_password: bytes,
     key_type: str = "ed25519",
+    tls_hostnames: tuple[str, ...] = ("127.0.0.1", "localhost"),
 ) -> None:
-    """Create keys, the first metadata of both repositories, the database and the admin token."""
+    """Create keys, the first metadata of both repositories, the database, the first admin
+    token, and (unless the configuration serves plain HTTP or names the operator's own TLS
+    certificate) a server CA with a server certificate for ``tls_hostnames``, and the
+    device CA that signs vehicles' client certificates."""
     # before anything is made: a missing driver must not leave half a deployment behind
     check_database_url(config.database_url)
     offline_dir = Path(offline_dir).resolve()
@@ -80,7 +94,7 @@ def init_server(
                 f"{directory} is not empty: refusing to overwrite an existing deployment"
             )
     try:
-        _init(config, offline_dir, password, offline_password, key_type)
+        _init(config, offline_dir, password, offline_password, key_type, tls_hostnames)
     except BaseException:
         # leave nothing half-made behind: a retry starts from scratch
         for directory in (config.data_dir, offline_dir):
@@ -89,7 +103,12 @@ def init_server(
 
 
 def _init(
-    config: ServerConfig, offline_dir: Path, password: bytes, offline_password: bytes, key_type: str
+    config: ServerConfig,
+    offline_dir: Path,
+    password: bytes,
+    offline_password: bytes,
+    key_type: str,
+    tls_hostnames: tuple[str, ...],
 ) -> None:
     signers: dict[str, Signer] = {}
     for name in ONLINE_KEYS:
@@ -121,9 +140,64 @@ def _init(
     serializer = JSONSerializer(compact=False)
     write_atomic(offline_dir / "image-root.json", image_root.to_bytes(serializer))
     write_atomic(offline_dir / "director-root.json", director_root.to_bytes(serializer))
-    make_engine(config.database_url).dispose()
-    write_atomic(config.admin_token_path, secrets.token_urlsafe(32).encode() + b"\n", mode=0o600)
+    _init_certificates(config, password, tls_hostnames)
+    engine = make_engine(config.database_url)
+    with Session(engine) as session:
+        token = bootstrap_admin(session)
+        session.commit()
+    engine.dispose()
+    # the operator's copy; the server keeps only its hash
+    write_atomic(config.admin_token_path, token.encode() + b"\n", mode=0o600)
     config.save()
+
+
+def _init_certificates(config: ServerConfig, password: bytes, hostnames: tuple[str, ...]) -> None:
+    device_ca = CertificateAuthority.generate("Uptake device CA")
+    device_ca.save(config.device_ca_cert, config.keys_dir / "device-ca.key", password)
+    own_certificate = (
+        config.tls_cert != ServerConfig.tls_cert or config.path(config.tls_cert).exists()
+    )
+    if config.plain_http or own_certificate:
+        return
+    server_ca = CertificateAuthority.generate("Uptake server CA")
+    server_ca.save(config.server_ca_cert, config.keys_dir / "server-ca.key", password)
+    cert, key = server_certificate(server_ca, list(hostnames), SERVER_CERTIFICATE_LIFETIME)
+    write_atomic(config.path(config.tls_cert), cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+    write_atomic(config.path(config.tls_key), key_pem, mode=0o600)
+
+
+def server_ssl_context(config: ServerConfig, password: bytes) -> ssl.SSLContext:
+    """TLS for the server: its certificate, and client certificates of the trusted device CAs.
+
+    Client certificates are optional at the TLS layer (operators use tokens);
+    routes that need a vehicle check the certificate (:mod:`server.api.access`).
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(
+            config.path(config.tls_cert), config.path(config.tls_key), password=password
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"TLS certificate {config.path(config.tls_cert)} / key {config.path(config.tls_key)}: "
+            f"{exc}"
+        ) from exc
+    context.verify_mode = ssl.CERT_OPTIONAL
+    bundles = [config.device_ca_cert] if config.device_ca_cert.exists() else []
+    if config.client_ca_bundle:
+        bundles.append(config.path(config.client_ca_bundle))
+    for bundle in bundles:
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"client CA bundle {bundle}: {exc}") from exc
+    return context
 
 
 def load_online_signers(config: ServerConfig, password: bytes) -> dict[str, CryptoSigner]:
@@ -138,12 +212,15 @@ def load_online_signers(config: ServerConfig, password: bytes) -> dict[str, Cryp
 
 def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
     signers = load_online_signers(config, password)
-    try:
-        token = config.admin_token_path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read admin token {config.admin_token_path}: {exc.strerror}"
-        ) from exc
+    device_ca = None
+    if (config.keys_dir / "device-ca.key").exists():
+        try:
+            device_ca = CertificateAuthority.load(
+                config.device_ca_cert, config.keys_dir / "device-ca.key", password
+            )
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from exc
+    ssl_context = None if config.plain_http else server_ssl_context(config, password)
     image_repo = ImageRepository(
         config.image_dir,
         signers["image-snapshot"],
@@ -166,7 +243,7 @@ def open_server(config: ServerConfig, password: bytes) -> ServerComponents:
         raise ConfigError(
             f"cannot open database {shown_database_url(config.database_url)!r}: {exc}"
         ) from exc
-    return ServerComponents(config, engine, image_repo, director, token)
+    return ServerComponents(config, engine, image_repo, director, device_ca, ssl_context)
 
 
 class _MalformedHttpFilter(logging.Filter):
@@ -196,6 +273,7 @@ def run_server(components: ServerComponents, print_url: bool = True) -> None:
             port=config.port,
             print=(lambda msg: print(msg, flush=True)) if print_url else None,
             access_log=None,
+            ssl_context=components.ssl_context,
         )
     except OSError as exc:  # raised while binding, before anything is served
         raise ServerStartError(

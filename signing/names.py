@@ -41,6 +41,9 @@ __all__ = [
     "HASH_HEX_LENGTHS",
     "MAX_NAME_LENGTH",
     "MAX_TARGET_PATH_LENGTH",
+    "NAME_PATTERN",
+    "SHA256_PATTERN",
+    "TARGET_PATH_PATTERN",
     "InvalidNameError",
     "PathEscapeError",
     "check_hashes",
@@ -54,7 +57,12 @@ __all__ = [
 MAX_NAME_LENGTH = 128
 MAX_TARGET_PATH_LENGTH = 512
 _MAX_PATH_COMPONENTS = 16
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,127}")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,127}"
+_NAME_RE = re.compile(_NAME)
+#: The grammar as anchored regular expressions, for schemas (JSON Schema, OpenAPI).
+NAME_PATTERN = f"^{_NAME}$"
+TARGET_PATH_PATTERN = f"^{_NAME}(/{_NAME}){{0,{_MAX_PATH_COMPONENTS - 1}}}$"
+SHA256_PATTERN = "^[0-9a-f]{64}$"
 
 #: Hash algorithms (securesystemslib names) and the length of their hex digests.
 HASH_HEX_LENGTHS: Mapping[str, int] = {

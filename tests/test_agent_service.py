@@ -104,7 +104,7 @@ def test_bad_configuration_names_file_and_key(tmp_path: Path, toml: str, message
 def test_defaults_come_from_the_schema() -> None:
     minimal = parse_config(
         {
-            "agent": {"vin": "V", "server_url": "http://h", "state_dir": "/s"},
+            "agent": {"vin": "V", "server_url": "http://127.0.0.1", "state_dir": "/s"},
             "primary": {"ecu_serial": "E", "hardware_id": "h"},
         }
     )

@@ -293,3 +293,22 @@ def test_secondary_killed_during_its_trial_boot_finishes_after_restart(
         ecu["installed"]["filepath"] == bms.filepath
         and ecu["last_install"]["result"] == "installed"
     )
+
+
+def test_a_trusted_root_link_lost_to_a_kill_is_restored(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """python-tuf re-links root.json by removing the old link first: a kill in between took the
+    vehicle's trusted root away for good, and every later poll failed. The agent restores the
+    link to the newest root python-tuf verified."""
+    vehicle = Vehicle(tmp_path, server, secondaries=False)
+    assert vehicle.run_once().report["status"] == "ok"
+    for repo in ("director", "image"):
+        link = vehicle.state_dir / "metadata" / repo / "root.json"
+        if (link.parent / "root_history").is_dir():  # python-tuf has taken it over
+            link.unlink()  # the instant between python-tuf's remove and symlink
+    gw = server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    server.assign(vehicle.vin, vehicle.primary, gw.filepath)
+    report = vehicle.run_once().report
+    assert report["outcomes"][vehicle.primary]["result"] == "installed", report
+    assert (vehicle.state_dir / "metadata" / "director" / "root.json").exists()

@@ -64,9 +64,14 @@ def free_port() -> int:
 
 
 def wait_for_http(
-    url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    ca_cert: Path | None = None,
 ) -> None:
-    http = urllib3.PoolManager(retries=False, timeout=1.0)
+    http = urllib3.PoolManager(
+        retries=False, timeout=1.0, ca_certs=str(ca_cert) if ca_cert else None
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -81,19 +86,39 @@ def wait_for_http(
 
 
 class ServerProcess:
-    """An initialised data directory and ``uptake server run`` serving it."""
+    """An initialised data directory and ``uptake server run`` serving it.
 
-    def __init__(self, tmp: Path, database_url: str = "") -> None:
+    By default a development server: plain HTTP on loopback, no vehicle identities (the
+    Uptane defences the attack suite tests hold without TLS). With ``tls``, the real
+    thing: HTTPS with the CA ``server init`` made, and vehicles proving their VIN with
+    client certificates; ``config_changes`` edit server.json before it starts.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        database_url: str = "",
+        tls: bool = False,
+        **config_changes: Any,
+    ) -> None:
         self.data_dir = tmp / "server"
         self.offline_dir = tmp / "offline-keys"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.config = ServerConfig(self.data_dir, "127.0.0.1", self.port, database_url)
+        if not tls:
+            self.config.plain_http, self.config.vehicle_identity = True, "none"
+        for key, value in config_changes.items():
+            setattr(self.config, key, value)
         init_server(self.config, self.offline_dir, PASSWORD.encode(), PASSWORD.encode())
+        self.ca_cert: Path | None = self.config.server_ca_cert if tls else None
         self.log_path = tmp / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
-        self.admin = AdminClient.from_token_file(self.url, self.config.admin_token_path)
+        self.admin = AdminClient.from_token_file(
+            self.url, self.config.admin_token_path, ca_cert=self.ca_cert
+        )
         self.targets_signer = load_signer(self.offline_dir / "image-targets.key", PASSWORD.encode())
 
     def start(self) -> None:
@@ -104,7 +129,7 @@ class ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_for_http(f"{self.url}/health", proc=self.proc)
+        wait_for_http(f"{self.url}/health", proc=self.proc, ca_cert=self.ca_cert)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -160,6 +185,7 @@ class Vehicle:
         server_url: str | None = None,
         secondaries: bool = True,
         health_check: list[list[str]] | None = None,
+        ca_cert: Path | None = None,
     ) -> None:
         self.vin = vin
         self.primary = f"GW-{vin}"
@@ -177,9 +203,14 @@ class Vehicle:
             password=PASSWORD.encode(),
             health_check=checks,
             secondary_health_check=checks,
+            server_ca=(ca_cert or server.ca_cert).read_bytes()
+            if (ca_cert or server.ca_cert)
+            else None,
         )
         registration = json.loads((self.state_dir / "registration.json").read_bytes())
-        server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
+        answer = server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
+        if answer.get("tls_certificate"):  # as 'uptake fleet add-vehicle' writes it
+            (self.state_dir / "tls" / "client.crt").write_text(answer["tls_certificate"])
 
     def argv(self) -> list[str]:
         return [
@@ -224,6 +255,12 @@ class Vehicle:
 
         agent = Agent(load_config(self.config_path), PASSWORD.encode())
         return agent.reporter.signed_manifest(agent.store.load())
+
+    def run_text(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """One ``uptake agent run --once`` in text mode (what an operator reads)."""
+        return subprocess.run(
+            self.argv()[:-1], env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def configure(self, **tables: Any) -> None:
         """Change keys of agent.toml: ``configure(installer={"type": "uboot"})`` (a TOML edit)."""

@@ -20,8 +20,9 @@ import click
 # command name -> ("module:attribute", extra that provides its dependencies)
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("server.cli:server", "server"),
-    "release": ("server.cli:release", "server"),
-    "fleet": ("server.cli:fleet", "server"),
+    "release": ("server.release_cli:release", "server"),
+    "fleet": ("server.fleet_cli:fleet", "server"),
+    "admin": ("server.admin_cli:admin", "server"),
     "agent": ("client.cli:agent", "client"),
     "delta": ("uptake.delta_cli:delta", "client"),
     "hil": ("hil.cli:hil", "hil"),
@@ -95,6 +96,7 @@ def cli(verbose: int, log_format: str) -> None:
       uptake server init/run           the image repository + director
       uptake release publish IMAGE     publish firmware (signed offline)
       uptake fleet add-vehicle/assign  register vehicles, direct updates
+      uptake admin token create        operator tokens with roles
       uptake agent run                 the in-vehicle agent (Uptane primary)
       uptake delta create/apply        binary deltas between images
       uptake hil run BENCH.toml        hardware-in-the-loop bench scenarios

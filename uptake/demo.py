@@ -72,10 +72,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+def _wait_up(url: str, proc: subprocess.Popen[bytes], ca_cert: Path) -> None:
     import urllib3
 
-    http = urllib3.PoolManager(retries=False, timeout=1.0)
+    http = urllib3.PoolManager(retries=False, timeout=1.0, ca_certs=str(ca_cert))
     for _ in range(200):
         if proc.poll() is not None:
             raise DemoFailed(f"the server exited with status {proc.returncode}")
@@ -95,7 +95,7 @@ def run_demo(workdir: Path) -> None:
     password = secrets.token_urlsafe(16)
     env = {**os.environ, "UPTAKE_SERVER_KEY_PASSWORD": password, "UPTAKE_KEY_PASSWORD": password}
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     config = ServerConfig(workdir / "server", "127.0.0.1", port)
     offline = workdir / "offline-keys"
 
@@ -107,6 +107,11 @@ def run_demo(workdir: Path) -> None:
     click.echo(
         f"   offline keys (image root/targets, director root), kept away from the server: {offline}"
     )
+    ca_cert = config.server_ca_cert
+    click.echo(
+        f"   a throwaway server CA ({ca_cert}) and TLS certificate for 127.0.0.1; the device CA "
+        "that signs vehicles' client certificates; the first admin token (only its hash kept)"
+    )
 
     _step(f"2. Server on {url}")
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in finally
@@ -117,11 +122,12 @@ def run_demo(workdir: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_up(url, proc)
+        _wait_up(url, proc, ca_cert)
         click.echo(
-            "   image repository at /image/, director at /director/<VIN>/, admin API at /api/v1/"
+            "   HTTPS; image repository at /image/, director at /director/<VIN>/ (vehicles prove "
+            "their VIN with a client certificate), operator API at /api/v1/ (tokens with roles)"
         )
-        admin = AdminClient.from_token_file(url, config.admin_token_path)
+        admin = AdminClient.from_token_file(url, config.admin_token_path, ca_cert=ca_cert)
         targets_key = load_signer(offline / "image-targets.key", password.encode())
         image_root = (offline / "image-root.json").read_bytes()
 
@@ -139,17 +145,21 @@ def run_demo(workdir: Path) -> None:
             password=password.encode(),
             health_check=[selftest],
             secondary_health_check=[selftest],
+            server_ca=ca_cert.read_bytes(),
         )
         import json
 
-        admin.request(
+        answer = admin.request(
             "POST",
             "/api/v1/vehicles",
             json_body=json.loads((vehicle_dir / "registration.json").read_bytes()),
         )
+        (vehicle_dir / "tls" / "client.crt").write_text(answer["tls_certificate"])
         click.echo(
-            f"   ECU keys generated on the vehicle, public keys registered; agent config {agent_config}"
+            "   ECU keys and a TLS key generated on the vehicle; public keys registered, and the "
+            "device CA signed its CSR: the client certificate binds DEMO-VIN-0001"
         )
+        click.echo(f"   agent config {agent_config}")
         os.environ["UPTAKE_KEY_PASSWORD"] = password
         agent = Agent(
             load_config(agent_config),
@@ -284,7 +294,7 @@ def demo(keep: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="uptake-demo-"))
     try:
         run_demo(workdir)
-    except DemoFailed as exc:
+    except UptakeError as exc:  # DemoFailed, or whatever a step refused
         click.secho(
             f"\nDEMO FAILED: {exc}\n(server log: {workdir / 'server.log'})", fg="red", err=True
         )

@@ -96,7 +96,7 @@ def _publish_with_counter(d: Deployment, tmp: Path, version: str, counter: int) 
     image.write_bytes(sample(GATEWAY, "1.1.0").read_bytes() + b"\0 backdoor " * 16)
     filepath = f"{GATEWAY}/{version}/gateway.elf"
     md = fetch_verified_targets(
-        d.server.url, (d.server.offline_dir / "image-root.json").read_bytes()
+        d.server.admin, (d.server.offline_dir / "image-root.json").read_bytes()
     )
     target = TargetFile.from_file(filepath, str(image), ["sha256"])
     target.unrecognized_fields["custom"] = ImageCustom((GATEWAY,), counter, version).to_custom()

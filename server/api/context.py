@@ -1,0 +1,42 @@
+"""What the request handlers share: the server's parts, keyed on the aiohttp application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from aiohttp import web
+from sqlalchemy.engine import Engine
+
+from server.certificates import CertificateAuthority
+from server.deltas import DeltaPublisher
+from server.director import DirectorRepository
+from server.fleet import RejectionLimiter
+from server.image_repository import ImageRepository
+
+
+@dataclass(frozen=True)
+class BodyTimeouts:
+    """How long clients may take to send request bodies (``ServerConfig``)."""
+
+    whole_body: float
+    upload_idle: float
+
+
+ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+IMAGE_REPO: web.AppKey[ImageRepository] = web.AppKey("image_repo", ImageRepository)
+DIRECTOR: web.AppKey[DirectorRepository] = web.AppKey("director", DirectorRepository)
+DELTAS: web.AppKey[DeltaPublisher] = web.AppKey("deltas", DeltaPublisher)
+REJECTIONS: web.AppKey[RejectionLimiter] = web.AppKey("rejections", RejectionLimiter)
+TIMEOUTS: web.AppKey[BodyTimeouts] = web.AppKey("timeouts", BodyTimeouts)
+
+
+@dataclass(frozen=True)
+class CertificateIssuer:
+    """The device CA that signs vehicles' CSRs (None when vehicles come with an operator's CA)."""
+
+    ca: CertificateAuthority | None
+    lifetime: timedelta
+
+
+ISSUER: web.AppKey[CertificateIssuer] = web.AppKey("issuer", CertificateIssuer)

@@ -1,0 +1,111 @@
+"""What every operator command shares: the server to talk to, TLS trust, the token, output.
+
+Options (and their environment variables):
+
+* ``--server URL`` (``$UPTAKE_SERVER``): the server, ``https://…`` (plain
+  ``http://`` only for a development server on loopback);
+* ``--ca-cert FILE`` (``$UPTAKE_CA_CERT``): the CA that signed the server's
+  TLS certificate (``DATA/tls/server-ca.crt`` for a server with its own CA),
+  else the system's trusted CAs;
+* ``--token-file FILE`` (``$UPTAKE_TOKEN_FILE``), or the token itself in
+  ``$UPTAKE_TOKEN``: an operator token (``DATA/admin-token`` is the first
+  admin's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from server.api_client import AdminClient, ApiClientError
+
+DEFAULT_SERVER = "https://127.0.0.1:8443"
+#: Older names of the token variables, still read.
+_TOKEN_ENV = ("UPTAKE_TOKEN", "UPTAKE_ADMIN_TOKEN")
+_TOKEN_FILE_ENV = ("UPTAKE_TOKEN_FILE", "UPTAKE_ADMIN_TOKEN_FILE")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def password(env_var: str, what: str, confirm: bool = False) -> bytes:
+    value = os.environ.get(env_var)
+    if value:
+        return value.encode()
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{what}: set {env_var} (no terminal to prompt on)")
+    return str(
+        click.prompt(f"Password for {what}", hide_input=True, confirmation_prompt=confirm)
+    ).encode()
+
+
+def require_server_extra() -> None:
+    """The server itself needs aiohttp and sqlmodel; a vehicle install has neither."""
+    import importlib.util
+
+    missing = [
+        m
+        for m in ("aiohttp", "sqlmodel", "bsdiff4", "zstandard")
+        if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise click.ClickException(
+            f"the server needs {', '.join(missing)}: install it with: pip install 'uptake[server]'"
+        )
+
+
+def emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def server_options(command: _F) -> _F:
+    """``--server``, ``--ca-cert`` and ``--token-file`` (see module docstring)."""
+    command = click.option(
+        "--token-file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar=list(_TOKEN_FILE_ENV),
+        help="File with an operator token ($UPTAKE_TOKEN_FILE; or the token in $UPTAKE_TOKEN).",
+    )(command)
+    command = click.option(
+        "--ca-cert",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="UPTAKE_CA_CERT",
+        help="CA certificate to verify the server with ($UPTAKE_CA_CERT; default: the system's).",
+    )(command)
+    command = click.option(
+        "--server",
+        "server_url",
+        default=DEFAULT_SERVER,
+        envvar="UPTAKE_SERVER",
+        show_default=True,
+        help="Server base URL ($UPTAKE_SERVER).",
+    )(command)
+    return command
+
+
+def client(server_url: str, ca_cert: Path | None, token_file: Path | None) -> AdminClient:
+    """A client for the server with the operator's token (see module docstring)."""
+    token = next((os.environ[v] for v in _TOKEN_ENV if os.environ.get(v)), None)
+    try:
+        if token is None:
+            if token_file is None:
+                raise click.ClickException(
+                    "no operator token: pass --token-file or set UPTAKE_TOKEN"
+                )
+            token = AdminClient.read_token(token_file)
+        return AdminClient(server_url, token, ca_cert=ca_cert)
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def call(api: AdminClient, method: str, path: str, json_body: Any = None) -> Any:
+    """One request; a refusal becomes a one-line error and exit status 1."""
+    try:
+        return api.request(method, path, json_body=json_body)
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,155 @@
+"""TLS terminated by a real nginx in front of the server (deploy/nginx/uptake.conf.template).
+
+nginx (Debian's) terminates TLS and verifies vehicles' client certificates against the
+server's device CA; ``uptake server run`` listens on loopback with ``vehicle_identity =
+"proxy"`` and believes the certificate nginx passes only from its trusted proxy address. An
+agent updates end to end through nginx; a certificate header sent to nginx by a client, or
+straight to the server from an address that is not the proxy, is not believed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import urllib3
+from cryptography.hazmat.primitives import serialization
+
+from server.certificates import CertificateAuthority, server_certificate
+from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, free_port, sample
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "uptake.conf.template"
+
+
+@dataclass
+class Proxied:
+    server: ServerProcess
+    url: str
+    ca_cert: Path
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited: {log.read_text()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError("nginx did not listen")
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is needed (apt-get install nginx; .ci/run installs it)"
+    tmp = tmp_path_factory.mktemp("nginx")
+    server = ServerProcess(
+        tmp, vehicle_identity="proxy", trusted_proxies=["127.0.0.1/32"], plain_http=True
+    )
+    try:
+        yield from _behind_nginx(nginx, tmp, server)
+    finally:
+        server.stop()
+
+
+def _behind_nginx(nginx: str, tmp: Path, server: ServerProcess) -> Iterator[Proxied]:
+    # the TLS nginx serves: a CA of the operator's and a certificate for 127.0.0.1
+    ca = CertificateAuthority.generate("operator's server CA")
+    cert, key = server_certificate(ca, ["127.0.0.1"], datetime.timedelta(days=1))
+    (tmp / "ca.crt").write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(PASSWORD.encode()),
+        )
+    )
+    (tmp / "passwords").write_text(PASSWORD + "\n")
+    port = free_port()
+    site = string.Template(TEMPLATE.read_text()).safe_substitute(
+        UPTAKE_LISTEN=f"127.0.0.1:{port}",
+        UPTAKE_SERVER_NAME="127.0.0.1",
+        UPTAKE_TLS_CERT=tmp / "server.crt",
+        UPTAKE_TLS_KEY=tmp / "server.key",
+        UPTAKE_TLS_PASSWORDS=tmp / "passwords",
+        UPTAKE_CLIENT_CA=server.config.device_ca_cert,
+        UPTAKE_UPSTREAM=f"127.0.0.1:{server.port}",
+    )
+    assert "${UPTAKE_" not in site.split("upstream", 1)[1], "a variable of the template unfilled"
+    (tmp / "uptake.conf").write_text(site)
+    log = tmp / "nginx.log"
+    (tmp / "nginx.conf").write_text(
+        f"""daemon off; user root; worker_processes 1; pid {tmp}/nginx.pid;
+error_log {log} info;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    include {tmp}/uptake.conf;
+}}
+"""
+    )
+    proc = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
+    try:
+        _wait_for_port(port, proc, log)
+        yield Proxied(server, f"https://127.0.0.1:{port}", tmp / "ca.crt")
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(10)
+
+
+def test_a_vehicle_updates_through_nginx(proxied: Proxied, tmp_path: Path) -> None:
+    vehicle = Vehicle(
+        tmp_path, proxied.server, vin="VINNGINX", server_url=proxied.url,
+        secondaries=False, ca_cert=proxied.ca_cert,
+    )  # fmt: skip
+    image = proxied.server.publish(sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    proxied.server.assign(vehicle.vin, vehicle.primary, image.filepath)
+    run = vehicle.run_once()
+    assert run.report["outcomes"][vehicle.primary]["result"] == "installed", run.report
+    assert run.report["manifest"] == "accepted" and run.returncode == 0
+
+
+def test_identity_headers_are_believed_only_from_the_proxy(
+    proxied: Proxied, tmp_path: Path
+) -> None:
+    vehicle = Vehicle(
+        tmp_path, proxied.server, vin="VINHEADER", server_url=proxied.url,
+        secondaries=False, ca_cert=proxied.ca_cert,
+    )  # fmt: skip
+    pem = (vehicle.state_dir / "tls" / "client.crt").read_text()
+    forged = {"X-Client-Verify": "SUCCESS", "X-Client-Cert": quote(pem)}
+    path = f"/director/{vehicle.vin}/metadata/timestamp.json"
+    # through nginx without a certificate: nginx replaces the client's headers
+    through = urllib3.PoolManager(ca_certs=str(proxied.ca_cert), retries=False, timeout=10.0)
+    assert through.request("GET", proxied.url + path, headers=forged).status == 403
+    # straight to the server from 127.0.0.2, not a trusted proxy: ignored
+    direct = urllib3.HTTPConnectionPool(
+        "127.0.0.1", proxied.server.port, source_address=("127.0.0.2", 0), retries=False
+    )
+    assert direct.request("GET", path, headers=forged).status == 403
+    # through nginx with the vehicle's certificate: believed
+    with_cert = urllib3.PoolManager(
+        ca_certs=str(proxied.ca_cert), retries=False, timeout=10.0,
+        cert_file=str(vehicle.state_dir / "tls" / "client.crt"),
+        key_file=str(vehicle.state_dir / "tls" / "client.key"), key_password=PASSWORD,
+    )  # fmt: skip
+    assert with_cert.request("GET", proxied.url + path).status == 200
+    # and another vehicle's certificate through nginx gets the same 403 as nobody
+    assert (
+        with_cert.request("GET", proxied.url + "/director/VIN-OTHER/metadata/timestamp.json").status
+        == 403
+    )
