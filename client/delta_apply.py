@@ -16,7 +16,11 @@ inactive slot. The workflow is:
 
 Memory stays bounded whatever the image size: a few MiB of buffers, plus, for
 zstd-dict segments only, their base (at most ``MAX_DICT_BASE``) and decoder
-window. ``patch`` and ``old`` must be seekable; ``out`` is written strictly in
+window. A ``transformed`` delta (compressed streams expanded, executable code
+filtered before diffing, :mod:`client.delta_transforms`) also writes its
+transformed base to a scratch file (at most ``MAX_EXPANDED_TOTAL`` bytes) and
+runs each recompressor it names, whose memory the delta declares and the
+caller bounds (``recompress_memory_limit``). ``patch`` and ``old`` must be seekable; ``out`` is written strictly in
 order. :func:`apply_delta_file` is the path-level form that writes the result
 atomically, so a refused delta never leaves a half-written file.
 """
@@ -40,6 +44,9 @@ from signing.atomic_file import atomic_writer
 from signing.exceptions import UptakeError
 
 _PIECE = 1 << 20  # unit of work for reads, adds and writes
+_METHODS = ("bsdiff", "zstd-dict", "windows", "transformed")
+DEFAULT_RECOMPRESS_MEMORY_LIMIT = fmt.MAX_RECOMPRESS_MEMORY
+"""Memory a transformed delta's recompressors may declare (a vehicle with less lowers it)."""
 # What the decompressors raise on bad input (bz2 reports it as OSError).
 _DECODE_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError)
 _INPUT_CHUNK = 1 << 16
@@ -59,6 +66,10 @@ class DeltaBaseMismatch(DeltaError):
 
 class DeltaResultMismatch(DeltaError):
     """Applying the delta did not produce the image its header promises."""
+
+
+class DeltaNotStreamable(DeltaError):
+    """The delta cannot be turned into base-relative operations (it needs the base itself)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,13 @@ def read_delta_header(patch: BinaryIO) -> fmt.DeltaHeader:
 
 
 def apply_delta(
-    old: BinaryIO, patch: BinaryIO, out: BinaryIO, *, old_is_slot: bool = False
+    old: BinaryIO,
+    patch: BinaryIO,
+    out: BinaryIO,
+    *,
+    old_is_slot: bool = False,
+    scratch_dir: Path | str | None = None,
+    recompress_memory_limit: int = DEFAULT_RECOMPRESS_MEMORY_LIMIT,
 ) -> AppliedDelta:
     """Write to ``out`` the image that ``patch`` makes from ``old``, verified.
 
@@ -94,10 +111,12 @@ def apply_delta(
 
     Raises a :class:`DeltaError` subclass naming what failed. On error, ``out``
     may hold a partial image: callers writing to a slot mark it invalid; use
-    :func:`apply_delta_file` for files.
+    :func:`apply_delta_file` for files. ``scratch_dir`` holds a transformed
+    delta's temporary base (default: the system's temporary directory).
     """
     header = read_delta_header(patch)
-    if header.method not in ("bsdiff", "zstd-dict", "windows"):
+    thin = header.format_version == fmt.THIN_VERSION
+    if header.method not in _METHODS or (header.method == "transformed" and not thin):
         raise DeltaCorrupt(f"unknown delta method {header.method!r}")
     payload_start = patch.tell()
     try:
@@ -108,13 +127,22 @@ def apply_delta(
 
     sink = _VerifyingSink(out, header.result_length)
     payload = _Region(patch, payload_start, header.payload_length)
-    old_length = header.base_length
-    if header.method == "bsdiff":
-        _apply_bsdiff(payload, _Base(old, [(0, old_length)]), header.result_length, sink)
-    elif header.method == "zstd-dict":
-        _apply_zstd(payload, _Base(old, [(0, old_length)]), header.result_length, sink)
+    if header.method == "transformed":
+        from client import delta_transforms
+
+        delta_transforms.apply_transformed(
+            payload,
+            old,
+            header,
+            sink,
+            scratch_dir=scratch_dir,
+            memory_limit=recompress_memory_limit,
+            apply_inner=_apply_method,
+        )
     else:
-        _apply_windows(payload, old, old_length, sink)
+        _apply_method(
+            header.method, payload, old, header.base_length, header.result_length, sink, thin
+        )
     if payload.remaining:
         raise DeltaCorrupt(f"{payload.remaining} unused payload bytes")
 
@@ -130,12 +158,40 @@ def apply_delta(
     return AppliedDelta(header.method, digest.hex(), sink.length)
 
 
+def _apply_method(
+    method: str,
+    payload: _Region,
+    old: BinaryIO,
+    old_length: int,
+    result_length: int,
+    sink: _Sink,
+    compact: bool,
+) -> None:
+    """Decode a bsdiff, zstd-dict or windows payload against ``old_length`` bytes of ``old``."""
+    target = sink if isinstance(sink, _Operations) else _Writer(sink)
+    if method == "bsdiff":
+        _apply_bsdiff(payload, _Base(old, [(0, old_length)]), result_length, target, compact)
+    elif method == "zstd-dict":
+        if isinstance(target, _Operations):
+            raise DeltaNotStreamable("a zstd-dict delta needs its base as a whole")
+        _apply_zstd(payload, _Base(old, [(0, old_length)]), result_length, target)
+    elif method == "windows":
+        _apply_windows(payload, old, old_length, target, compact)
+    else:
+        raise DeltaCorrupt(f"unknown delta method {method!r}")
+
+
 def apply_delta_file(
-    old_path: Path | str, patch_path: Path | str, new_path: Path | str
+    old_path: Path | str,
+    patch_path: Path | str,
+    new_path: Path | str,
+    *,
+    recompress_memory_limit: int = DEFAULT_RECOMPRESS_MEMORY_LIMIT,
 ) -> AppliedDelta:
     """Apply ``patch_path`` to ``old_path`` and atomically create ``new_path``.
 
-    ``new_path`` appears only once the result has been verified.
+    ``new_path`` appears only once the result has been verified; a transformed
+    delta's scratch file lives next to it and is always removed.
     """
     if Path(new_path).resolve() == Path(old_path).resolve():
         raise DeltaError("the output must not be the base image itself")
@@ -144,13 +200,56 @@ def apply_delta_file(
         open(patch_path, "rb") as patch,
         atomic_writer(new_path) as out,
     ):
-        return apply_delta(old, patch, out)
+        return apply_delta(
+            old,
+            patch,
+            out,
+            scratch_dir=Path(new_path).resolve().parent,
+            recompress_memory_limit=recompress_memory_limit,
+        )
+
+
+def walk_delta(
+    patch: BinaryIO,
+    on_add: Callable[[int, bytes], None],
+    on_copy: Callable[[bytes], None],
+) -> fmt.DeltaHeader:
+    """Report a delta's operations without its base: for an applier elsewhere (an ECU).
+
+    Every output byte is reported in order, either as ``on_add(old_offset, diff)`` (the
+    base's bytes at ``old_offset`` plus ``diff``, byte-wise modulo 256) or as
+    ``on_copy(data)``. Methods that need the base as a whole (zstd-dict, transformed)
+    raise :class:`DeltaNotStreamable`. The payload's checksum is checked first.
+    """
+    header = read_delta_header(patch)
+    if header.method not in ("bsdiff", "windows"):
+        raise DeltaNotStreamable(f"a {header.method} delta needs its base as a whole")
+    payload_start = patch.tell()
+    try:
+        fmt.check_payload(patch, header)
+    except fmt.DeltaFormatError as exc:
+        raise DeltaCorrupt(str(exc)) from exc
+    payload = _Region(patch, payload_start, header.payload_length)
+    counter = _CountingOperations(on_add, on_copy, header.result_length)
+    thin = header.format_version == fmt.THIN_VERSION
+    _apply_method(
+        header.method, payload, patch, header.base_length, header.result_length, counter, thin
+    )
+    if payload.remaining:
+        raise DeltaCorrupt(f"{payload.remaining} unused payload bytes")
+    if counter.length != header.result_length:
+        raise DeltaResultMismatch(
+            f"operations produce {counter.length} bytes, header says {header.result_length}"
+        )
+    return header
 
 
 # --- verification -----------------------------------------------------------
 
 
 def _check_base(old: BinaryIO, header: fmt.DeltaHeader, old_is_slot: bool) -> None:
+    # A thin header names the base by a sha256 prefix: enough to tell a wrong base from a
+    # corrupted delta; the result's full sha256 is what makes the output trustworthy.
     old.seek(0)
     digest = hashlib.sha256()
     length = 0
@@ -165,7 +264,7 @@ def _check_base(old: BinaryIO, header: fmt.DeltaHeader, old_is_slot: bool) -> No
             f"base image length differs from the delta's base: {size}, "
             f"expected {header.base_length} bytes"
         )
-    if digest.digest() != header.base_sha256:
+    if digest.digest()[: len(header.base_sha256)] != header.base_sha256:
         raise DeltaBaseMismatch(
             f"base image sha256 {digest.hexdigest()} is not the delta's base "
             f"{header.base_sha256.hex()}"
@@ -220,6 +319,17 @@ class _Region:
             raise DeltaCorrupt(f"payload truncated in {what}")
         return self.read(size)
 
+    def read_varint(self, what: str) -> int:
+        value = 0
+        for index in range(fmt.MAX_VARINT_BYTES):
+            byte = self.read_exact(1, what)[0]
+            value |= (byte & 0x7F) << (7 * index)
+            if not byte & 0x80:
+                if value >= 1 << 64:
+                    raise DeltaCorrupt(f"{what}: varint exceeds 64 bits")
+                return value
+        raise DeltaCorrupt(f"{what}: varint too long")
+
     def sub(self, length: int, what: str) -> _Region:
         """Split off the next ``length`` bytes as their own region."""
         if length > self.remaining:
@@ -233,7 +343,9 @@ class _Region:
 class _Stream:
     """Incremental decompression of one region with bounded output per call."""
 
-    def __init__(self, codec: int, region: _Region, what: str, zstd_window_log: int):
+    def __init__(
+        self, codec: int, region: _Region, what: str, zstd_window_log: int, props: int = 0
+    ):
         self._what = what
         self._region = region
         self._codec = codec
@@ -246,6 +358,13 @@ class _Stream:
             self._decompressor = lzma.LZMADecompressor(
                 format=lzma.FORMAT_RAW, filters=fmt.lzma2_filters(codec)
             )
+        elif codec == fmt.CODEC_LZMA2_PROPS:
+            try:
+                filters = fmt.lzma2_props_filters(props)
+            except ValueError as exc:
+                raise DeltaCorrupt(f"{what}: {exc}") from None
+            self._decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
+            self._codec = fmt.CODEC_LZMA2
         elif codec == fmt.CODEC_ZSTD:
             reader = zstandard.ZstdDecompressor(max_window_size=1 << zstd_window_log).stream_reader(
                 cast(IO[bytes], region), read_size=_INPUT_CHUNK, read_across_frames=False
@@ -317,6 +436,25 @@ class _Base:
             total += length
         self.length = total
 
+    def locate(self, pos: int, size: int) -> list[tuple[int | None, int]]:
+        """``(old image offset or None for zeros, length)`` pieces of base ``[pos, pos+size)``."""
+        pieces: list[tuple[int | None, int]] = []
+        if pos < 0:
+            pieces.append((None, min(size, -pos)))
+            size -= pieces[-1][1]
+            pos = 0
+        while size > 0 and pos < self.length:
+            index = bisect.bisect_right(self._starts, pos) - 1
+            old_offset, length = self._extents[index]
+            skip = pos - self._starts[index]
+            take = min(size, length - skip)
+            pieces.append((old_offset + skip, take))
+            pos += take
+            size -= take
+        if size > 0:
+            pieces.append((None, size))
+        return pieces
+
     def read(self, pos: int, size: int) -> bytes:
         if pos >= self.length or pos + size <= 0:
             return bytes(size)
@@ -345,6 +483,91 @@ class _Base:
         return b"".join(parts)
 
 
+# --- targets: what decoded operations turn into --------------------------------
+
+
+class _Target(Protocol):
+    """Receives a payload's operations: bytes of the base plus diff bytes, or literal bytes."""
+
+    def add(self, base: _Base, pos: int, diff: bytes) -> None: ...
+    def copy(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None: ...
+
+
+class _Writer:
+    """The applier's target: computes every byte and writes it to ``sink``."""
+
+    def __init__(self, sink: _Sink):
+        self._sink = sink
+
+    def add(self, base: _Base, pos: int, diff: bytes) -> None:
+        size = len(diff)
+        self._sink.write(
+            bsdiff4.core.patch(base.read(pos, size), size, _add_control(size), diff, b"")
+        )
+
+    def copy(self, data: bytes) -> None:
+        self._sink.write(data)
+
+    write = copy
+
+
+class _Operations:
+    """A target that reports operations in base-image coordinates instead of computing bytes.
+
+    ``on_add(old_offset, diff)`` means "the base's bytes at ``old_offset`` plus ``diff``";
+    bytes outside a window's base read as zeros, so they become literal ``diff`` bytes.
+    """
+
+    def __init__(
+        self, on_add: Callable[[int, bytes], None], on_copy: Callable[[bytes], None]
+    ) -> None:
+        self._on_add = on_add
+        self._on_copy = on_copy
+
+    def add(self, base: _Base, pos: int, diff: bytes) -> None:
+        done = 0
+        for old_offset, length in base.locate(pos, len(diff)):
+            piece = diff[done : done + length]
+            if old_offset is None:
+                self._on_copy(piece)
+            else:
+                self._on_add(old_offset, piece)
+            done += length
+
+    def copy(self, data: bytes) -> None:
+        self._on_copy(data)
+
+    write = copy
+
+
+class _CountingOperations(_Operations):
+    """Operations, refusing to produce more than the announced result length."""
+
+    def __init__(
+        self, on_add: Callable[[int, bytes], None], on_copy: Callable[[bytes], None], limit: int
+    ) -> None:
+        self.length = 0
+
+        def counted_add(offset: int, diff: bytes) -> None:
+            self._count(len(diff))
+            on_add(offset, diff)
+
+        def counted_copy(data: bytes) -> None:
+            self._count(len(data))
+            on_copy(data)
+
+        super().__init__(counted_add, counted_copy)
+        self._limit = limit
+
+    def _count(self, size: int) -> None:
+        self.length += size
+        if self.length > self._limit:
+            raise DeltaResultMismatch(
+                f"operations produce more than the {self._limit} bytes announced"
+            )
+
+
 # --- segment decoders ---------------------------------------------------------
 
 
@@ -359,30 +582,88 @@ def _add_control(length: int) -> bytes:
     return bsdiff4.core.encode_int64(length) + bytes(16)  # type: ignore[no-any-return]
 
 
-def _apply_bsdiff(section: _Region, base: _Base, length: int, sink: _Sink) -> None:
+def _stream_heads(section: _Region, compact: bool) -> list[tuple[str, int, int, int]]:
+    """``(name, codec, props, length)`` of a section's control, diff and extra streams."""
     heads = []
     for name in ("control", "diff", "extra"):
-        codec, stream_length = fmt.STREAM_HEAD.unpack(
-            section.read_exact(fmt.STREAM_HEAD.size, f"bsdiff {name} stream header")
-        )
-        heads.append((name, codec, stream_length))
+        what = f"bsdiff {name} stream header"
+        if compact:
+            codec = section.read_exact(1, what)[0]
+            props = section.read_exact(1, what)[0] if codec == fmt.CODEC_LZMA2_PROPS else 0
+            stream_length = section.read_varint(what)
+        else:
+            codec, stream_length = fmt.STREAM_HEAD.unpack(
+                section.read_exact(fmt.STREAM_HEAD.size, what)
+            )
+            props = 0
+        heads.append((name, codec, props, stream_length))
+    return heads
+
+
+class _ControlRecords:
+    """bsdiff control records from a decompressed stream: int64 triples, or varints (compact)."""
+
+    def __init__(self, stream: _Stream, compact: bool):
+        self._stream = stream
+        self._compact = compact
+        self._buffer = b""
+        self._pos = 0
+
+    def next(self) -> tuple[int, int, int] | None:
+        if not self._compact:
+            record = self._stream.read(fmt.BSDIFF_RECORD_SIZE)
+            if not record:
+                return None
+            if len(record) < fmt.BSDIFF_RECORD_SIZE:
+                record += self._stream.read_exact(fmt.BSDIFF_RECORD_SIZE - len(record))
+            return (
+                _decode_offtout(record[:8]),
+                _decode_offtout(record[8:16]),
+                _decode_offtout(record[16:]),
+            )
+        if len(self._buffer) - self._pos < fmt.MAX_CONTROL_RECORD:
+            self._buffer = self._buffer[self._pos :] + self._stream.read(_INPUT_CHUNK)
+            self._pos = 0
+            if not self._buffer:
+                return None
+        values = []
+        for _ in range(3):
+            try:
+                value, self._pos = fmt.decode_varint(self._buffer, self._pos, "control")
+            except fmt.DeltaFormatError:
+                raise DeltaCorrupt("bsdiff control stream: truncated or malformed record") from None
+            values.append(value)
+        return values[0], values[1], fmt.unzigzag(values[2])
+
+
+def _apply_bsdiff(
+    section: _Region, base: _Base, length: int, target: _Target, compact: bool = False
+) -> None:
+    heads = _stream_heads(section, compact)
     control, diff, extra = (
         _Stream(
             codec,
             section.sub(n, f"bsdiff {name} stream"),
             f"bsdiff {name} stream",
             fmt.ZSTD_STREAM_WINDOW_LOG,
+            props,
         )
-        for name, codec, n in heads
+        for name, codec, props, n in heads
     )
+    records = _ControlRecords(control, compact)
     new_pos = 0
     old_pos = 0
-    while record := control.read(fmt.BSDIFF_RECORD_SIZE):
-        if len(record) < fmt.BSDIFF_RECORD_SIZE:
-            record += control.read_exact(fmt.BSDIFF_RECORD_SIZE - len(record))
-        add = _decode_offtout(record[:8])
-        copy = _decode_offtout(record[8:16])
-        seek = _decode_offtout(record[16:])
+    empty = 0
+    while (record := records.next()) is not None:
+        add, copy, seek = record
+        if not add and not copy:
+            # A record that writes nothing only moves the base position; a flood of them
+            # would spin the CPU on a tiny compressed control stream.
+            empty += 1
+            if empty > 16:
+                raise DeltaCorrupt(f"bsdiff control: empty records at output offset {new_pos}")
+        else:
+            empty = 0
         if add < 0 or copy < 0:
             raise DeltaCorrupt(f"bsdiff control record out of range at output offset {new_pos}")
         if new_pos + add + copy > length:
@@ -393,16 +674,14 @@ def _apply_bsdiff(section: _Region, base: _Base, length: int, sink: _Sink) -> No
         done = 0
         while done < add:
             piece = min(_PIECE, add - done)
-            delta = diff.read_exact(piece)
-            old = base.read(old_pos + done, piece)
-            sink.write(bsdiff4.core.patch(old, piece, _add_control(piece), delta, b""))
+            target.add(base, old_pos + done, diff.read_exact(piece))
             done += piece
         new_pos += add
         old_pos += add
         done = 0
         while done < copy:
             piece = min(_PIECE, copy - done)
-            sink.write(extra.read_exact(piece))
+            target.copy(extra.read_exact(piece))
             done += piece
         new_pos += copy
         old_pos += seek
@@ -459,11 +738,11 @@ def _apply_stored(region: _Region, length: int, sink: _Sink) -> None:
         sink.write(region.read(_PIECE))
 
 
-class _FillingSink:
-    """Interleaves a window's fills with the bytes its segment produces."""
+class _FillingTarget:
+    """Interleaves a window's fills with the operations its segment produces."""
 
-    def __init__(self, sink: _Sink, fills: list[tuple[int, int, int]]):
-        self._sink = sink
+    def __init__(self, target: _Target, fills: list[tuple[int, int, int]]):
+        self._target = target
         self._fills = fills
         self._next = 0
         self.pos = 0
@@ -475,26 +754,42 @@ class _FillingSink:
             left = length
             while left:
                 piece = min(left, len(block))
-                self._sink.write(block[:piece])
+                self._target.copy(block[:piece])
                 left -= piece
             self.pos += length
             self._next += 1
 
-    def write(self, data: bytes) -> None:
+    def _room(self, size: int) -> int:
+        """How many of the next ``size`` bytes go before the next fill."""
+        self._emit_due_fills()
+        limit = self._fills[self._next][0] if self._next < len(self._fills) else None
+        return size if limit is None else min(size, limit - self.pos)
+
+    def add(self, base: _Base, pos: int, diff: bytes) -> None:
+        done = 0
+        while done < len(diff):
+            take = self._room(len(diff) - done)
+            self._target.add(base, pos + done, diff[done : done + take])
+            done += take
+            self.pos += take
+
+    def copy(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            self._emit_due_fills()
-            limit = self._fills[self._next][0] if self._next < len(self._fills) else None
-            take = len(view) if limit is None else min(len(view), limit - self.pos)
-            self._sink.write(bytes(view[:take]))
+            take = self._room(len(view))
+            self._target.copy(bytes(view[:take]))
             self.pos += take
             view = view[take:]
+
+    write = copy
 
     def finish(self) -> None:
         self._emit_due_fills()
 
 
-def _apply_windows(payload: _Region, old: BinaryIO, old_length: int, sink: _Sink) -> None:
+def _apply_windows(
+    payload: _Region, old: BinaryIO, old_length: int, target: _Target, compact: bool = False
+) -> None:
     (count,) = fmt.WINDOW_COUNT.unpack(payload.read_exact(fmt.WINDOW_COUNT.size, "window count"))
     if count > fmt.MAX_WINDOWS:
         raise DeltaCorrupt(f"window count {count} exceeds {fmt.MAX_WINDOWS}")
@@ -523,11 +818,13 @@ def _apply_windows(payload: _Region, old: BinaryIO, old_length: int, sink: _Sink
             payload.read_exact(fmt.SEGMENT_HEAD.size, f"{what} segment header")
         )
         segment = payload.sub(segment_length, f"{what} segment")
-        window_sink = _FillingSink(sink, fills)
+        window_sink = _FillingTarget(target, fills)
         base = _Base(old, extents)
         if method == fmt.SEGMENT_BSDIFF:
-            _apply_bsdiff(segment, base, data_length, window_sink)
+            _apply_bsdiff(segment, base, data_length, window_sink, compact)
         elif method == fmt.SEGMENT_ZSTD_DICT:
+            if isinstance(target, _Operations):
+                raise DeltaNotStreamable(f"{what}: a zstd-dict segment needs its base as a whole")
             _apply_zstd(segment, base, data_length, window_sink)
         elif method == fmt.SEGMENT_ZSTD:
             _apply_zstd(segment, None, data_length, window_sink)
@@ -552,8 +849,10 @@ __all__ = [
     "DeltaBaseMismatch",
     "DeltaCorrupt",
     "DeltaError",
+    "DeltaNotStreamable",
     "DeltaResultMismatch",
     "apply_delta",
     "apply_delta_file",
     "read_delta_header",
+    "walk_delta",
 ]

@@ -58,17 +58,17 @@ class SecondaryDelivery:
     ) -> InstallOutcome:
         """Get ``item`` installed on its secondary; the outcome says how that went."""
         sec = self._secondaries[item.ecu_serial]
-        try:
-            path = self._rebuilt_from_delta(state, sec, item) or self._downloads.image(item)
-        except VerificationFailure as exc:
-            return self._refused(state, item, exc)
-        update = SecondaryUpdate(
-            item.target.path, verified.director_targets, path, verified.director_roots
-        )
-        try:
-            outcome = sec.install(update)
-        except SecondaryError as exc:
-            outcome = InstallOutcome(item.target.path, InstallResult.FAILED, str(exc))
+        outcome = self._by_delta_on_the_ecu(state, sec, item, verified)
+        path = None
+        if outcome is None:
+            try:
+                path = self._rebuilt_from_delta(state, sec, item) or self._downloads.image(item)
+            except VerificationFailure as exc:
+                return self._refused(state, item, exc)
+            try:
+                outcome = sec.install(self._update(item, verified, path))
+            except SecondaryError as exc:
+                outcome = InstallOutcome(item.target.path, InstallResult.FAILED, str(exc))
         self._say(
             f"secondary {sec.ecu_serial}: {outcome.result} {item.target.path}"
             + (f" ({outcome.detail})" if outcome.detail else "")
@@ -76,7 +76,48 @@ class SecondaryDelivery:
         if outcome.result is InstallResult.INSTALLED:
             state.ecu(sec.ecu_serial).release_counter = item.custom.release_counter
             self._store.save(state)
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
+        return outcome
+
+    @staticmethod
+    def _update(item: DirectedImage, verified: VerifiedUpdate, image: Path) -> SecondaryUpdate:
+        return SecondaryUpdate(
+            item.target.path, verified.director_targets, image, verified.director_roots,
+            item.target.length, item.sha256,
+        )  # fmt: skip
+
+    def _by_delta_on_the_ecu(
+        self, state: AgentState, sec: Secondary, item: DirectedImage, verified: VerifiedUpdate
+    ) -> InstallOutcome | None:
+        """The ECU applies the verified delta itself (:mod:`client.secondaries.uds_delta`), or None.
+
+        Only for secondaries whose image the primary cannot read: those it can
+        get the rebuilt full image instead (:meth:`_rebuilt_from_delta`).
+        """
+        delta = item.delta
+        if delta is None or sec.installed_image_path() is not None:
+            return None
+        try:
+            patch = self._downloads.path(f"{delta.hashes['sha256']}.delta")
+            scratch = self._downloads.path(f"{delta.hashes['sha256']}.ecu-patch")
+            self._downloads.target(delta, patch.name)
+        except VerificationFailure as exc:
+            if isinstance(exc, AttackDetected):
+                self._note_attack(state, str(exc))
+            self._say(f"delta for {sec.ecu_serial} not used ({exc}): sending the full image")
+            return None
+        try:
+            base = sec.installed_sha256()
+            outcome = sec.install_delta(self._update(item, verified, patch), patch, scratch, base)
+        except SecondaryError as exc:
+            self._say(f"delta for {sec.ecu_serial} not used ({exc}): sending the full image")
+            return None
+        finally:
+            patch.unlink(missing_ok=True)
+            scratch.unlink(missing_ok=True)
+        if outcome is None:
+            self._say(f"{sec.ecu_serial} takes no patch for this delta: sending the full image")
         return outcome
 
     def _refused(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import can
 
-from hil.wire_time import CanTiming, WireClock
+from hil.wire_time import CAN_TX_QUEUE_FRAMES, CanTiming, WireClock
 
 
 @dataclass
@@ -127,7 +127,7 @@ class VirtualCanWire:
     def __init__(self, timing: CanTiming | None = None, channel: str | None = None) -> None:
         self.timing = timing
         self.channel = channel or f"uptake-hil-{uuid.uuid4().hex[:12]}"
-        self.clock = WireClock()
+        self.clock = WireClock(queue_frames=CAN_TX_QUEUE_FRAMES)
 
     def open_bus(self, faults: CanFaults | None = None) -> SimulatedCanBus:
         inner = can.Bus(interface="virtual", channel=self.channel, receive_own_messages=False)

@@ -17,6 +17,13 @@ build them, and this module only implements the ECU's behaviour:
   tester resends a block whose answer was lost);
 * RequestDownload to :data:`~client.secondaries.uds.METADATA_ADDRESS` stores a
   metadata blob in RAM (director metadata for Uptane partial verification);
+* RequestDownload to :data:`~client.secondaries.uds.PATCH_ADDRESS` receives a
+  sequential patch (:mod:`client.secondaries.ecu_patch`) and applies it block
+  by block from the active bank into the erased inactive bank, in the bounded
+  RAM of :data:`~client.secondaries.ecu_patch.RAM_BOUND` plus one block; the
+  capability is declared in DID 0xF1A3 (``EcuConfig.patch_limits``; ``None``
+  for an ECU that takes full images only). Check-dependencies then carries the
+  expected sha256 and answers with the CRC-32 of what it verified;
 * routine 0xFF01 (check programming dependencies): the written image must
   have the CRC-32 the tester sends, then a pluggable
   :data:`DependencyCheck` ``(metadata, image) -> (ok, reason)`` decides (the
@@ -37,6 +44,7 @@ of requests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -67,9 +75,11 @@ from udsoncan.services.TesterPresent import TesterPresent
 from udsoncan.services.TransferData import TransferData
 from udsoncan.services.WriteDataByIdentifier import WriteDataByIdentifier
 
+from client.secondaries.ecu_patch import EcuPatchLimits, PatchApplier, PatchError
 from client.secondaries.uds import (
     APPLICATION_ADDRESS,
     DID_ACTIVE_IMAGE,
+    DID_DELTA_CAPABILITY,
     DID_ECU_SERIAL,
     DID_FINGERPRINT,
     DID_HARDWARE_NUMBER,
@@ -77,6 +87,7 @@ from client.secondaries.uds import (
     DID_SOFTWARE_VERSION,
     DID_VERSION_REPORT,
     METADATA_ADDRESS,
+    PATCH_ADDRESS,
     ROUTINE_CHECK_DEPENDENCIES,
     ROUTINE_ERASE,
     SESSION_DEFAULT,
@@ -180,6 +191,8 @@ class EcuConfig:
     boot_check: BootCheck = vector_table_not_erased
     extra_dids: dict[int, bytes] = field(default_factory=dict)
     faults: EcuFaults = field(default_factory=EcuFaults)
+    patch_limits: EcuPatchLimits | None = field(default_factory=EcuPatchLimits)
+    """Sequential patches this ECU applies (None: full images only)."""
 
 
 class _PowerLost(Exception):
@@ -199,6 +212,8 @@ class _Download:
     received: int = 0
     counter: int = 1
     last_counter: int | None = None
+    patch: PatchApplier | None = None
+    written: int = 0  # bytes of the inactive bank a patch has written
 
 
 class UdsEcuSimulator:
@@ -215,6 +230,8 @@ class UdsEcuSimulator:
         self.config = config or EcuConfig()
         self.power_lost = threading.Event()
         self.requests_served = 0
+        self.programming_bytes = 0  # image or patch bytes received over the bus
+        self.patches_applied = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stack: isotp.TransportLayer | None = None
@@ -473,6 +490,9 @@ class UdsEcuSimulator:
             return self.config.version_report(status)
         if did == DID_REPORT_NONCE:
             return self._nonce
+        if did == DID_DELTA_CAPABILITY and self.config.patch_limits is not None:
+            limits = self.config.patch_limits
+            return struct.pack(">BBI", 1, limits.max_dict_log, self.config.bank_size)
         if did in self.config.extra_dids:
             return self.config.extra_dids[did]
         raise _Negative(_Code.RequestOutOfRange)
@@ -524,8 +544,14 @@ class UdsEcuSimulator:
             self._erase()
             return echo + b"\x00"
         if routine == ROUTINE_CHECK_DEPENDENCIES:
-            ok, reason = self._check_dependencies(data[2:])
-            return echo + (b"\x00" if ok else b"\x01" + reason.encode()[:200])
+            record = data[2:]
+            ok, reason = self._check_dependencies(record)
+            if not ok:
+                return echo + b"\x01" + reason.encode()[:200]
+            if len(record) == 32:  # say what was verified: the tester then checks the boot by it
+                bank = self._state["banks"][self._state["pending"]]
+                return echo + b"\x00" + struct.pack(">I", int(bank["crc32"]))
+            return echo + b"\x00"
         raise _Negative(_Code.RequestOutOfRange)
 
     def _erase(self) -> None:
@@ -555,12 +581,15 @@ class UdsEcuSimulator:
         length = self._written_length
         if length is None:
             return False, "no image was downloaded"
-        if len(record) != 4:
-            return False, "expected the image CRC-32 (4 bytes)"
+        if len(record) not in (4, 32):
+            return False, "expected the image CRC-32 (4 bytes) or sha256 (32 bytes)"
         image = self.read_bank(self._inactive_bank, length)
         crc = zlib.crc32(image)
-        expected = int.from_bytes(record, "big")
-        if crc != expected:
+        if len(record) == 32:  # after a patch: the tester knows the signed sha256, not the CRC
+            if hashlib.sha256(image).digest() != record:
+                return False, "the patched image's sha256 differs from the tester's"
+        elif crc != int.from_bytes(record, "big"):
+            expected = int.from_bytes(record, "big")
             return False, f"image CRC-32 {crc:08x} differs from the tester's {expected:08x}"
         ok, reason = self.config.dependency_check(self._metadata, image)
         if not ok:
@@ -588,10 +617,17 @@ class UdsEcuSimulator:
         self._require_programming()
         if self._download is not None:
             raise _Negative(_Code.ConditionsNotCorrect)
+        patch = None
         if location.address == METADATA_ADDRESS:
             if location.memorysize > _METADATA_MAX:
                 raise _Negative(_Code.RequestOutOfRange)
             self._metadata = b""
+        elif location.address == PATCH_ADDRESS and self.config.patch_limits is not None:
+            if not self._erased:
+                raise _Negative(_Code.ConditionsNotCorrect)
+            self._erased = False
+            self._written_length = None
+            patch = self._patch_applier(self.config.patch_limits)
         elif location.address == self.config.application_address:
             if location.memorysize > self.config.bank_size:
                 raise _Negative(_Code.RequestOutOfRange)
@@ -601,8 +637,38 @@ class UdsEcuSimulator:
             self._written_length = None
         else:
             raise _Negative(_Code.RequestOutOfRange)
-        self._download = _Download(address=location.address, size=location.memorysize)
+        self._download = _Download(address=location.address, size=location.memorysize, patch=patch)
         return bytes([0x20]) + struct.pack(">H", self.config.max_block_length)
+
+    def _patch_applier(self, limits: EcuPatchLimits) -> PatchApplier:
+        """Applies a patch from the active bank into the inactive one as blocks arrive."""
+        active = int(self._state["active"])
+        bank = self._state["banks"][active]
+        length = int(bank["length"]) if bank else 0
+        # the bootloader hashes its active image once per patch (flash reads, no RAM)
+        base_sha = hashlib.sha256(self.read_bank(active, length)).digest()
+        # RAM for the applier: the patch's LZMA2 dictionary, a piece of output, one block
+        active_path = self._bank_path(active)
+
+        def read_base(offset: int, size: int) -> bytes:
+            with open(active_path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+
+        def write(data: bytes) -> None:
+            download = self._download
+            assert download is not None
+            with open(self._bank_path(self._inactive_bank), "r+b") as f:
+                f.seek(download.written)
+                f.write(data)
+            download.written += len(data)
+
+        return PatchApplier(
+            read_base,
+            write,
+            (length, base_sha),
+            EcuPatchLimits(limits.max_dict_log, self.config.bank_size),
+        )
 
     def _transfer_data(self, request: Request) -> bytes:
         download = self._download
@@ -621,8 +687,12 @@ class UdsEcuSimulator:
             or download.received + len(block) > download.size
         ):
             raise _Negative(_Code.TransferDataSuspended)
+        if download.address != METADATA_ADDRESS:
+            self.programming_bytes += len(block)
         if download.address == METADATA_ADDRESS:
             self._metadata += block
+        elif download.patch is not None:
+            self._apply_patch_block(download, block)
         else:
             self._write_image(download, block)
         download.received += len(block)
@@ -645,12 +715,38 @@ class UdsEcuSimulator:
             self.config.faults.power_loss_at = None  # one power cut per fault plan
             raise _PowerLost
 
+    def _apply_patch_block(self, download: _Download, block: bytes) -> None:
+        """Feed one block to the patch applier; power may fail in the middle of patching."""
+        assert download.patch is not None
+        fraction = self.config.faults.power_loss_at
+        threshold = None if fraction is None else math.ceil(download.size * fraction)
+        if threshold is not None and download.received + len(block) >= threshold:
+            download.patch.feed(block[: max(0, threshold - download.received)])
+            self.config.faults.power_loss_at = None  # one power cut per fault plan
+            raise _PowerLost
+        try:
+            download.patch.feed(block)
+        except PatchError as exc:
+            _log.warning("%s: patch refused: %s", self.config.serial, exc)
+            self._download = None
+            raise _Negative(_Code.GeneralProgrammingFailure) from None
+
     def _transfer_exit(self, request: Request) -> bytes:
         download = self._download
         if download is None or download.received != download.size:
             raise _Negative(_Code.RequestSequenceError)
         self._download = None
-        if download.address != METADATA_ADDRESS:
+        if download.patch is not None:
+            try:
+                download.patch.finish()
+            except PatchError as exc:
+                _log.warning("%s: patch refused: %s", self.config.serial, exc)
+                raise _Negative(_Code.GeneralProgrammingFailure) from None
+            with open(self._bank_path(self._inactive_bank), "r+b") as f:
+                os.fsync(f.fileno())
+            self._written_length = download.written
+            self.patches_applied += 1
+        elif download.address != METADATA_ADDRESS:
             with open(self._bank_path(self._inactive_bank), "r+b") as f:
                 os.fsync(f.fileno())
             self._written_length = download.size

@@ -99,12 +99,23 @@ class WireClock:
     sleeps until the booking ends. Sleeps shorter than ``min_sleep`` are
     deferred (the debt is carried into the next booking), since Python cannot
     sleep a few hundred microseconds accurately; the long-run rate stays exact.
+
+    ``queue_frames`` models the controller's transmit queue: a sender may run
+    that many frames (of the size it is sending) ahead of the wire, as a host
+    does that keeps a CAN interface's queue filled (SocketCAN's default
+    ``txqueuelen`` is 10 frames).
+    Without it, every wake-up from a sleep that ends exactly at a frame's end
+    leaves the wire idle for the sleep's overshoot and the next frame's Python
+    work, which a real controller does not (it sends its queued frames back to
+    back). Bookings still never overlap, so no frame takes less than its wire
+    time; frames reach the receiver at most ``queue_frames`` frames early.
     """
 
-    def __init__(self, min_sleep: float = 0.002) -> None:
+    def __init__(self, min_sleep: float = 0.002, queue_frames: int = 0) -> None:
         self._lock = threading.Lock()
         self._busy_until = 0.0
         self._min_sleep = min_sleep
+        self._queue_frames = queue_frames
         self.booked_seconds = 0.0
 
     def occupy(self, seconds: float) -> None:
@@ -114,6 +125,10 @@ class WireClock:
             self._busy_until = start + seconds
             self.booked_seconds += seconds
             end = self._busy_until
-        wait = end - time.monotonic()
+        wait = end - self._queue_frames * seconds - time.monotonic()
         if wait >= self._min_sleep:
             time.sleep(wait)
+
+
+CAN_TX_QUEUE_FRAMES = 10
+"""Frames a CAN node keeps queued for its controller (SocketCAN's default txqueuelen)."""

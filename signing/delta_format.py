@@ -29,6 +29,25 @@ Nothing may follow the payload. Every field is validated strictly by
 :func:`decode_header`; a violation raises :class:`DeltaFormatError` naming the
 field. Authenticity is not this format's job: the whole delta file is a TUF
 target whose length and hashes the agent verifies before decoding it.
+
+Format version 2 is the *thin* container the creator writes today: only what
+the applier needs, so that a delta between nearly identical images is not
+dominated by its header (52-60 bytes instead of 141+)::
+
+    offset  size  field
+    0       4     magic             b"UPT\x02"
+    4       1     method id         1 bsdiff, 2 zstd-dict, 3 windows, 4 transformed
+    5       v     base_length       LEB128
+            8     base_sha256[:8]   tells a wrong base from a corrupted delta (diagnostic only)
+            v     result_length     LEB128
+            32    result_sha256     the image the delta must produce
+    ...     p     payload           its bsdiff sections use varint control records
+    end-4   4     crc32             CRC-32 of every byte before it
+
+The result's full sha256 stays: it is what the applier checks the output
+against. The base is named by a prefix only because the base is the vehicle's
+own verified image: a delta for another base can only produce a wrong result,
+which the result check refuses. Readers accept both versions.
 """
 
 from __future__ import annotations
@@ -44,6 +63,14 @@ from signing.exceptions import UptakeError
 
 MAGIC = b"UPTDELTA"
 FORMAT_VERSION = 1
+MAGIC_V2 = b"UPT\x02"
+THIN_VERSION = 2
+KNOWN_VERSIONS = (FORMAT_VERSION, THIN_VERSION)
+BASE_PREFIX_LENGTH = 8  # bytes of the base's sha256 a thin header keeps
+
+# Method ids of the thin container (version 1 spells the name out).
+METHOD_IDS = {"bsdiff": 1, "zstd-dict": 2, "windows": 3, "transformed": 4}
+METHOD_NAMES = {number: name for name, number in METHOD_IDS.items()}
 
 # Largest image either side may describe (1 TiB): rejects absurd lengths early.
 MAX_IMAGE_LENGTH = 1 << 40
@@ -74,29 +101,55 @@ class DeltaHeader:
     payload_length: int
     payload_sha256: bytes
     format_version: int = FORMAT_VERSION
+    crc32: int = 0
+    """Version 2: CRC-32 of the whole file before its trailer (version 1 has payload_sha256)."""
 
     def __post_init__(self) -> None:
         _check_method(self.method)
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in KNOWN_VERSIONS:
             raise DeltaFormatError("format_version", f"unsupported version {self.format_version}")
+        thin = self.format_version == THIN_VERSION
+        if thin and self.method not in METHOD_IDS:
+            raise DeltaFormatError("method", f"{self.method!r} has no id in a thin container")
         for name in ("base", "result"):
             length = getattr(self, f"{name}_length")
-            if not 0 <= length <= MAX_IMAGE_LENGTH:
+            if not isinstance(length, int) or not 0 <= length <= MAX_IMAGE_LENGTH:
                 raise DeltaFormatError(f"{name}_length", f"{length} out of range")
         if self.payload_length < 0:
             raise DeltaFormatError("payload_length", "negative")
-        for name in ("base_sha256", "result_sha256", "payload_sha256"):
+        sizes = {
+            "base_sha256": BASE_PREFIX_LENGTH if thin else 32,
+            "result_sha256": 32,
+            "payload_sha256": 0 if thin else 32,
+        }
+        for name, size in sizes.items():
             digest = getattr(self, name)
-            if not isinstance(digest, bytes) or len(digest) != 32:
-                raise DeltaFormatError(name, "must be 32 raw bytes")
+            if not isinstance(digest, bytes) or len(digest) != size:
+                raise DeltaFormatError(name, f"must be {size} raw bytes")
 
     @property
     def encoded_length(self) -> int:
         """Size in bytes of the encoded header (the payload starts there)."""
+        if self.format_version == THIN_VERSION:
+            return len(self.encode())
         return _PREFIX.size + len(self.method) + _BODY.size + _CRC.size
 
+    @property
+    def trailer_length(self) -> int:
+        """Bytes after the payload (the thin container's CRC-32)."""
+        return _CRC.size if self.format_version == THIN_VERSION else 0
+
     def encode(self) -> bytes:
-        """Serialize the header; the payload is appended by the caller."""
+        """Serialize the header; the caller appends the payload (and, for v2, the trailer)."""
+        if self.format_version == THIN_VERSION:
+            return (
+                MAGIC_V2
+                + bytes([METHOD_IDS[self.method]])
+                + encode_varint(self.base_length)
+                + self.base_sha256
+                + encode_varint(self.result_length)
+                + self.result_sha256
+            )
         method = self.method.encode("ascii")
         head = _PREFIX.pack(MAGIC, self.format_version, len(method)) + method
         head += _BODY.pack(
@@ -129,7 +182,10 @@ def decode_header(stream: BinaryIO) -> DeltaHeader:
     itself (length, sha256, trailing data) is checked by the applier as it
     streams it; see :func:`check_payload` for a whole-file check.
     """
-    prefix = _read_exact(stream, _PREFIX.size, "magic")
+    first = _read_exact(stream, len(MAGIC_V2), "magic")
+    if first == MAGIC_V2:
+        return _decode_thin(stream)
+    prefix = first + _read_exact(stream, _PREFIX.size - len(first), "magic")
     magic, version, method_length = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise DeltaFormatError("magic", f"expected {MAGIC!r}, got {magic!r}")
@@ -163,13 +219,72 @@ def decode_header(stream: BinaryIO) -> DeltaHeader:
     )
 
 
+def _decode_thin(stream: BinaryIO) -> DeltaHeader:
+    method_id = _read_exact(stream, 1, "method")[0]
+    if method_id not in METHOD_NAMES:
+        raise DeltaFormatError("method", f"unknown method id {method_id}")
+    base_length = read_varint(stream, "base_length")
+    base_prefix = _read_exact(stream, BASE_PREFIX_LENGTH, "base_sha256")
+    result_length = read_varint(stream, "result_length")
+    result_sha = _read_exact(stream, 32, "result_sha256")
+    payload_start = stream.tell()
+    end = stream.seek(0, 2)
+    stream.seek(payload_start)
+    payload_length = end - payload_start - _CRC.size
+    if payload_length < 0:
+        raise DeltaFormatError("crc32", "truncated: no room for the trailing CRC-32")
+    for name, value in (("base_length", base_length), ("result_length", result_length)):
+        if value > MAX_IMAGE_LENGTH:
+            raise DeltaFormatError(name, f"{value} out of range")
+    stream.seek(end - _CRC.size)
+    (crc,) = _CRC.unpack(_read_exact(stream, _CRC.size, "crc32"))
+    stream.seek(payload_start)
+    return DeltaHeader(
+        method=METHOD_NAMES[method_id],
+        base_length=base_length,
+        base_sha256=base_prefix,
+        result_length=result_length,
+        result_sha256=result_sha,
+        payload_length=payload_length,
+        payload_sha256=b"",
+        format_version=THIN_VERSION,
+        crc32=crc,
+    )
+
+
+def thin_header(
+    method: str, base: tuple[int, bytes], result: tuple[int, bytes], payload_length: int
+) -> DeltaHeader:
+    """A version 2 header for full ``(length, sha256)`` pairs (the CRC is the caller's trailer)."""
+    return DeltaHeader(
+        method=method,
+        base_length=base[0],
+        base_sha256=base[1][:BASE_PREFIX_LENGTH],
+        result_length=result[0],
+        result_sha256=result[1],
+        payload_length=payload_length,
+        payload_sha256=b"",
+        format_version=THIN_VERSION,
+    )
+
+
+def crc_trailer(crc: int) -> bytes:
+    """The 4-byte trailer of a thin container whose preceding bytes have CRC-32 ``crc``."""
+    return _CRC.pack(crc & 0xFFFFFFFF)
+
+
 def encode_delta(
     method: str,
     base: tuple[int, bytes],
     result: tuple[int, bytes],
     payload: bytes,
+    *,
+    version: int = THIN_VERSION,
 ) -> bytes:
-    """Build a complete delta: header for ``(length, sha256)`` pairs + payload."""
+    """Build a complete delta: header for ``(length, sha256)`` pairs + payload (+ trailer)."""
+    if version == THIN_VERSION:
+        head = thin_header(method, base, result, len(payload)).encode() + payload
+        return head + crc_trailer(zlib.crc32(head))
     header = DeltaHeader(
         method=method,
         base_length=base[0],
@@ -183,7 +298,13 @@ def encode_delta(
 
 
 def check_payload(stream: BinaryIO, header: DeltaHeader, chunk_size: int = 1 << 20) -> None:
-    """Verify the payload that follows ``header`` in ``stream`` (length, sha256, no trailer)."""
+    """Verify the payload that follows ``header`` in ``stream`` (length, checksum, no trailer).
+
+    The stream must be positioned at the first payload byte.
+    """
+    if header.format_version == THIN_VERSION:
+        _check_thin(stream, header, chunk_size)
+        return
     digest = hashlib.sha256()
     remaining = header.payload_length
     while remaining:
@@ -200,6 +321,83 @@ def check_payload(stream: BinaryIO, header: DeltaHeader, chunk_size: int = 1 << 
         raise DeltaFormatError("payload_length", "unexpected data after the payload")
     if digest.digest() != header.payload_sha256:
         raise DeltaFormatError("payload_sha256", "payload does not match its sha256 (corrupted)")
+
+
+def _check_thin(stream: BinaryIO, header: DeltaHeader, chunk_size: int) -> None:
+    start = stream.tell()
+    stream.seek(start - header.encoded_length)
+    crc = zlib.crc32(_read_exact(stream, header.encoded_length, "magic"))
+    remaining = header.payload_length
+    while remaining:
+        chunk = stream.read(min(chunk_size, remaining))
+        if not chunk:
+            raise DeltaFormatError("crc32", "delta truncated while checking it")
+        crc = zlib.crc32(chunk, crc)
+        remaining -= len(chunk)
+    if crc != header.crc32:
+        raise DeltaFormatError("crc32", "delta does not match its CRC-32 (corrupted or truncated)")
+    stream.seek(start)
+
+
+# --- Varints ----------------------------------------------------------------------
+#
+# LEB128: 7 bits per byte, least significant first, high bit = more. Signed
+# values are zigzag-mapped first (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...).
+
+MAX_VARINT_BYTES = 10  # 64-bit values
+
+
+def encode_varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("varints are unsigned; zigzag-map signed values first")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def zigzag(value: int) -> int:
+    return (value << 1) if value >= 0 else ((-value) << 1) - 1
+
+
+def unzigzag(value: int) -> int:
+    return (value >> 1) if not value & 1 else -((value + 1) >> 1)
+
+
+def read_varint(stream: BinaryIO, field: str) -> int:
+    """Read one LEB128 value (at most 64 bits) from ``stream``."""
+    value = 0
+    for index in range(MAX_VARINT_BYTES):
+        raw = stream.read(1)
+        if not raw:
+            raise DeltaFormatError(field, "truncated varint")
+        value |= (raw[0] & 0x7F) << (7 * index)
+        if not raw[0] & 0x80:
+            if value >= 1 << 64:
+                raise DeltaFormatError(field, "varint exceeds 64 bits")
+            return value
+    raise DeltaFormatError(field, f"varint longer than {MAX_VARINT_BYTES} bytes")
+
+
+def decode_varint(data: bytes | memoryview, pos: int, field: str) -> tuple[int, int]:
+    """``(value, next position)`` of the LEB128 value at ``data[pos]``."""
+    value = 0
+    for index in range(MAX_VARINT_BYTES):
+        if pos >= len(data):
+            raise DeltaFormatError(field, "truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            if value >= 1 << 64:
+                raise DeltaFormatError(field, "varint exceeds 64 bits")
+            return value, pos
+    raise DeltaFormatError(field, f"varint longer than {MAX_VARINT_BYTES} bytes")
 
 
 # --- Payload layouts shared by the creator and the applier -----------------
@@ -277,3 +475,83 @@ def lzma2_filters(codec: int) -> list[dict[str, int]]:
     if codec == CODEC_LZMA2_LC0:
         return [{"id": 0x21, "dict_size": LZMA2_DICT_SIZE, "lc": 0, "lp": 0, "pb": 0}]
     raise ValueError(f"codec {codec} is not LZMA2")
+
+
+# --- Thin container (version 2) payload details -----------------------------------
+#
+# A bsdiff section in a thin container is *compact*::
+#
+#   3 x (codec u8, [props u8 when codec is CODEC_LZMA2_PROPS], length varint)
+#   control, diff, extra stream bytes
+#
+# and its decompressed control stream holds varint records (add varint, copy
+# varint, seek zigzag varint) instead of 24-byte int64 records. Windows
+# payloads keep their layout; their bsdiff segments are compact sections.
+
+CODEC_LZMA2_PROPS = 5  # raw LZMA2, 8 MiB dictionary, lc/lp/pb in the props byte that follows
+MAX_CONTROL_RECORD = 3 * MAX_VARINT_BYTES
+
+
+def lzma2_props_filters(props: int) -> list[dict[str, int]]:
+    """The raw LZMA2 chain of a props byte ``(pb * 5 + lp) * 9 + lc`` (lc + lp <= 4)."""
+    if props >= 9 * 5 * 5:
+        raise ValueError(f"LZMA props byte {props} out of range")
+    lc, rest = props % 9, props // 9
+    lp, pb = rest % 5, rest // 5
+    if lc + lp > 4 or pb > 4:
+        raise ValueError(f"LZMA props byte {props}: lc={lc} lp={lp} pb={pb} not allowed")
+    return [{"id": 0x21, "dict_size": LZMA2_DICT_SIZE, "lc": lc, "lp": lp, "pb": pb}]
+
+
+def lzma2_props_byte(lc: int, lp: int, pb: int) -> int:
+    return (pb * 5 + lp) * 9 + lc
+
+
+# Method "transformed" (thin container only): the images are transformed
+# before diffing, and the applier reverses it while streaming::
+#
+#   base map      region list: how the applier makes the transformed base from the base
+#   result map    region list: how the transformed result maps back to the result
+#   inner method  u8 (1 bsdiff, 2 zstd-dict, 3 windows), then its payload, which
+#                 makes the transformed result from the transformed base
+#
+#   region list:  count varint, then per region: kind u8 and
+#     REGION_RAW     length varint                        bytes as they are
+#     REGION_FILTER  length varint, arch u8               branch targets made absolute (BCJ)
+#     REGION_STREAM  codec u8, length varint (compressed), expanded varint, arch u8
+#                    (a BCJ filter over the expanded bytes, 0 for none),
+#                    params_length varint, params        a compressed stream, expanded
+#
+# Parameters of a result stream say how to recompress it exactly (their
+# ``library`` field names the compressor and version the creator verified it
+# with); base streams are only decompressed and carry none.
+
+REGION_RAW = 0
+REGION_FILTER = 1
+REGION_STREAM = 2
+
+STREAM_GZIP = 1
+STREAM_XZ = 2
+STREAM_ZSTD = 3
+STREAM_NAMES = {STREAM_GZIP: "gzip", STREAM_XZ: "xz", STREAM_ZSTD: "zstd"}
+
+ARCH_NONE = 0
+ARCH_X86 = 1
+ARCH_ARM = 2
+ARCH_ARMT = 3
+ARCH_PPC = 4
+ARCH_SPARC = 5
+ARCH_NAMES = {
+    ARCH_X86: "x86",
+    ARCH_ARM: "arm",
+    ARCH_ARMT: "armt",
+    ARCH_PPC: "ppc",
+    ARCH_SPARC: "sparc",
+}
+
+MAX_REGIONS = 4096
+MAX_STREAM_PARAMS = 4096
+MAX_EXPANDED_TOTAL = 1 << 30  # scratch bytes the applier may write for a transformed base
+MAX_RECOMPRESS_MEMORY = 512 << 20  # what a recompressor may declare it needs
+XZ_MAX_DICT = 64 << 20
+ZSTD_MAX_WINDOW_LOG = 27

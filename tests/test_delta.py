@@ -131,8 +131,21 @@ def test_unknown_method_rejected(tmp_path: Path, pair: tuple[Path, Path]):
 
 @pytest.fixture
 def made(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
+    # A format-version-1 delta, as servers published before the thin container: vehicles
+    # must keep reading them (tests/test_delta_thin.py covers what the creator writes now).
+    from server.delta import encoders
+
+    old, new = (p.read_bytes() for p in pair)
     delta = tmp_path / "delta"
-    create_delta(*pair, delta, methods=["bsdiff"])
+    delta.write_bytes(
+        fmt.encode_delta(
+            "bsdiff",
+            (len(old), hashlib.sha256(old).digest()),
+            (len(new), hashlib.sha256(new).digest()),
+            encoders.bsdiff_section(old, new),
+            version=fmt.FORMAT_VERSION,
+        )
+    )
     return pair[0], pair[1], delta
 
 
@@ -385,7 +398,7 @@ def test_windows_payload_with_every_segment_kind(tmp_path: Path):
         elif method == fmt.SEGMENT_ZSTD:
             segment = encoders.zstd_frame(data)
         elif method == fmt.SEGMENT_BSDIFF:
-            segment = encoders.bsdiff_section(base, data)
+            segment = encoders.compact_section(base, data)
         else:
             segment = data
         payload += fmt.WINDOW_LENGTH.pack(len(window)) + fmt.LIST_COUNT.pack(len(fills))

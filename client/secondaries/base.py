@@ -45,6 +45,9 @@ class SecondaryUpdate:
     image_path: Path
     #: director roots newer than version 1, as the primary verified them (key rotation)
     director_roots: tuple[bytes, ...] = ()
+    #: the directed image's length and sha256 (from verified metadata)
+    length: int = 0
+    sha256: str = ""
 
 
 class Secondary(ABC):
@@ -79,3 +82,18 @@ class Secondary(ABC):
     @abstractmethod
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
         """Verify and install; the outcome is also kept for the ECU's next report."""
+
+    def takes_deltas(self) -> bool:
+        """Whether a delta from the image the ECU runs can help update it (verification then
+        looks for one): the primary reads what it runs, or the ECU applies patches itself."""
+        return self.installed_image_path() is not None
+
+    def install_delta(
+        self, update: SecondaryUpdate, delta: Path, scratch: Path, base_sha256: str
+    ) -> InstallOutcome | None:
+        """Install from ``delta`` (verified) if this ECU applies deltas itself, else None.
+
+        ``scratch`` is a file name the secondary may use for a re-encoded patch.
+        None means "use the full image" (the default: the primary rebuilds it).
+        """
+        return None

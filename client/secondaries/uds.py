@@ -24,6 +24,20 @@ ecu-reset              0x11 0x01 hard reset: the ECU boots the new bank
 boot                   0x22 F1A2 until the ECU answers: it must run the new image
 =====================  =========================================================
 
+:meth:`UdsFlasher.flash_patch` programs by *delta* instead: the same
+sequence, but the download goes to :data:`PATCH_ADDRESS` and carries a
+sequential patch (:mod:`client.secondaries.ecu_patch`) that the ECU applies
+from its active bank into the erased inactive bank as the blocks arrive;
+check-dependencies then carries the expected image's sha256 (32 bytes), and
+the ECU answers with the CRC-32 of what it verified. An ECU declares that it
+can do this in :data:`DID_DELTA_CAPABILITY`.
+
+Throughput: the flasher sends blocks as large as the ECU offers
+(maxNumberOfBlockLength, up to 64 KiB, carried by ISO-TP's escape sequence
+above 4095 bytes), with STmin 0 and no flow-control pauses (block size 0),
+so that the per-block request/response turnaround is a small share of the
+wire time (``bench/flash.py``).
+
 ISO-TP and UDS framing come from ``can-isotp`` and ``udsoncan``; this module
 only sequences the services and turns their exceptions into
 :class:`~client.secondaries.flashing.FlashError`\\ s. The transport uses
@@ -94,6 +108,9 @@ DID_REPORT_NONCE = 0xF1A1
 """Uptane report counter/nonce the primary writes before reading a report."""
 DID_ACTIVE_IMAGE = 0xF1A2
 """Running image: bank index (u8), length (u32), CRC-32 (u32), big-endian."""
+DID_DELTA_CAPABILITY = 0xF1A3
+"""Sequential patches the ECU applies: format (u8, 1), largest LZMA2 dictionary as log2 (u8),
+bank size (u32). Absent (request out of range) when the ECU takes full images only."""
 
 ROUTINE_ERASE = 0xFF00
 ROUTINE_CHECK_DEPENDENCIES = 0xFF01
@@ -101,6 +118,8 @@ ROUTINE_CHECK_DEPENDENCIES = 0xFF01
 APPLICATION_ADDRESS = 0x00000000
 METADATA_ADDRESS = 0xE0000000
 """RequestDownload target of the metadata region (director metadata, in RAM)."""
+PATCH_ADDRESS = 0xD0000000
+"""RequestDownload target of a sequential patch (applied into the erased inactive bank)."""
 
 SESSION_DEFAULT = 0x01
 SESSION_PROGRAMMING = 0x02
@@ -164,7 +183,17 @@ def default_did_codecs() -> dict[int, DidCodec]:
         DID_VERSION_REPORT: BytesCodec(),
         DID_REPORT_NONCE: BytesCodec(),
         DID_ACTIVE_IMAGE: DidCodec(">BII"),
+        DID_DELTA_CAPABILITY: DidCodec(">BBI"),
     }
+
+
+@dataclass(frozen=True)
+class DeltaCapability:
+    """What an ECU says about the sequential patches it applies (:data:`DID_DELTA_CAPABILITY`)."""
+
+    patch_format: int
+    max_dict_log: int
+    bank_size: int
 
 
 @dataclass(frozen=True)
@@ -393,6 +422,49 @@ class UdsFlasher(EcuFlasher):
         metadata region first; ``version`` is written as the fingerprint the
         ECU reports as its software version once the image runs.
         """
+        self._prepare(length, metadata, version)
+        crc = self._download(self.config.application_address, image, length, progress, "")
+        self._check_dependencies(struct.pack(">I", crc))
+        self._reset_and_boot(length, crc)
+
+    def flash_patch(
+        self,
+        patch: BinaryIO,
+        patch_length: int,
+        result: tuple[int, bytes],
+        progress: ProgressCallback | None = None,
+        *,
+        metadata: bytes | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Program the image ``result = (length, sha256)`` by sending a sequential patch.
+
+        The ECU applies ``patch_length`` bytes of ``patch`` from its active bank into its
+        inactive bank and verifies the result's sha256 before it may boot it; its active
+        bank is never written, so a failure (power loss included) leaves it bootable.
+        """
+        length, sha256 = result
+        self._prepare(length, metadata, version)
+        self._download(PATCH_ADDRESS, patch, patch_length, progress, "patch")
+        crc = self._check_dependencies(sha256)
+        if crc is None:
+            raise EcuRejected("check-dependencies", "the ECU did not say what it verified")
+        self._reset_and_boot(length, crc)
+
+    def read_delta_capability(self) -> DeltaCapability | None:
+        """The ECU's :data:`DID_DELTA_CAPABILITY`, or None when it takes full images only."""
+        try:
+            patch_format, max_dict_log, bank_size = self.read_did(
+                DID_DELTA_CAPABILITY, step="read-delta-capability"
+            )
+        except EcuRejected as exc:
+            if exc.code == 0x31:  # requestOutOfRange: no such DID
+                return None
+            raise
+        return DeltaCapability(patch_format, max_dict_log, bank_size)
+
+    def _prepare(self, length: int, metadata: bytes | None, version: str | None) -> None:
+        """Programming session, security access, fingerprint, metadata, erase."""
         timeouts = self.config.timeouts
         with self._step("programming-session", timeouts.request):
             self._client.change_session(SESSION_PROGRAMMING)
@@ -410,11 +482,11 @@ class UdsFlasher(EcuFlasher):
         erase_record = bytes([0x44]) + struct.pack(">II", self.config.application_address, length)
         with self._step("erase", timeouts.erase):
             self._client.start_routine(ROUTINE_ERASE, erase_record)
-        crc = self._download(self.config.application_address, image, length, progress, "")
-        with self._step("check-dependencies", timeouts.check_dependencies):
-            response = self._client.start_routine(
-                ROUTINE_CHECK_DEPENDENCIES, struct.pack(">I", crc)
-            )
+
+    def _check_dependencies(self, record: bytes) -> int | None:
+        """Routine 0xFF01; returns the CRC-32 the ECU reports it verified, if it reports one."""
+        with self._step("check-dependencies", self.config.timeouts.check_dependencies):
+            response = self._client.start_routine(ROUTINE_CHECK_DEPENDENCIES, record)
         assert response is not None  # exceptions are on: no response means an exception
         status = response.service_data.routine_status_record
         if not status or status[0] != 0:
@@ -422,7 +494,10 @@ class UdsFlasher(EcuFlasher):
             raise DependencyCheckFailed(
                 "check-dependencies", f"the ECU refused the image: {reason}"
             )
-        with self._step("ecu-reset", timeouts.request):
+        return int.from_bytes(status[1:5], "big") if len(status) == 5 else None
+
+    def _reset_and_boot(self, length: int, crc: int) -> None:
+        with self._step("ecu-reset", self.config.timeouts.request):
             self._client.ecu_reset(RESET_HARD)
         self._wait_for_boot(length, crc)
 
@@ -502,7 +577,8 @@ class UdsFlasher(EcuFlasher):
     def _wait_for_boot(self, length: int, crc: int) -> None:
         """Poll the running image until the rebooted ECU answers (or give up)."""
         deadline = time.monotonic() + self.config.timeouts.boot
-        short = replace(self.config.timeouts, request=min(0.5, self.config.timeouts.request))
+        # polls are lost while the ECU reboots: ask again soon rather than wait long for each
+        short = replace(self.config.timeouts, request=min(0.1, self.config.timeouts.request))
         # Unanswered polls are expected while the ECU reboots: keep udsoncan quiet.
         logger = self._client.logger
         level = logger.level

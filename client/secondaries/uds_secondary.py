@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import can
 
@@ -119,6 +120,27 @@ class UdsSecondary(Secondary):
     def installed_sha256(self) -> str:
         report = self._last_report or self.version_report()
         return report.ecu_report().installed_image.hashes.get("sha256", "")
+
+    def takes_deltas(self) -> bool:
+        return True  # if it declares the capability (install_delta asks it)
+
+    def install_delta(
+        self, update: SecondaryUpdate, delta: Path, scratch: Path, base_sha256: str
+    ) -> InstallOutcome | None:
+        """Send the delta as a sequential patch the ECU applies (:mod:`.uds_delta`), or None."""
+        from client.secondaries.uds_delta import DeltaNotUsable, install_patch
+
+        self._last_report = None  # whatever happens next, what the ECU runs may change
+        flasher = self._flasher()
+        try:
+            result = (update.length, bytes.fromhex(update.sha256))
+            return install_patch(flasher, update, delta, scratch, base_sha256, result)
+        except DeltaNotUsable:
+            return None
+        except FlashError:
+            return None  # the old bank still runs: the full image goes instead
+        finally:
+            flasher.close()
 
     def install(self, update: SecondaryUpdate) -> InstallOutcome:
         bundle = MetadataBundle(

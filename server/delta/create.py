@@ -21,9 +21,16 @@ Workflow of :func:`create_delta`:
    zstd-dict / zstd / stored when bsdiff does poorly). Memory is then about
    ``workers x 17 x base_budget`` whatever the image size.
 
-A worker that crashes (bsdiff on pathological input) only loses its
-candidate, or, for a window, has it re-encoded without bsdiff. The delta is
-written atomically to ``out_path``.
+4. When the images hold compressed streams that recompress exactly, or are
+   executables of a known architecture, the same is done on *transformed*
+   images (:mod:`server.delta.transforms`) and the ``transformed`` delta is a
+   candidate too.
+
+bsdiff sections are *compact* (varint control, any LZMA2 lc/lp/pb) and their
+matches come from bsdiff4 or HDiffPatch, whichever encodes smaller. A worker
+that crashes (bsdiff on pathological input) only loses its candidate, or, for
+a window, has it re-encoded without bsdiff. The delta is written atomically to
+``out_path`` in the thin container (format version 2).
 """
 
 from __future__ import annotations
@@ -36,13 +43,14 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from server.delta import encoders, plan
+from server.delta import encoders, matching, plan, transforms
 from signing import delta_format as fmt
 from signing.atomic_file import atomic_writer
 
@@ -96,14 +104,22 @@ def create_delta(
     window_size: int = DEFAULT_WINDOW_SIZE,
     base_budget: int = DEFAULT_BASE_BUDGET,
     methods: Collection[str] | None = None,
+    arch_hint: str | None = None,
+    max_recompress_memory: int = fmt.MAX_RECOMPRESS_MEMORY,
 ) -> DeltaReport:
     """Write to ``out_path`` the smallest delta making ``new_path`` from ``old_path``.
 
-    ``methods`` restricts the whole-image candidates (``bsdiff``, ``windows``,
-    ``zstd-dict``); by default every applicable one is tried.
+    ``methods`` restricts the candidates (``bsdiff``, ``windows``, ``zstd-dict``,
+    ``transformed``); by default every applicable one is tried. ``arch_hint``
+    (``x86``, ``arm``, ``armt``, ``ppc``, ``sparc``) names the machine code of a
+    raw image (ELF images say it themselves). ``max_recompress_memory`` bounds
+    what a transformed delta may ask the vehicle's recompressors for.
     """
-    if methods is not None and not set(methods) <= set(WHOLE_METHODS):
-        raise DeltaCreationError(f"unknown methods {sorted(set(methods) - set(WHOLE_METHODS))}")
+    known = {*WHOLE_METHODS, "transformed"}
+    if methods is not None and not set(methods) <= known:
+        raise DeltaCreationError(f"unknown methods {sorted(set(methods) - known)}")
+    if arch_hint is not None and arch_hint not in transforms.ARCH_BY_NAME:
+        raise DeltaCreationError(f"unknown architecture {arch_hint!r}")
     started = time.monotonic()
     if window_size <= 0 or window_size % plan.FILL_BLOCK:
         raise DeltaCreationError(f"window size must be a positive multiple of {plan.FILL_BLOCK}")
@@ -112,20 +128,105 @@ def create_delta(
         new_length, new_sha = _file_digest(new_path)
     except OSError as exc:
         raise DeltaCreationError(f"cannot read image: {exc}") from exc
-    # The payload goes through a temporary file: a large image's delta need
-    # not fit in memory, and only a verified, complete delta reaches out_path.
-    with tempfile.TemporaryFile() as payload:
+    with tempfile.TemporaryDirectory(prefix="uptake-delta-") as tmp:
+        work = Path(tmp)
+        plain = [m for m in methods if m != "transformed"] if methods is not None else None
+        best: _Candidate | None = None
+        candidates: dict[str, int] = {}
+        if plain is None or plain:
+            best = _create_plain(
+                Path(old_path),
+                Path(new_path),
+                old_length,
+                new_length,
+                work / "plain",
+                workers=workers,
+                whole_limit=whole_limit,
+                window_size=window_size,
+                base_budget=base_budget,
+                methods=plain,
+            )
+            candidates.update(best.candidates)
+        if methods is None or "transformed" in methods:
+            for candidate in _create_transformed(
+                Path(old_path),
+                Path(new_path),
+                old_length,
+                new_length,
+                work,
+                workers=workers,
+                whole_limit=whole_limit,
+                window_size=window_size,
+                base_budget=base_budget,
+                arch_hint=arch_hint,
+                max_recompress_memory=max_recompress_memory,
+            ):
+                candidates[candidate.detail] = candidate.size
+                if best is None or candidate.size < best.size:
+                    best = candidate
+        if best is None:
+            raise DeltaCreationError("no transform applies to these images")
+        header = fmt.thin_header(
+            best.method, (old_length, old_sha), (new_length, new_sha), best.size
+        )
+        encoded = header.encode()
+        crc = zlib.crc32(encoded)
+        with atomic_writer(out_path) as out, open(best.payload, "rb") as payload:
+            out.write(encoded)
+            while chunk := payload.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+                out.write(chunk)
+            out.write(fmt.crc_trailer(crc))
+    return DeltaReport(
+        method=best.method,
+        detail=best.detail,
+        old_length=old_length,
+        new_length=new_length,
+        delta_length=len(encoded) + best.size + header.trailer_length,
+        seconds=time.monotonic() - started,
+        candidates=candidates,
+        windows=best.windows,
+    )
+
+
+@dataclass
+class _Candidate:
+    """One payload, in a file: ``method`` is the container's method name."""
+
+    method: str
+    payload: Path
+    size: int
+    detail: str
+    candidates: dict[str, int]
+    windows: int
+
+
+def _create_plain(
+    old_path: Path,
+    new_path: Path,
+    old_length: int,
+    new_length: int,
+    payload_path: Path,
+    *,
+    workers: int,
+    whole_limit: int,
+    window_size: int,
+    base_budget: int,
+    methods: Collection[str] | None,
+) -> _Candidate:
+    """The smallest bsdiff / zstd-dict / windows payload, written to ``payload_path``."""
+    with open(payload_path, "wb") as payload:
         if old_length <= whole_limit:
             method, data, detail, candidates, windows = _create_whole(
-                Path(old_path), Path(new_path), old_length, new_length, workers, methods
+                old_path, new_path, old_length, new_length, workers, methods
             )
             payload.write(data)
             del data
         else:
             method = "windows"
             detail, windows = _create_windowed(
-                Path(old_path),
-                Path(new_path),
+                old_path,
+                new_path,
                 old_length,
                 new_length,
                 workers,
@@ -134,31 +235,68 @@ def create_delta(
                 payload,
             )
             candidates = {"windows": payload.tell()}
-        payload_length = payload.tell()
-        payload.seek(0)
-        header = fmt.DeltaHeader(
-            method=method,
-            base_length=old_length,
-            base_sha256=old_sha,
-            result_length=new_length,
-            result_sha256=new_sha,
-            payload_length=payload_length,
-            payload_sha256=hashlib.file_digest(payload, "sha256").digest(),
+        size = payload.tell()
+    return _Candidate(method, payload_path, size, detail, candidates, windows)
+
+
+def _create_transformed(
+    old_path: Path,
+    new_path: Path,
+    old_length: int,
+    new_length: int,
+    work: Path,
+    *,
+    workers: int,
+    whole_limit: int,
+    window_size: int,
+    base_budget: int,
+    arch_hint: str | None,
+    max_recompress_memory: int,
+) -> list[_Candidate]:
+    """A ``transformed`` payload per applicable transform plan (images up to ``whole_limit``)."""
+    if max(old_length, new_length) > max(whole_limit, DEFAULT_WHOLE_LIMIT):
+        return []  # filesystem images: their windows already find moved files
+    old = old_path.read_bytes()
+    new = new_path.read_bytes()
+    results = []
+    for number, transform in enumerate(transforms.plan_transforms(old, new, arch_hint)):
+        if transforms.recompress_memory(transform) > max_recompress_memory:
+            continue
+        directory = work / f"transform-{number}"
+        directory.mkdir()
+        old_t, new_t = transforms.transformed_files(transform, old, new, directory)
+        inner = _create_plain(
+            old_t,
+            new_t,
+            old_t.stat().st_size,
+            new_t.stat().st_size,
+            directory / "inner",
+            workers=workers,
+            whole_limit=whole_limit,
+            window_size=window_size,
+            base_budget=base_budget,
+            methods=None,
         )
-        payload.seek(0)
-        with atomic_writer(out_path) as out:
-            out.write(header.encode())
-            shutil.copyfileobj(payload, out, 1 << 20)
-    return DeltaReport(
-        method=method,
-        detail=detail,
-        old_length=old_length,
-        new_length=new_length,
-        delta_length=header.encoded_length + payload_length,
-        seconds=time.monotonic() - started,
-        candidates=candidates,
-        windows=windows,
-    )
+        old_t.unlink()
+        new_t.unlink()
+        payload = directory / "payload"
+        with open(payload, "wb") as out, open(inner.payload, "rb") as inner_payload:
+            out.write(transform.encode_maps(old_length, new_length))
+            out.write(bytes([fmt.METHOD_IDS[inner.method]]))
+            shutil.copyfileobj(inner_payload, out, 1 << 20)
+            size = out.tell()
+        inner.payload.unlink()
+        results.append(
+            _Candidate(
+                "transformed",
+                payload,
+                size,
+                f"{transform.name}, then {inner.detail}",
+                {},
+                inner.windows,
+            )
+        )
+    return results
 
 
 def _file_digest(path: Path | str) -> tuple[int, bytes]:
@@ -184,8 +322,16 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 def _candidate_bsdiff(old_path: Path, new_path: Path) -> tuple[bytes, str]:
-    section = encoders.bsdiff_section(old_path.read_bytes(), new_path.read_bytes())
-    return section, f"bsdiff streams {encoders.bsdiff_section_codecs(section)}"
+    section = encoders.compact_section(old_path.read_bytes(), new_path.read_bytes())
+    return section, f"bsdiff streams {encoders.compact_section_codecs(section)}"
+
+
+def _candidate_hdiffpatch(old_path: Path, new_path: Path) -> tuple[bytes, str]:
+    # Images with long uniform runs: bsdiff4 crawls on them, HDiffPatch does not.
+    section = encoders.compact_section(
+        old_path.read_bytes(), new_path.read_bytes(), use_bsdiff=False
+    )
+    return section, f"HDiffPatch matches, streams {encoders.compact_section_codecs(section)}"
 
 
 def _candidate_zstd_dict(old_path: Path, new_path: Path) -> tuple[bytes, str]:
@@ -227,6 +373,8 @@ def _create_whole(
         # Plain bsdiff crawls on long uniform runs: leave those to "windows".
         if uniform <= _UNIFORM_LIMIT:
             jobs["bsdiff"] = _candidate_bsdiff
+        elif matching.hdiffpatch_available():
+            jobs["bsdiff"] = _candidate_hdiffpatch
         if uniform > _UNIFORM_LIMIT or (uniform and small) or "bsdiff" not in jobs:
             jobs["windows"] = _candidate_one_window
         if dict_fits:
@@ -283,7 +431,7 @@ def _encode_window(
     segments: dict[int, bytes] = {fmt.SEGMENT_STORED: data}
     if data:
         if use_bsdiff:
-            segments[fmt.SEGMENT_BSDIFF] = encoders.bsdiff_section(base, data, codecs)
+            segments[fmt.SEGMENT_BSDIFF] = encoders.compact_section(base, data, codecs)
         if not use_bsdiff or len(segments[fmt.SEGMENT_BSDIFF]) > _POOR_RATIO * len(data):
             if (
                 base

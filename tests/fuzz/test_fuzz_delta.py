@@ -11,8 +11,11 @@ zstd and windows decoders instead of stopping at the payload hash.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,38 +23,58 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from client.delta_apply import DeltaError, apply_delta_file
-from server.delta import create_delta
+from server.delta import create_delta, encoders
 from signing import delta_format as fmt
 from tests.fuzz import fuzz_settings
 from tests.uptake_fixtures import sample
 
 OLD = sample("rpi-gateway", "1.0.0").read_bytes()
 NEW = sample("rpi-gateway", "1.1.0").read_bytes()
+# The transformed method needs images with a compressed stream: the same programs gzipped
+# behind a loader, and as x86 ELF code (BCJ filter regions).
+_NOISE = random.Random(16).randbytes(24_000)  # keeps the stream above the creator's minimum
+GZ_OLD = OLD[:4096] + gzip.compress(OLD * 8 + _NOISE, 9, mtime=0) + OLD[-512:]
+GZ_NEW = OLD[:4096] + gzip.compress(NEW * 8 + _NOISE, 9, mtime=0) + OLD[-512:]
+METHODS = ["bsdiff", "zstd-dict", "windows", "transformed", "transformed-bcj", "bsdiff-v1"]
+
+
+def _base(method: str) -> bytes:
+    return GZ_OLD if method == "transformed" else OLD
 
 
 def _make(tmp: Path, method: str) -> bytes:
-    (tmp / "old").write_bytes(OLD)
-    (tmp / "new").write_bytes(NEW * 8)
-    options = (
-        {"whole_limit": 0, "window_size": 4096, "base_budget": 8192}
-        if method == "windows"
-        else {"methods": [method]}
-    )
-    create_delta(tmp / "old", tmp / "new", tmp / method, workers=1, **options)
+    (tmp / "old").write_bytes(_base(method))
+    (tmp / "new").write_bytes(GZ_NEW if method == "transformed" else NEW * 8)
+    options: dict[str, object] = {"methods": [method]}
+    if method == "windows":
+        options = {"whole_limit": 0, "window_size": 4096, "base_budget": 8192}
+    elif method == "transformed-bcj":
+        options = {"methods": ["transformed"], "arch_hint": "x86"}
+    elif method == "bsdiff-v1":  # what servers published before the thin container
+        return fmt.encode_delta(
+            "bsdiff",
+            (len(OLD), hashlib.sha256(OLD).digest()),
+            (len(NEW) * 8, hashlib.sha256(NEW * 8).digest()),
+            encoders.bsdiff_section(OLD, NEW * 8),
+            version=fmt.FORMAT_VERSION,
+        )
+    create_delta(tmp / "old", tmp / "new", tmp / method, workers=1, **options)  # type: ignore[arg-type]
     return (tmp / method).read_bytes()
 
 
 @pytest.fixture(scope="module")
 def deltas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("deltas")
-    made = {m: _make(tmp, m) for m in ("bsdiff", "zstd-dict", "windows")}
+    made = {m: _make(tmp, m) for m in METHODS}
     for method, data in made.items():
-        assert fmt.decode_header(io.BytesIO(data)).method == method, method
+        assert fmt.decode_header(io.BytesIO(data)).method == method.removesuffix(
+            "-bcj"
+        ).removesuffix("-v1"), method
     return made
 
 
-def _apply(tmp: Path, patch: bytes) -> None:
-    (tmp / "old").write_bytes(OLD)
+def _apply(tmp: Path, patch: bytes, base: bytes = OLD) -> None:
+    (tmp / "old").write_bytes(base)
     (tmp / "patch").write_bytes(patch)
     out = tmp / "out"
     out.unlink(missing_ok=True)
@@ -71,11 +94,15 @@ def _apply(tmp: Path, patch: bytes) -> None:
 
 def _reframed(original: bytes, payload: bytes) -> bytes:
     header = fmt.decode_header(io.BytesIO(original))
+    if header.format_version == fmt.THIN_VERSION:
+        head = header.encode() + payload
+        return head + fmt.crc_trailer(zlib.crc32(head))
     return fmt.encode_delta(
         header.method,
         (header.base_length, header.base_sha256),
         (header.result_length, header.result_sha256),
         payload,
+        version=header.format_version,
     )
 
 
@@ -101,20 +128,21 @@ def _payload_edit(draw: st.DrawFn, payload: bytes) -> bytes:
 
 
 def test_valid_deltas_apply(tmp_path: Path, deltas: dict[str, bytes]) -> None:
-    for patch in deltas.values():
-        _apply(tmp_path, patch)
-        assert (tmp_path / "out").read_bytes() == NEW * 8
+    for method, patch in deltas.items():
+        _apply(tmp_path, patch, _base(method))
+        assert (tmp_path / "out").read_bytes() == (GZ_NEW if method == "transformed" else NEW * 8)
 
 
 @fuzz_settings
-@pytest.mark.parametrize("method", ["bsdiff", "zstd-dict", "windows"])
+@pytest.mark.parametrize("method", METHODS)
 @given(data=st.data())
 def test_mutated_payload_reframed(
     tmp_path: Path, deltas: dict[str, bytes], method: str, data: st.DataObject
 ) -> None:
     original = deltas[method]
-    start = fmt.decode_header(io.BytesIO(original)).encoded_length
-    _apply(tmp_path, _reframed(original, data.draw(_payload_edit(original[start:]))))
+    header = fmt.decode_header(io.BytesIO(original))
+    payload = original[header.encoded_length : len(original) - header.trailer_length]
+    _apply(tmp_path, _reframed(original, data.draw(_payload_edit(payload))), _base(method))
 
 
 @fuzz_settings
@@ -122,9 +150,10 @@ def test_mutated_payload_reframed(
 def test_mutated_header_fields(
     tmp_path: Path, deltas: dict[str, bytes], data: st.DataObject
 ) -> None:
-    original = deltas[data.draw(st.sampled_from(sorted(deltas)))]
+    method = data.draw(st.sampled_from(sorted(deltas)))
+    original = deltas[method]
     header = fmt.decode_header(io.BytesIO(original))
-    payload = original[header.encoded_length :]
+    payload = original[header.encoded_length : len(original) - header.trailer_length]
     lengths = st.integers(0, fmt.MAX_IMAGE_LENGTH) | st.sampled_from(
         [0, len(OLD), len(NEW) * 8, len(NEW) * 8 + 1]
     )
@@ -133,17 +162,89 @@ def test_mutated_header_fields(
     )
     try:
         patch = fmt.encode_delta(
-            data.draw(st.sampled_from(["bsdiff", "zstd-dict", "windows", "stored", "zz"])),
+            data.draw(
+                st.sampled_from(["bsdiff", "zstd-dict", "windows", "transformed", "stored", "zz"])
+            ),
             (data.draw(lengths | st.just(header.base_length)), data.draw(digests)),
             (data.draw(lengths | st.just(header.result_length)), data.draw(digests)),
             payload,
+            version=data.draw(st.sampled_from(fmt.KNOWN_VERSIONS)),
         )
     except fmt.DeltaFormatError:
         return
-    _apply(tmp_path, patch)
+    _apply(tmp_path, patch, _base(method))
 
 
 @fuzz_settings
 @given(st.binary(max_size=512), st.integers(0, 200))
 def test_raw_bytes(tmp_path: Path, junk: bytes, keep: int) -> None:
-    _apply(tmp_path, fmt.MAGIC[: keep % 9] + junk)
+    magic = fmt.MAGIC if keep % 2 else fmt.MAGIC_V2
+    _apply(tmp_path, magic[: keep % (len(magic) + 1)] + junk)
+
+
+# --- the ECU's sequential patch (client.secondaries.ecu_patch) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def ecu_patch(tmp_path_factory: pytest.TempPathFactory, deltas: dict[str, bytes]) -> bytes:
+    from client.secondaries.uds_delta import ecu_patch_from_delta
+
+    tmp = tmp_path_factory.mktemp("ecu-patch")
+    (tmp / "delta").write_bytes(deltas["windows"])
+    ecu_patch_from_delta(
+        tmp / "delta",
+        tmp / "patch",
+        hashlib.sha256(OLD).digest(),
+        (len(NEW) * 8, hashlib.sha256(NEW * 8).digest()),
+        16,
+    )
+    return (tmp / "patch").read_bytes()
+
+
+def _feed_ecu(patch: bytes, cuts: list[int]) -> bytes | None:
+    """Apply ``patch`` in blocks cut at ``cuts`` as the ECU does; the image, or None if refused."""
+    from client.secondaries.ecu_patch import EcuPatchLimits, PatchApplier, PatchError
+
+    written = bytearray()
+    limits = EcuPatchLimits(max_dict_log=16, bank_size=len(NEW) * 8 + 4096)
+
+    def write(data: bytes) -> None:
+        written.extend(data)
+        assert len(written) <= limits.bank_size, "the patch wrote past the bank"
+
+    applier = PatchApplier(
+        lambda offset, size: OLD[offset : offset + size],
+        write,
+        (len(OLD), hashlib.sha256(OLD).digest()),
+        limits,
+    )
+    try:
+        start = 0
+        for cut in [*sorted(cuts), len(patch)]:
+            applier.feed(patch[start:cut])
+            start = max(start, cut)
+        applier.finish()
+    except PatchError:
+        return None
+    return bytes(written)
+
+
+def test_valid_ecu_patch_applies_in_any_blocks(ecu_patch: bytes) -> None:
+    assert _feed_ecu(ecu_patch, []) == NEW * 8
+    assert _feed_ecu(ecu_patch, list(range(1, len(ecu_patch), 97))) == NEW * 8
+
+
+@fuzz_settings
+@given(data=st.data())
+def test_mutated_ecu_patch(ecu_patch: bytes, data: st.DataObject) -> None:
+    # A compromised primary (or deltas key) sends a malicious patch: the ECU refuses it with
+    # PatchError, or what it produced is exactly the image the patch's sha256 names.
+    patch = data.draw(_payload_edit(ecu_patch))
+    cuts = data.draw(st.lists(st.integers(0, max(1, len(patch))), max_size=6))
+    result = _feed_ecu(patch, cuts)
+    if result is not None:
+        from client.secondaries.ecu_patch import decode_header
+
+        header, _ = decode_header(patch)
+        assert len(result) == header.result_length
+        assert hashlib.sha256(result).digest() == header.result_sha256
