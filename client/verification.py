@@ -23,7 +23,12 @@ from disk.
    the image must be there with the same length and hashes, its
    ``hardwareIds`` must include the hardware id the director names, the ECU
    serial must be one of this vehicle's ECUs with that hardware id, and its
-   release counter must not be below what that ECU has installed. A target
+   release counter must not be below what that ECU has installed. An image
+   the top-level targets do not list is looked up through the supplier
+   delegation its path falls in (python-tuf walks it, checking the
+   supplier's signatures), and every hardware id it lists must be one the
+   delegation allows (``docs/delegations.md``); the online ``deltas`` role
+   never vouches for an image. A target
    the director encrypted for one ECU (:mod:`client.decryption`) is
    cross-checked by the plaintext length and sha256 it promises;
 5. for each image not yet installed on an ECU that can take a delta, look
@@ -68,7 +73,7 @@ from tuf.api.exceptions import (
     SlowRetrievalError,
     UnsignedMetadataError,
 )
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import DelegatedRole, Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
@@ -84,15 +89,19 @@ from signing.exceptions import (
 )
 from signing.json_limits import UntrustedJsonError, parse_json
 from signing.metadata import (
+    DELTAS_ROLE,
     ImageCustom,
     MetadataFormatError,
+    check_supplier_delegation,
     check_target,
     delta_custom,
     delta_target_path,
     director_ecus,
+    director_install_on_consent,
     director_vin,
     director_vin_of,
     image_custom,
+    images_outside_delegation,
 )
 
 __all__ = [
@@ -184,6 +193,8 @@ class DirectedImage:
     encrypted: EncryptedDelivery | None = None
     #: the verified delta from the image the ECU runs, when the repository has one
     delta: TargetFile | None = None
+    #: the director (a campaign) says: install only once the ``consent`` precondition holds
+    install_on_consent: bool = False
 
     @property
     def sha256(self) -> str:
@@ -299,10 +310,18 @@ class FullVerifier:
     """Verifies director and image metadata for one vehicle (see module docstring)."""
 
     def __init__(
-        self, metadata_dir: Path, server_url: str, vin: str, fetcher: ResumableFetcher
+        self,
+        metadata_dir: Path,
+        server_url: str,
+        vin: str,
+        fetcher: ResumableFetcher,
+        *,
+        image_url: str = "",
     ) -> None:
         self.metadata_dir = metadata_dir
         self.server_url = server_url.rstrip("/")
+        #: the image repository's base URL (the director's server unless served apart)
+        self.image_url = (image_url or server_url).rstrip("/")
         self.vin = vin
         self.fetcher = fetcher
 
@@ -375,14 +394,21 @@ class FullVerifier:
 
         image = self._refresh(
             "image",
-            f"{self.server_url}/image/metadata/",
-            f"{self.server_url}/image/targets/",
+            f"{self.image_url}/image/metadata/",
+            f"{self.image_url}/image/targets/",
             self.fetcher,
         )
-        # Only the top-level targets, signed by the OFFLINE targets keys, vouch for
-        # images: delegated roles (the online "deltas" role) must never make an image
-        # installable, or a server compromise alone could install software.
-        image_targets = _verified_targets(self.metadata_dir / "image", "image")[1].signed.targets
+        # The top-level targets, signed by the OFFLINE targets keys, vouch for images, and
+        # so do the supplier roles they delegate to, within the hardware ids the delegation
+        # names: the online "deltas" role must never make an image installable, or a server
+        # compromise alone could install software.
+        top_level = _verified_targets(self.metadata_dir / "image", "image")[1].signed
+        image_targets = dict(top_level.targets)
+        for path in targets.signed.targets:
+            if path not in image_targets:
+                found = self._delegated_image(image, top_level, path)
+                if found is not None:
+                    image_targets[path] = found
 
         directed: dict[str, DirectedImage] = {}
         for path, dtarget in sorted(targets.signed.targets.items()):
@@ -417,6 +443,48 @@ class FullVerifier:
             refused_deltas=tuple(refused),
         )
 
+    def _delegated_image(self, image: Updater, top_level: Targets, path: str) -> TargetFile | None:
+        """The image at ``path`` vouched for by a supplier delegation, checked against it.
+
+        The first delegation whose patterns match ``path`` is the one python-tuf's
+        walk ends in (supplier delegations are terminating; a delegation that is
+        not, or the deltas role, vouches for no image). python-tuf checks the
+        supplier's signatures and the path patterns; the image's hardware ids
+        must all be ones the delegation allows, or the metadata is refused as an
+        attack (a supplier, or its key, publishing beyond its delegation).
+        """
+        delegations = top_level.delegations
+        roles = (delegations.roles or {}) if delegations else {}
+        role: DelegatedRole | None = next(
+            (r for r in roles.values() if r.is_delegated_path(path)), None
+        )
+        if role is None:
+            return None
+        where = f"director target {path!r}"
+        if role.name == DELTAS_ROLE:
+            raise AttackDetected(
+                f"{where} is not in the image repository: it is in the online "
+                f"{DELTAS_ROLE!r} role, which vouches for no image"
+            )
+        try:
+            check_supplier_delegation(role)
+        except MetadataFormatError as exc:
+            raise AttackDetected(f"{where}: {exc}") from exc
+        try:
+            target = image.get_targetinfo(path)
+        except (RepositoryError, DownloadError, OSError) as exc:
+            raise classify(exc, "image") from exc
+        if target is None:
+            return None
+        try:
+            check_target(target, "image target")
+            problems = images_outside_delegation(role, [target])
+        except MetadataFormatError as exc:
+            raise AttackDetected(f"supplier delegation {role.name!r}: {exc}") from exc
+        if problems:
+            raise AttackDetected(f"supplier delegation {role.name!r}: {'; '.join(problems)}")
+        return target
+
     def _cross_check(
         self,
         image_targets: dict[str, TargetFile],
@@ -427,6 +495,7 @@ class FullVerifier:
     ) -> list[DirectedImage]:
         try:
             wanted = director_ecus(dtarget)
+            on_consent = director_install_on_consent(dtarget)
         except MetadataFormatError as exc:
             raise AttackDetected(str(exc)) from exc
         itarget = image_targets.get(path)
@@ -475,7 +544,9 @@ class FullVerifier:
                     f"rollback: {path!r} has release counter {custom.release_counter}, ECU "
                     f"{serial} has {installed}"
                 )
-            result.append(DirectedImage(serial, hw, itarget, custom, encrypted))
+            result.append(
+                DirectedImage(serial, hw, itarget, custom, encrypted, install_on_consent=on_consent)
+            )
         return result
 
     def _find_delta(

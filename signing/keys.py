@@ -10,6 +10,18 @@ Every signing key in Uptake is a ``securesystemslib`` :class:`CryptoSigner`
 
 Passwords come from the caller: the CLI takes them from an environment
 variable (:data:`PASSWORD_ENV`) or prompts for them.
+
+A key can also live outside any file: in a hardware security module, a
+YubiKey or SoftHSM2 token (PKCS#11), or a cloud key service. Such a key is
+named by a *signer reference*, ``NAME.signer.json``::
+
+    {"uri": "hsm:1?label=uptake", "public_key": {"keyid": "…", "keytype": "ecdsa", …}}
+
+where ``uri`` is a securesystemslib private key URI
+(``Signer.from_priv_key_uri``: ``hsm:``, ``gcpkms:``, ``awskms:``,
+``azurekms:``... each needing its library). :func:`load_key` opens either
+kind, so every role's key (offline or online) can be either. A PKCS#11 PIN
+comes from :data:`HSM_PIN_ENV`.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from securesystemslib.signer import (
     RSASSA_PSS_SHA256,
     CryptoSigner,
     Key,
+    Signer,
     SSlibKey,
 )
 
@@ -39,6 +52,11 @@ from signing.exceptions import UptakeError
 
 #: Environment variable holding the password of private key files.
 PASSWORD_ENV = "UPTAKE_KEY_PASSWORD"
+
+#: Environment variable holding the PIN of a PKCS#11 token (HSM, YubiKey, SoftHSM2).
+HSM_PIN_ENV = "UPTAKE_HSM_PIN"
+#: File name suffix of a signer reference (a key kept in an HSM or a key service).
+SIGNER_REFERENCE_SUFFIX = ".signer.json"
 
 #: Accepted key types, by the name users type.
 KEY_TYPES = ("ed25519", "ecdsa-p256", "rsa-pss")
@@ -134,3 +152,79 @@ def password_from_env(env_var: str = PASSWORD_ENV) -> bytes | None:
     """The key password from ``env_var``, or ``None`` when unset."""
     value = os.environ.get(env_var)
     return value.encode() if value else None
+
+
+def save_signer_reference(uri: str, key: Key, path: Path) -> None:
+    """Write a signer reference (see module docstring): the URI of a key kept elsewhere."""
+    if not str(path).endswith(SIGNER_REFERENCE_SUFFIX):
+        raise KeyFileError(
+            f"{path}: a signer reference file name ends with {SIGNER_REFERENCE_SUFFIX}"
+        )
+    body = {"uri": uri, "public_key": public_key_to_dict(key)}
+    write_atomic(path, json.dumps(body, indent=2).encode() + b"\n")
+
+
+def _read_signer_reference(path: Path) -> tuple[str, SSlibKey]:
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signer reference {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise KeyFileError(f"signer reference {path} is not valid JSON: {exc}") from exc
+    uri = data.get("uri") if isinstance(data, dict) else None
+    if not isinstance(uri, str) or ":" not in uri:
+        raise KeyFileError(f"{path}: expected an object with a signer URI in 'uri'")
+    return uri, public_key_from_dict(data.get("public_key"), where=f"{path}: public_key")
+
+
+def hsm_pin(_message: str) -> str:
+    """The PKCS#11 PIN, from :data:`HSM_PIN_ENV` (a securesystemslib secrets handler)."""
+    pin = os.environ.get(HSM_PIN_ENV)
+    if not pin:
+        raise KeyFileError(f"the PKCS#11 token needs its PIN: set {HSM_PIN_ENV}")
+    return pin
+
+
+def load_signer_reference(path: Path) -> Signer:
+    """The signer a reference file names (``Signer.from_priv_key_uri``)."""
+    uri, public = _read_signer_reference(path)
+    try:
+        return Signer.from_priv_key_uri(uri, public, hsm_pin)
+    except ImportError as exc:
+        raise KeyFileError(
+            f"{path}: the signer for {uri.split(':', 1)[0]}: URIs needs a library that is not "
+            f"installed ({exc.name or exc}); for PKCS#11: pip install 'uptake[hsm]'"
+        ) from exc
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: cannot use signer URI {uri!r}: {exc}") from exc
+
+
+def is_signer_reference(path: Path) -> bool:
+    return str(path).endswith(SIGNER_REFERENCE_SUFFIX)
+
+
+def load_key(path: Path, password: bytes | None) -> Signer:
+    """Any key: an encrypted ``NAME.key`` file or a ``NAME.signer.json`` reference."""
+    if is_signer_reference(path):
+        return load_signer_reference(path)
+    if password is None:
+        raise KeyFileError(f"{path} is encrypted: a password is needed")
+    return load_signer(path, password)
+
+
+def key_public_half(path: Path) -> SSlibKey:
+    """The public key of a key file, a public key file or a signer reference."""
+    path = Path(path)
+    if is_signer_reference(path):
+        return _read_signer_reference(path)[1]
+    if path.name.endswith(".key"):
+        return load_public_key(public_key_path(path))
+    return load_public_key(path)
+
+
+def key_name(path: Path) -> str:
+    """The name a key file is known by (``image-targets-2`` for ``…/image-targets-2.key``)."""
+    name = Path(path).name
+    for suffix in (SIGNER_REFERENCE_SUFFIX, ".pub.json", ".key"):
+        name = name.removesuffix(suffix)
+    return name

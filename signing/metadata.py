@@ -21,7 +21,12 @@ direct an incompatible combination and the agent refuses to install one
 
 Director repository targets (one entry per image to install)::
 
-    "custom": {"ecuIdentifiers": {"<ecu serial>": {"hardwareId": "stm32f4-bms"}}}
+    "custom": {"ecuIdentifiers": {"<ecu serial>": {"hardwareId": "stm32f4-bms"}},
+               "installOnConsent": true}
+
+``installOnConsent`` (optional, default false) is set by a campaign in
+"download now, install on consent" mode: the agent installs the image only
+once its precondition named ``consent`` holds, and waits when it has none.
 
 and each of the director's targets, snapshot and timestamp metadata carries
 the vehicle it was made for, also when targets list no image, so that
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tuf.api.metadata import Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import DelegatedRole, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from signing.exceptions import UptakeError
 from signing.names import (
@@ -60,6 +65,8 @@ RELEASE_COUNTER = "releaseCounter"
 VERSION = "version"
 ECU_IDENTIFIERS = "ecuIdentifiers"
 HARDWARE_ID = "hardwareId"
+#: Optional director-target field: install only with the driver's consent (campaigns).
+INSTALL_ON_CONSENT = "installOnConsent"
 VIN = "vin"
 #: Field of a delta target (deltas role) naming the images it joins.
 DELTA = "delta"
@@ -270,9 +277,24 @@ def image_custom(target: TargetFile) -> ImageCustom:
     return ImageCustom(tuple(hw_ids), counter, version, requires)
 
 
-def director_custom(ecus: dict[str, str]) -> dict[str, Any]:
+def director_custom(ecus: dict[str, str], *, install_on_consent: bool = False) -> dict[str, Any]:
     """``custom`` for a director target installing on ``ecus`` (serial -> hardware id)."""
-    return {ECU_IDENTIFIERS: {serial: {HARDWARE_ID: hw} for serial, hw in sorted(ecus.items())}}
+    custom: dict[str, Any] = {
+        ECU_IDENTIFIERS: {serial: {HARDWARE_ID: hw} for serial, hw in sorted(ecus.items())}
+    }
+    if install_on_consent:
+        custom[INSTALL_ON_CONSENT] = True
+    return custom
+
+
+def director_install_on_consent(target: TargetFile) -> bool:
+    """Whether a director target may be installed only with the driver's consent."""
+    value = _custom_of(target).get(INSTALL_ON_CONSENT, False)
+    if not isinstance(value, bool):
+        raise MetadataFormatError(
+            f"director target {target.path!r}: custom.{INSTALL_ON_CONSENT} must be true or false"
+        )
+    return value
 
 
 def director_ecus(target: TargetFile) -> dict[str, str]:
@@ -331,6 +353,27 @@ def root_identity(root: Root) -> RootIdentity | None:
         )
     assert isinstance(repository, str) and isinstance(deployment, str)
     return RootIdentity(repository, deployment)
+
+
+#: ``signed.custom`` of a root: key id -> the name its holder knows it by (``image-targets-2``),
+#: so that a release waiting for signatures can say whose are missing.
+ROOT_KEY_NAMES = "keyNames"
+
+
+def set_key_names(root: Root, names: dict[str, str]) -> None:
+    """Record (before signing) the names of ``root``'s keys, dropping names of keys it lost."""
+    custom = root.unrecognized_fields.setdefault("custom", {})
+    known = {**key_names(root), **names}
+    custom[ROOT_KEY_NAMES] = {k: v for k, v in sorted(known.items()) if k in root.keys}
+
+
+def key_names(root: Root) -> dict[str, str]:
+    """Key id -> name, as :func:`set_key_names` recorded them (unnamed keys are left out)."""
+    custom = root.unrecognized_fields.get("custom")
+    names = custom.get(ROOT_KEY_NAMES) if isinstance(custom, dict) else None
+    if not isinstance(names, dict):
+        return {}
+    return {k: v for k, v in names.items() if isinstance(k, str) and is_name(v)}
 
 
 def set_director_vin(signed: Targets | Snapshot | Timestamp, vin: str) -> None:
@@ -426,3 +469,109 @@ def delta_custom(target: TargetFile) -> DeltaCustom:
     return DeltaCustom(
         ends["base"][0], ends["base"][1], ends["result"][0], ends["result"][1], method
     )
+
+
+# -- supplier delegations ----------------------------------------------------------
+#
+# A supplier signs its own images in a TERMINATING delegated targets role that the
+# offline targets keys create (``uptake delegation add``). What the supplier may
+# sign is in that signed delegation, never anywhere the supplier controls:
+# ``paths`` (TUF path patterns, which python-tuf enforces when it walks the
+# delegation) and the hardware ids, kept in the delegated role's own
+# ``x-uptake-hardware-ids`` field (an unrecognized field python-tuf preserves and
+# signs). Every image found through the delegation must list only those hardware
+# ids: the server refuses anything else, and so does the vehicle.
+
+#: The DelegatedRole field holding the hardware ids a supplier may publish for.
+DELEGATION_HARDWARE_IDS = "x-uptake-hardware-ids"
+#: Names a supplier delegation may not take (top-level roles and the online deltas role).
+RESERVED_ROLE_NAMES = (*TOP_LEVEL_ROLES, DELTAS_ROLE)
+
+
+def check_supplier_path_pattern(pattern: object, where: str) -> str:
+    """A path pattern of a supplier delegation: its first segment a literal name, not deltas.
+
+    A literal first segment keeps one supplier's patterns from covering the
+    whole repository (``*``) or the online deltas role's ``deltas/*``.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise MetadataFormatError(f"{where} must be a non-empty string")
+    first, _, rest = pattern.partition("/")
+    try:
+        check_name(first, f"{where} (its first segment)")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(f"{exc}: the first segment must be a plain name") from exc
+    if any(c in first for c in "*?[]") or first == DELTAS_ROLE or not rest:
+        raise MetadataFormatError(
+            f"{where} {pattern!r}: must look like 'NAME/…' with a literal NAME other than "
+            f"{DELTAS_ROLE!r}, e.g. 'acme/*'"
+        )
+    if len(pattern) > 256:
+        raise MetadataFormatError(f"{where}: longer than 256 characters")
+    return pattern
+
+
+def delegation_hardware_ids(role: DelegatedRole) -> tuple[str, ...]:
+    """The hardware ids a supplier delegation allows (signed by the delegating targets keys)."""
+    where = f"delegation {role.name!r}: {DELEGATION_HARDWARE_IDS}"
+    value = role.unrecognized_fields.get(DELEGATION_HARDWARE_IDS)
+    if not isinstance(value, list) or not value or len(value) > _MAX_HARDWARE_IDS:
+        raise MetadataFormatError(f"{where} must be a list of 1 to {_MAX_HARDWARE_IDS} names")
+    try:
+        return tuple(check_name(hw, where) for hw in value)
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
+
+
+def check_supplier_delegation(role: DelegatedRole) -> tuple[str, ...]:
+    """Check a supplier delegation's shape; return its hardware ids, or MetadataFormatError."""
+    where = f"delegation {role.name!r}"
+    try:
+        check_name(role.name, "delegation name")
+    except InvalidNameError as exc:
+        raise MetadataFormatError(str(exc)) from exc
+    if role.name in RESERVED_ROLE_NAMES:
+        raise MetadataFormatError(f"{where}: the name is reserved")
+    if not role.terminating:
+        raise MetadataFormatError(f"{where} must be terminating")
+    if not role.paths or role.path_hash_prefixes:
+        raise MetadataFormatError(f"{where} must delegate by path patterns (paths)")
+    for pattern in role.paths:
+        check_supplier_path_pattern(pattern, f"{where} path pattern")
+    return delegation_hardware_ids(role)
+
+
+def supplier_delegation(
+    name: str, keyids: list[str], threshold: int, paths: list[str], hardware_ids: list[str]
+) -> DelegatedRole:
+    """The terminating delegated role of a supplier (checked as the server and vehicles will)."""
+    role = DelegatedRole(
+        name,
+        keyids,
+        threshold,
+        True,
+        paths=paths,
+        unrecognized_fields={DELEGATION_HARDWARE_IDS: sorted(set(hardware_ids))},
+    )
+    check_supplier_delegation(role)
+    return role
+
+
+def images_outside_delegation(role: DelegatedRole, targets: Iterable[TargetFile]) -> list[str]:
+    """Why each of ``targets`` does not belong in ``role`` (path or hardware ids); [] if all do."""
+    allowed = set(delegation_hardware_ids(role))
+    problems = []
+    for target in targets:
+        if not role.is_delegated_path(target.path):
+            problems.append(
+                f"{target.path!r} matches none of delegation {role.name!r}'s path patterns "
+                f"({', '.join(role.paths or ())})"
+            )
+            continue
+        outside = sorted(set(image_custom(target).hardware_ids) - allowed)
+        if outside:
+            problems.append(
+                f"{target.path!r} is for hardware id(s) {', '.join(outside)}, outside delegation "
+                f"{role.name!r} ({', '.join(sorted(allowed))})"
+            )
+    return problems

@@ -152,14 +152,16 @@ def _rotate(server: ServerProcess, repository: str) -> dict[str, Any]:
             sys.executable,
             "-m",
             "uptake",
-            "server",
-            "rotate-keys",
+            "keys",
+            "rotate",
             "--data-dir",
             str(server.data_dir),
             "--offline-keys-dir",
             str(server.offline_dir),
             "--repository",
             repository,
+            "--role",
+            "online",
             "--json",
         ],
         env=ENV,
@@ -203,6 +205,7 @@ def test_rotation_refuses_old_keys_and_restores_service(
         check=False,
     )
     assert refused.returncode != 0 and b"stop" in refused.stderr
+    assert b"deprecated: use 'uptake keys rotate" in refused.stderr  # the old command: an alias
     server.stop()
     director = _rotate(server, "director")
     image = _rotate(server, "image")
@@ -283,14 +286,16 @@ def test_interrupted_rotation_resumes(server: ServerProcess, vehicle: Vehicle) -
             sys.executable,
             "-m",
             "uptake",
-            "server",
-            "rotate-keys",
+            "keys",
+            "rotate",
             "--data-dir",
             str(server.data_dir),
             "--offline-keys-dir",
             str(server.offline_dir),
             "--repository",
             "director",
+            "--role",
+            "online",
         ],
         env=ENV,
         capture_output=True,
@@ -311,5 +316,10 @@ def test_interrupted_rotation_resumes(server: ServerProcess, vehicle: Vehicle) -
             online_signer(server, f"director-{role}").public_key.keyid
         ]
     server.start()
+    # every rotation is in the audit log, the chain intact
+    rotations = server.admin.request("GET", "/api/v1/audit?action=keys.rotate")["records"]
+    assert rotations[-1]["subject"] == "director targets, snapshot, timestamp"
+    assert rotations[-1]["actor"].startswith("local:") and rotations[-1]["detail"]["resumed"]
+    assert server.admin.request("GET", "/api/v1/audit/verify")["intact"]
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     assert vehicle.run_once().report["outcomes"][vehicle.primary]["result"] == "installed"
