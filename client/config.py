@@ -87,9 +87,15 @@ class InstallerType(enum.StrEnum):
     COMMAND = "command"
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name}: must be > 0")
+#: Largest duration in seconds a setting may hold (about three years): whatever the agent
+#: makes of a larger one (a timedelta, a sleep, a socket timeout) could overflow.
+MAX_SECONDS = 10.0**8
+
+
+def _positive(name: str, value: float, at_most: float = MAX_SECONDS) -> None:
+    """Above 0 and at most ``at_most`` (so neither inf nor nan: TOML has both)."""
+    if not 0 < value <= at_most:
+        raise ValueError(f"{name}: must be > 0 and at most {at_most:g}")
 
 
 def _commands(name: str, commands: tuple[tuple[str, ...], ...]) -> None:
@@ -101,6 +107,7 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[agent]``: who the vehicle is, where it keeps its state, how often it polls."""
 
     vin: str
+    #: the director, manifests and certificates (and the image repository unless set below)
     server_url: str
     #: keys/, metadata/{director,image}/root.json, slots, state.json
     state_dir: str
@@ -112,16 +119,28 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_image_size: int = 4 * 1024**3
     #: send the signed manifest when something changed, else at most this often (seconds)
     manifest_heartbeat: float = 3600.0
+    #: the image repository (metadata/ and targets/ under it), when it is served apart from the
+    #: director, e.g. static files behind nginx or a CDN; "" for server_url
+    image_repository_url: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.vin, "vin")
         if not self.server_url.startswith(("http://", "https://")):
             raise ValueError("server_url: must start with http:// or https://")
+        if self.image_repository_url and not self.image_repository_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("image_repository_url: must start with http:// or https://")
         _positive("poll_interval", self.poll_interval)
         if not 0 <= self.poll_jitter <= 1:
             raise ValueError("poll_jitter: must be between 0 and 1")
-        _positive("max_image_size", self.max_image_size)
+        _positive("max_image_size", self.max_image_size, at_most=2**62)
         _positive("manifest_heartbeat", self.manifest_heartbeat)
+
+    @property
+    def image_url(self) -> str:
+        """Where the image repository is served (``image_repository_url`` or ``server_url``)."""
+        return (self.image_repository_url or self.server_url).rstrip("/")
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,7 +157,7 @@ class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_plain_http: bool = False
 
     def __post_init__(self) -> None:
-        _positive("renew_before_days", self.renew_before_days)
+        _positive("renew_before_days", self.renew_before_days, at_most=3650)
 
 
 def _is_loopback_url(url: str) -> bool:
@@ -333,16 +352,19 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secondaries: tuple[SecondaryConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        url = self.agent.server_url
-        if (
-            url.startswith("http://")
-            and not _is_loopback_url(url)
-            and not self.tls.allow_plain_http
+        for name, url in (
+            ("server_url", self.agent.server_url),
+            ("image_repository_url", self.agent.image_repository_url),
         ):
-            raise ValueError(
-                "server_url: plain http:// to a host that is not loopback is refused "
-                "(use https://, or set tls.allow_plain_http = true)"
-            )
+            if (
+                url.startswith("http://")
+                and not _is_loopback_url(url)
+                and not self.tls.allow_plain_http
+            ):
+                raise ValueError(
+                    f"{name}: plain http:// to a host that is not loopback is refused "
+                    "(use https://, or set tls.allow_plain_http = true)"
+                )
         serials = [self.primary.ecu_serial] + [s.ecu_serial for s in self.secondaries]
         twice = sorted({s for s in serials if serials.count(s) > 1})
         if twice:

@@ -172,8 +172,9 @@ class FetcherConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "read_timeout", "backoff_initial", "backoff_max"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0")
+            # not inf nor nan (TOML has both): sleeps and socket timeouts would overflow
+            if not 0 < getattr(self, name) <= 10.0**8:
+                raise ValueError(f"{name}: must be > 0 and at most 1e+08 seconds")
         if self.max_attempts < 1 or self.max_total_attempts < 1:
             raise ValueError("max_attempts and max_total_attempts: must be at least 1")
         if self.backoff_multiplier < 1:

@@ -3,7 +3,7 @@
 Everything the server keeps lives under one data directory::
 
     DATA/
-      server.json            host, port, database URL, body timeouts (written by `server init`)
+      server.json            host, port, database URL and pool, body timeouts (`server init`)
       admin-token            bearer token for the admin API (0600)
       keys/                  ONLINE keys only (encrypted): image snapshot and
                              timestamp, director targets, snapshot, timestamp
@@ -116,6 +116,16 @@ class ServerConfig:
     images_require_client_cert: bool = False
     #: Lifetime of the client certificates the device CA issues; agents renew well before.
     vehicle_certificate_days: int = 365
+    #: Seconds that metadata of a role lives, overriding :data:`server.lifetimes.DEFAULT_LIFETIMES`
+    #: ("timestamp", "snapshot", "deltas", "director-targets", ...); online metadata is
+    #: re-signed by the server once half of it has passed.
+    metadata_lifetimes: dict[str, float] = field(default_factory=dict)
+    #: PostgreSQL connection pool of each server process (:class:`server.db.PoolSettings`):
+    #: connections kept open, extra ones allowed under load, and whether a pooled
+    #: connection is tested before use (survives a database restart).
+    database_pool_size: int = 10
+    database_max_overflow: int = 10
+    database_pool_pre_ping: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -197,7 +207,23 @@ class ServerConfig:
             raise ConfigError(f"{path}: database_url must be a string")
         if not isinstance(config.encrypt_images, bool):
             raise ConfigError(f"{path}: encrypt_images must be true or false")
+        for name in ("database_pool_size", "database_max_overflow"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+                raise ConfigError(f"{path}: {name} must be an integer from 0 to 1000")
+        if config.database_pool_size < 1:
+            raise ConfigError(f"{path}: database_pool_size must be at least 1")
+        if not isinstance(config.database_pool_pre_ping, bool):
+            raise ConfigError(f"{path}: database_pool_pre_ping must be true or false")
         config.check_tls(path)
+        from server.lifetimes import LifetimeError, Lifetimes
+
+        if not isinstance(config.metadata_lifetimes, dict):
+            raise ConfigError(f"{path}: metadata_lifetimes must be an object of role -> seconds")
+        try:
+            Lifetimes(config.metadata_lifetimes)
+        except LifetimeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
         for name in ("body_timeout", "upload_idle_timeout"):
             value = getattr(config, name)
             if (

@@ -14,9 +14,10 @@ manifests are aggregated into one :class:`SecurityEvent` per reason
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, LargeBinary, event
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -24,6 +25,8 @@ from sqlmodel import Field, SQLModel, create_engine
 
 from server.config import ConfigError
 
+#: Environment variable naming the database (between --database-url and server.json).
+DATABASE_URL_ENV = "UPTAKE_DATABASE_URL"
 #: Longest text the server stores from a vehicle or a request (details, rejections, attacks).
 MAX_STORED_TEXT = 1000
 
@@ -42,7 +45,9 @@ def as_utc(value: datetime) -> datetime:
 
 
 def bounded_text(text: str) -> str:
-    """``text`` cut to :data:`MAX_STORED_TEXT` characters, marked with "…" when cut."""
+    """``text`` cut to :data:`MAX_STORED_TEXT` characters, marked with "…" when cut; a NUL,
+    which PostgreSQL cannot store, becomes U+FFFD."""
+    text = text.replace("\x00", "\ufffd")
     return text if len(text) <= MAX_STORED_TEXT else text[: MAX_STORED_TEXT - 1] + "…"
 
 
@@ -65,7 +70,7 @@ class Vehicle(SQLModel, table=True):
     vin: str = Field(primary_key=True, max_length=128)
     primary_ecu_serial: str = Field(max_length=128)
     registered_at: datetime = Field(default_factory=utcnow)
-    last_manifest_at: datetime | None = None
+    last_manifest_at: datetime | None = Field(default=None, index=True)
     manifests_accepted: int = Field(default=0, sa_type=BigInteger)
     manifests_rejected: int = Field(default=0, sa_type=BigInteger)
     last_rejection: str = Field(default="", max_length=MAX_STORED_TEXT)
@@ -75,12 +80,17 @@ class Vehicle(SQLModel, table=True):
 
 
 class Ecu(SQLModel, table=True):
+    # the fleet lists' "vehicles with an ECU of / running ..." look ECUs up by vehicle and
+    # value; (vin, hardware_id) and hardware_id alone are the prefixes of the dashboard's
+    # indexes (server.dashboard_tables)
+    __table_args__ = (Index("ix_ecu_vin_installed_filepath", "vin", "installed_filepath"),)
+
     serial: str = Field(primary_key=True, max_length=128)
     vin: str = Field(foreign_key="vehicle.vin", index=True, max_length=128)
     hardware_id: str = Field(max_length=128)
     public_key: str  # *.pub.json format
     is_primary: bool = False
-    installed_filepath: str = ""
+    installed_filepath: str = Field(default="", index=True)
     installed_length: int = Field(default=0, sa_type=BigInteger)
     installed_sha256: str = ""
     report_counter: int = Field(default=-1, sa_type=BigInteger)
@@ -93,6 +103,17 @@ class Ecu(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class AssignmentStatus(enum.StrEnum):
+    """Where an assignment is: it is directed to the vehicle while pending or installed."""
+
+    PENDING = "pending"
+    INSTALLED = "installed"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    #: withdrawn by an operator before the ECU installed it (:func:`server.fleet.cancel_assignment`)
+    CANCELLED = "cancelled"
+
+
 class Assignment(SQLModel, table=True):
     """What an ECU should install; ``status`` follows the vehicle's reports."""
 
@@ -100,7 +121,7 @@ class Assignment(SQLModel, table=True):
     vin: str = Field(index=True, max_length=128)
     ecu_serial: str = Field(index=True, max_length=128)
     filepath: str = Field(max_length=512)
-    status: str = "pending"  # pending | installed | failed | superseded
+    status: str = "pending"  # an AssignmentStatus
     detail: str = Field(default="", max_length=MAX_STORED_TEXT)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -124,6 +145,65 @@ class SecurityEvent(SQLModel, table=True):
     count: int = Field(default=1, sa_type=BigInteger)
     first_at: datetime = Field(default_factory=utcnow)
     last_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class LedgerChange(enum.StrEnum):
+    """What an accepted manifest changed for one ECU (one :class:`LedgerEntry` each)."""
+
+    #: the ECU runs another image than before (or reported one for the first time)
+    INSTALLED = "installed"
+    #: the ECU reported a new outcome of its last install (``result``: success, or a failure)
+    INSTALL_RESULT = "install_result"
+    #: the ECU reported an attack it had not reported before
+    ATTACK = "attack"
+    #: the ECU no longer reports the attack it reported before
+    ATTACK_CLEARED = "attack_cleared"
+
+
+#: Largest manifest whose bytes the ledger keeps (larger ones: their hash and length only).
+MAX_STORED_MANIFEST_BYTES = 64 * 1024
+
+
+class StoredManifest(SQLModel, table=True):
+    """An accepted vehicle manifest that changed the inventory ledger (:mod:`server.ledger`).
+
+    Only manifests that changed something are kept, not every heartbeat; the
+    bytes are those the vehicle signed, up to :data:`MAX_STORED_MANIFEST_BYTES`
+    (``content`` is empty when larger, or pruned: see ``content_stored``).
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    vin: str = Field(index=True, max_length=128)
+    received_at: datetime = Field(default_factory=utcnow)
+    sha256: str = Field(max_length=64)
+    length: int = Field(sa_type=BigInteger)
+    content_stored: bool = True
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One change of one ECU, as an accepted (stored) manifest reported it.
+
+    The ECU's installed image is recorded in every entry (what it ran after the
+    change), with the version the image repository gives that image, so that a
+    vehicle's history and a release's uptake are each one indexed query.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    vin: str = Field(index=True, max_length=128)
+    ecu_serial: str = Field(index=True, max_length=128)
+    hardware_id: str = Field(max_length=128)
+    at: datetime = Field(default_factory=utcnow)
+    change: str = Field(max_length=32, index=True)  # a LedgerChange
+    filepath: str = Field(default="", max_length=512, index=True)
+    version: str = Field(default="", max_length=128, index=True)
+    sha256: str = Field(default="", max_length=64)
+    length: int = Field(default=0, sa_type=BigInteger)
+    #: install outcome (INSTALL_RESULT): the image it was about, the result, its detail
+    install_filepath: str = Field(default="", max_length=512)
+    install_result: str = Field(default="", max_length=64)
+    detail: str = Field(default="", max_length=MAX_STORED_TEXT)
+    manifest_id: int = Field(foreign_key="storedmanifest.id", index=True)
 
 
 class EcuEncryptionKey(SQLModel, table=True):
@@ -166,11 +246,19 @@ class OperatorToken(SQLModel, table=True):
     revoked_by: str = Field(default="", max_length=160)
 
 
+class CertificateSource(enum.StrEnum):
+    """Who issued a vehicle certificate the fleet database knows."""
+
+    DEVICE_CA = "device-ca"  # this server, at registration or renewal
+    OPERATOR_CA = "operator-ca"  # an operator's own CA: recorded when first seen or revoked
+
+
 class VehicleCertificate(SQLModel, table=True):
     """A TLS client certificate that identifies a vehicle (:mod:`server.certificates`).
 
     Issued by the server's device CA, or by an operator's CA and seen since;
-    a revoked one is refused on the next request.
+    a revoked one is refused on the next request, and so is every certificate
+    renewed from it (``renewed_from_*`` names the certificate that asked).
     """
 
     serial: str = Field(primary_key=True, max_length=64)  # hex serial number
@@ -180,6 +268,10 @@ class VehicleCertificate(SQLModel, table=True):
     issued_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
     revoked_by: str = Field(default="", max_length=160)
+    source: CertificateSource = Field(default=CertificateSource.DEVICE_CA, max_length=16)
+    #: the certificate (serial, issuer) whose holder renewed into this one; "" if none
+    renewed_from_serial: str = Field(default="", max_length=64, index=True)
+    renewed_from_issuer: str = Field(default="", max_length=64)
 
 
 class AuditRecord(SQLModel, table=True):
@@ -193,6 +285,48 @@ class AuditRecord(SQLModel, table=True):
     detail: str = Field(default="{}", max_length=4 * MAX_STORED_TEXT)  # canonical JSON
     prev_hash: str = Field(max_length=64, unique=True)
     hash: str = Field(max_length=64, unique=True)
+
+
+class DeltaJobState(enum.StrEnum):
+    """Where a delta job is (:mod:`server.deltas`); the values are the API's strings."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PUBLISHED = "published"
+    NOT_WORTH_IT = "not_worth_it"
+    FAILED = "failed"
+
+
+class DeltaJob(SQLModel, table=True):
+    """A delta to make from one image to another, claimed by any server process.
+
+    Rows are made only for images this repository published (both ends), so
+    their number is bounded by the published images, whoever asks.
+    """
+
+    __table_args__ = (UniqueConstraint("base_sha256", "result_filepath"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    base_sha256: str = Field(max_length=64)
+    result_filepath: str = Field(max_length=512)
+    status: str = Field(default=DeltaJobState.QUEUED, max_length=16, index=True)
+    detail: str = Field(default="", max_length=MAX_STORED_TEXT)
+    delta_length: int = Field(default=0, sa_type=BigInteger)
+    result_length: int = Field(default=0, sa_type=BigInteger)
+    #: "host:pid" of the process making it (while running)
+    claimed_by: str = Field(default="", max_length=160)
+    claimed_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "base_sha256": self.base_sha256,
+            "result_filepath": self.result_filepath,
+            "status": self.status,
+            "detail": self.detail,
+            "delta_length": self.delta_length,
+            "result_length": self.result_length,
+        }
 
 
 class AuditHead(SQLModel, table=True):
@@ -252,9 +386,33 @@ def check_database_url(database_url: str) -> None:
         ) from exc
 
 
-def make_engine(database_url: str) -> Engine:
-    """Create the engine and the tables (idempotent)."""
+@dataclass(frozen=True)
+class PoolSettings:
+    """Connection pool of a PostgreSQL engine (server.json ``database_pool_*``).
+
+    Each server process keeps up to ``size + max_overflow`` connections:
+    size PostgreSQL's ``max_connections`` for every replica. ``pre_ping``
+    tests a pooled connection before use, so a database restart costs no
+    failed request.
+    """
+
+    size: int = 10
+    max_overflow: int = 10
+    pre_ping: bool = True
+    #: seconds after which a pooled connection is replaced (proxies drop idle ones)
+    recycle: int = 1800
+
+
+def make_engine(
+    database_url: str, pool: PoolSettings | None = None, *, prepare: bool = True
+) -> Engine:
+    """The engine of ``database_url``; with ``prepare``, its schema checked (:mod:`server.schema`).
+
+    An empty database is created at the code's schema revision; one behind it
+    is refused with :class:`server.schema.SchemaOutdatedError`.
+    """
     check_database_url(database_url)
+    pool = pool or PoolSettings()
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url, connect_args={"check_same_thread": False, "timeout": 30}
@@ -268,6 +426,28 @@ def make_engine(database_url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     else:
-        engine = create_engine(database_url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+        engine = create_engine(
+            database_url,
+            pool_size=pool.size,
+            max_overflow=pool.max_overflow,
+            pool_pre_ping=pool.pre_ping,
+            pool_recycle=pool.recycle,
+        )
+    if prepare:
+        from server.schema import prepare as prepare_schema
+
+        try:
+            prepare_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
+
+
+# the campaign tables live in their own module; imported here so that every table is
+# registered (create_all, migrations) whenever the database is
+import server.campaign_tables  # noqa: E402
+
+# the password and dashboard-session tables live in their own module; imported here so that
+# every table is registered (create_all, migrations) whenever the database is
+import server.dashboard_tables  # noqa: E402, F401

@@ -22,17 +22,19 @@ the image encrypted to that ECU's key (:mod:`server.encrypted_images`).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from securesystemslib.signer import Signer
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from server.campaign_tables import Campaign, CampaignVehicle
 from server.db import (
     Assignment,
     DirectorMetadata,
@@ -44,18 +46,15 @@ from server.db import (
 )
 from server.encrypted_images import EncryptedImages
 from server.image_repository import ImageRepository, versioned_files
+from server.lifetimes import Lifetimes
+from server.metrics import signing_timer
 from signing.atomic_file import write_atomic
-from signing.metadata import DIRECTOR_TARGETS_EXPIRY, director_custom, expiry, set_director_vin
+from signing.metadata import director_custom, set_director_vin
+from signing.names import parse_number
 
 log = logging.getLogger(__name__)
 _SERIALIZER = JSONSerializer(compact=False)
 _KEEP_VERSIONS = 4
-#: Re-sign when metadata expires sooner than this.
-_REFRESH_MARGIN = {
-    "targets": timedelta(days=2),
-    "snapshot": timedelta(days=2),
-    "timestamp": timedelta(hours=6),
-}
 _ACTIVE = ("pending", "installed")
 
 
@@ -71,8 +70,13 @@ class DirectorRepository:
         timestamp_signer: Signer,
         *,
         encrypt_images: bool = False,
+        lifetimes: Lifetimes | None = None,
+        sole_writer: bool = False,
     ) -> None:
         self.metadata_dir = director_dir / "metadata"
+        #: no other process signs for this database (SQLite): see :meth:`cached_timestamp`
+        self._sole_writer = sole_writer
+        self._lifetimes = lifetimes or Lifetimes()
         self._encrypt_all = encrypt_images
         self._encrypted = EncryptedImages(director_dir / "encrypted", image_repo.targets_dir)
         roots = versioned_files(self.metadata_dir, "root")
@@ -88,8 +92,12 @@ class DirectorRepository:
             "timestamp": timestamp_signer,
         }
         self._lock = threading.Lock()
-        # vin -> (timestamp bytes, expires): the idle-poll cache
-        self._timestamp_cache: dict[str, tuple[bytes, datetime]] = {}
+        # vin -> (version, timestamp bytes, expires): the idle-poll cache, checked against the
+        # database's newest version on every use (:meth:`_timestamp`)
+        self._timestamp_cache: dict[str, tuple[int, bytes, datetime]] = {}
+        # vin -> newest timestamp version this process signed: a cached timestamp older than
+        # it (cached by a poll that read the database before that signing committed) is stale
+        self._signed_timestamps: dict[str, int] = {}
 
     @property
     def image_repo(self) -> ImageRepository:
@@ -106,6 +114,14 @@ class DirectorRepository:
     def accept_root(self, root: Metadata[Root], data: bytes) -> None:
         write_atomic(self.metadata_dir / f"{root.signed.version}.root.json", data)
         self.root = root
+
+    def missing_signers(self) -> list[str]:
+        """The online keys this director cannot sign with (none once the server runs)."""
+        return [
+            f"director-{role}"
+            for role in ("targets", "snapshot", "timestamp")
+            if self._signers.get(role) is None
+        ]
 
     def set_online_signers(self, signers: dict[str, Signer]) -> None:
         """Switch to rotated online keys (after a root that names them)."""
@@ -130,7 +146,11 @@ class DirectorRepository:
             select(Assignment).where(Assignment.vin == vin, col(Assignment.status).in_(_ACTIVE))
         )
         wanted: dict[str, dict[str, str]] = {}
+        consent = self._consent_assignments(session, vin)
+        on_consent: set[str] = set()
         for row in rows:
+            if row.id in consent:
+                on_consent.add(row.filepath)
             ecu = ecus.get(row.ecu_serial)
             if ecu is not None:
                 wanted.setdefault(row.filepath, {})[ecu.serial] = ecu.hardware_id
@@ -164,9 +184,22 @@ class DirectorRepository:
                         )
                 continue
             targets[filepath] = TargetFile(
-                image.length, dict(image.hashes), filepath, {"custom": director_custom(ecu_map)}
+                image.length,
+                dict(image.hashes),
+                filepath,
+                {"custom": director_custom(ecu_map, install_on_consent=filepath in on_consent)},
             )
         return targets
+
+    @staticmethod
+    def _consent_assignments(session: Session, vin: str) -> set[int]:
+        """Ids of ``vin``'s assignments made by campaigns in install-on-consent mode."""
+        lists = session.exec(
+            select(CampaignVehicle.assignments)
+            .join(Campaign, col(Campaign.id) == col(CampaignVehicle.campaign_id))
+            .where(CampaignVehicle.vin == vin, col(Campaign.install_on_consent))
+        ).all()
+        return {int(i) for text in lists for i in json.loads(text)}
 
     def _latest(self, session: Session, vin: str, role: str) -> DirectorMetadata | None:
         return session.exec(
@@ -179,7 +212,12 @@ class DirectorRepository:
     def _store(self, session: Session, vin: str, md: Metadata) -> None:  # type: ignore[type-arg]
         role = md.signed.type
         md.signatures.clear()
-        md.sign(self._signers[role], append=True)
+        with signing_timer("director", role):
+            md.sign(self._signers[role], append=True)
+        if role == "timestamp":  # before the commit: no poll may cache an older one as current
+            self._signed_timestamps[vin] = max(
+                md.signed.version, self._signed_timestamps.get(vin, 0)
+            )
         session.add(
             DirectorMetadata(
                 vin=vin,
@@ -201,8 +239,26 @@ class DirectorRepository:
         """Re-sign the vehicle's metadata if its desired targets changed or near expiry.
 
         Runs inside the caller's transaction. Returns True when new metadata was signed.
+        What to sign is decided twice: first without a lock (an idle poll writes
+        nothing), then again after locking the vehicle's row, so that a
+        concurrent writer's assignment (a campaign's sweep, a manifest) cannot
+        be signed away by a decision made on rows read before it committed.
         """
+        if not force and not self._update(session, vin, force=False, dry_run=True):
+            return False
+        session.exec(
+            update(Vehicle)
+            .where(col(Vehicle.vin) == vin)
+            .values(director_targets_version=Vehicle.director_targets_version)
+        )
+        return self._update(session, vin, force=force, dry_run=False)
+
+    def _update(self, session: Session, vin: str, *, force: bool, dry_run: bool) -> bool:
         now = datetime.now(UTC)
+        # Replicas: the vehicle's row is locked until the caller commits (PostgreSQL), so two
+        # processes never sign the same version; the primary key (vin, role, version) refuses it
+        # anyway. Locked before reading what to sign, so nothing signs an outdated list.
+        session.exec(select(Vehicle.vin).where(Vehicle.vin == vin).with_for_update())
         # outside the lock: it may encrypt a new image for an ECU, which must not stall other vehicles
         desired = self._desired_targets(session, vin)
         with self._lock:
@@ -214,7 +270,9 @@ class DirectorRepository:
 
             def near_expiry(role: str) -> bool:
                 row = latest[role]
-                return row is None or as_utc(row.expires) - now < _REFRESH_MARGIN[role]
+                return row is None or self._lifetimes.due(
+                    f"director-{role}", as_utc(row.expires), now
+                )
 
             new_targets = (
                 force
@@ -224,13 +282,13 @@ class DirectorRepository:
             )
             new_snapshot = new_targets or near_expiry("snapshot")
             new_timestamp = new_snapshot or near_expiry("timestamp")
-            if not new_timestamp:
-                return False
+            if not new_timestamp or dry_run:
+                return new_timestamp
 
             if new_targets:
                 version = current.signed.version + 1 if current else 1
                 targets = Targets(
-                    version=version, expires=(now + DIRECTOR_TARGETS_EXPIRY).replace(microsecond=0)
+                    version=version, expires=self._lifetimes.expires("director-targets", now)
                 )
                 targets.targets = desired
                 set_director_vin(targets, vin)
@@ -247,7 +305,9 @@ class DirectorRepository:
             snap_row = latest["snapshot"]
             if new_snapshot:
                 snap_version = snap_row.version + 1 if snap_row else 1
-                snapshot = Snapshot(version=snap_version, expires=expiry("snapshot", now))
+                snapshot = Snapshot(
+                    version=snap_version, expires=self._lifetimes.expires("director-snapshot", now)
+                )
                 snapshot.meta = {"targets.json": MetaFile(version=targets_version)}
                 set_director_vin(snapshot, vin)
                 self._store(session, vin, Metadata(snapshot))
@@ -258,7 +318,7 @@ class DirectorRepository:
             ts_row = latest["timestamp"]
             timestamp = Timestamp(
                 version=ts_row.version + 1 if ts_row else 1,
-                expires=expiry("timestamp", now),
+                expires=self._lifetimes.expires("director-timestamp", now),
                 snapshot_meta=MetaFile(version=snap_version),
             )
             set_director_vin(timestamp, vin)
@@ -273,14 +333,19 @@ class DirectorRepository:
         head, _, rest = filename.partition(".")
         if filename == "timestamp.json":
             return self._timestamp(session, vin)
-        # ASCII digits that fit the database's 64-bit integers ("²".isdigit() is True too)
-        if not (head.isascii() and head.isdigit() and len(head) <= 18) or rest not in (
-            "root.json",
-            "targets.json",
-            "snapshot.json",
+        version = parse_number(head)
+        # versions are 32-bit columns: a larger one names no file
+        if (
+            version is None
+            or version > 2**31 - 1
+            or rest
+            not in (
+                "root.json",
+                "targets.json",
+                "snapshot.json",
+            )
         ):
             return None
-        version = int(head)
         if rest == "root.json":
             if session.get(Vehicle, vin) is None:
                 return None
@@ -289,11 +354,47 @@ class DirectorRepository:
         row = session.get(DirectorMetadata, (vin, rest.removesuffix(".json"), version))
         return row.content if row else None
 
+    def cached_timestamp(self, vin: str) -> bytes | None:
+        """The vehicle's ``timestamp.json`` served with no database work, or None (ask
+        :meth:`metadata` then).
+
+        Only when this process is the database's sole writer (SQLite, the embedded
+        default): with replicas on PostgreSQL another process may have signed a newer
+        version, and serving the older one would look like a rollback to a vehicle that
+        polls both, so :meth:`_timestamp` checks the database's newest version instead.
+        """
+        if not self._sole_writer:
+            return None
+        cached = self._timestamp_cache.get(vin)
+        if (
+            cached
+            and cached[0] >= self._signed_timestamps.get(vin, 0)
+            and not self._lifetimes.due("director-timestamp", cached[2], datetime.now(UTC))
+        ):
+            return cached[1]
+        return None
+
+    def _latest_version(self, session: Session, vin: str, role: str) -> int | None:
+        """The newest version of ``role`` (read from the primary key's index alone)."""
+        return session.exec(
+            select(DirectorMetadata.version)
+            .where(DirectorMetadata.vin == vin, DirectorMetadata.role == role)
+            .order_by(col(DirectorMetadata.version).desc())
+            .limit(1)
+        ).first()
+
     def _timestamp(self, session: Session, vin: str) -> bytes | None:
+        # The cache keeps the bytes, the database says whether they are still the newest:
+        # another server process may have signed since (replicas), and a deleted vehicle's
+        # rows are gone. One index-only read per idle poll.
         cached = self._timestamp_cache.get(vin)
         now = datetime.now(UTC)
-        if cached and cached[1] - now > _REFRESH_MARGIN["timestamp"]:
-            return cached[0]
+        if (
+            cached
+            and not self._lifetimes.due("director-timestamp", cached[2], now)
+            and self._latest_version(session, vin, "timestamp") == cached[0]
+        ):
+            return cached[1]
         if session.get(Vehicle, vin) is None:
             return None
         if self.update_vehicle(session, vin):
@@ -301,5 +402,5 @@ class DirectorRepository:
         row = self._latest(session, vin, "timestamp")
         if row is None:
             return None
-        self._timestamp_cache[vin] = (row.content, as_utc(row.expires))
+        self._timestamp_cache[vin] = (row.version, row.content, as_utc(row.expires))
         return row.content

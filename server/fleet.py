@@ -35,7 +35,8 @@ a key compromise the ECU must be re-keyed as well. The reset is recorded as
 a ``report_counter_reset`` security event.
 
 An accepted one updates each ECU's installed image, attacks detected and last
-install outcome, and moves assignments along (pending → installed, or
+install outcome (and, when any of them changed, appends to the vehicle's
+inventory ledger with the manifest that said so, :mod:`server.ledger`), and moves assignments along (pending → installed, or
 failed when the ECU reports it refused or rolled back that image, or when an
 image it required failed, see :mod:`server.compatibility`), which may change
 what the director signs for the vehicle. A newly reported attack makes the
@@ -58,11 +59,14 @@ from typing import Any
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
+from server import ledger
 from server.compatibility import check_assignment, fail_unmet_dependents
 from server.db import (
     Assignment,
+    AssignmentStatus,
     Ecu,
     EcuEncryptionKey,
+    LedgerChange,
     ReportCounterState,
     SecurityEvent,
     SecurityEventKind,
@@ -74,6 +78,7 @@ from server.db import (
 )
 from server.director import DirectorRepository
 from server.image_repository import ImageRepository
+from server.metrics import ATTACKS_REPORTED, INSTALLS
 from signing.encryption import EncryptionFormatError, parse_public_key
 from signing.exceptions import UptakeError
 from signing.keys import KeyFileError, public_key_from_dict, public_key_to_dict
@@ -96,6 +101,10 @@ MAX_REPORT_COUNTER_JUMP = 1_000_000
 MAX_EVENTS_PER_VEHICLE = 200
 #: Latest assignments and security events :func:`vehicle_record` shows (the rest: paged lists).
 SUMMARY_ITEMS = 20
+
+
+#: key of process_manifest's result: whether the manifest changed what the director signs
+STATE_CHANGED = "state_changed"
 
 
 class FleetError(UptakeError):
@@ -324,6 +333,38 @@ def assign(
     return row
 
 
+def cancel_assignment(
+    session: Session, director: DirectorRepository, vin: str, assignment_id: int
+) -> Assignment:
+    """Withdraw a pending assignment: the director re-signs the vehicle's targets without it.
+
+    An installed one is refused (409: the ECU already runs the image; assign
+    another to change it), and so is one that is no longer directed
+    (superseded, failed, cancelled). Pending assignments that needed the
+    cancelled image (:mod:`server.compatibility`) end as failed with it.
+    """
+    _vehicle(session, vin)
+    row = session.get(Assignment, assignment_id)
+    if row is None or row.vin != vin:
+        raise FleetError(404, f"vehicle {vin} has no assignment {assignment_id}")
+    if row.status == AssignmentStatus.INSTALLED:
+        raise FleetError(
+            409, f"assignment {assignment_id} is already installed on {row.ecu_serial}: "
+            "assign another image to change what it runs",
+        )  # fmt: skip
+    if row.status != AssignmentStatus.PENDING:
+        raise FleetError(
+            409,
+            f"assignment {assignment_id} is {row.status}, no longer directed: nothing to cancel",
+        )
+    row.status, row.detail, row.updated_at = AssignmentStatus.CANCELLED, "", utcnow()
+    session.add(row)
+    session.flush()
+    fail_unmet_dependents(session, director.image_repo, vin)
+    director.update_vehicle(session, vin)
+    return row
+
+
 def _record_event(
     session: Session,
     vin: str,
@@ -428,7 +469,11 @@ def _check_counter(ecu: Ecu, report: EcuVersionReport) -> None:
 
 
 def _verified_reports(
-    session: Session, vehicle: Vehicle, envelope: SignedEnvelope, manifest: VehicleManifest
+    session: Session,
+    vehicle: Vehicle,
+    envelope: SignedEnvelope,
+    manifest: VehicleManifest,
+    ecus: dict[str, Ecu],
 ) -> dict[str, EcuVersionReport]:
     """The manifest's ECU reports, if the server believes them; else :class:`ManifestRejectedError`."""
     vin = vehicle.vin
@@ -442,7 +487,6 @@ def _verified_reports(
             f"manifest names primary {manifest.primary_ecu_serial!r}, "
             f"vehicle's primary is {vehicle.primary_ecu_serial!r}",
         )
-    ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
     try:
         envelope.verify(
             public_key_from_dict(json.loads(ecus[vehicle.primary_ecu_serial].public_key)),
@@ -484,8 +528,13 @@ def process_manifest(
     vin: str,
     body: bytes,
     limiter: RejectionLimiter,
+    after_accept: Callable[[Session, str], object] | None = None,
 ) -> dict[str, Any]:
-    """Verify and record a vehicle version manifest (see module docstring)."""
+    """Verify and record a vehicle version manifest (see module docstring).
+
+    ``after_accept(session, vin)`` runs in the same transaction once the manifest is
+    accepted and recorded (campaigns follow the vehicle there, :mod:`server.campaigns`).
+    """
     vehicle = session.get(Vehicle, vin)
     try:
         envelope, manifest = parse_vehicle_manifest(body)
@@ -500,24 +549,39 @@ def process_manifest(
         ) from exc
     if vehicle is None:
         raise FleetError(404, f"unknown vehicle {vin}")
+    ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
     try:
-        reports = _verified_reports(session, vehicle, envelope, manifest)
+        reports = _verified_reports(session, vehicle, envelope, manifest, ecus)
     except ManifestRejectedError as exc:
         raise _record_rejection(session, vehicle, limiter, exc) from exc
 
-    ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
     now = utcnow()
+    # A heartbeat (nothing installed, attempted or assigned differently since the last
+    # manifest) leaves what the director signs for the vehicle as it was: no re-check of
+    # dependencies, no director update (its expiry upkeep happens on the poll).
+    changed = False
+    pending: dict[str, list[Assignment]] = {}  # one query for the vehicle, not one per ECU
+    for row in session.exec(
+        select(Assignment).where(Assignment.vin == vin, Assignment.status == "pending")
+    ):
+        pending.setdefault(row.ecu_serial, []).append(row)
     events = []
+    ledger_changes: list[tuple[Ecu, list[LedgerChange]]] = []
+    installs = []  # results reported for the first time (a heartbeat repeats the last one)
     for serial, report in reports.items():
         ecu = ecus[serial]
         image = report.installed_image
+        # compared as stored: an over-long report must not count as a new attack on every poll
+        attacks = bounded_text(report.attacks_detected)
+        ledger_changes.append((ecu, ledger.changes_of(ecu, report, attacks)))
+        before = (ecu.installed_filepath, ecu.installed_length, ecu.installed_sha256)
+        if before != (image.filepath, image.length, image.hashes.get("sha256", "")):
+            changed = True
         ecu.installed_filepath = image.filepath
         ecu.installed_length = image.length
         ecu.installed_sha256 = image.hashes.get("sha256", "")
         ecu.report_counter = report.report_counter
         ecu.report_counter_state = ReportCounterState.BOUNDED
-        # compared as stored: an over-long report must not count as a new attack on every poll
-        attacks = bounded_text(report.attacks_detected)
         if attacks and attacks != ecu.attacks_detected:
             _record_event(
                 session, vin, SecurityEventKind.ATTACK_REPORTED, attacks, ecu_serial=serial
@@ -526,24 +590,24 @@ def process_manifest(
         ecu.attacks_detected = attacks
         if report.last_install is not None:
             li = report.last_install
+            if (li.filepath, li.result) != (ecu.last_install_filepath, ecu.last_install_result):
+                installs.append(str(li.result))
+                changed = True
             ecu.last_install_filepath, ecu.last_install_result = li.filepath, li.result
             ecu.last_install_detail = bounded_text(li.detail)
             ecu.last_install_method = li.method
         ecu.updated_at = now
         session.add(ecu)
-        for row in session.exec(
-            select(Assignment).where(
-                Assignment.ecu_serial == serial, Assignment.status == "pending"
-            )
-        ):
+        for row in pending.get(serial, ()):
             if _runs(director.image_repo, ecu.installed_sha256, row.filepath):
                 row.status, row.detail, row.updated_at = "installed", "", now
+                changed = True
             elif (
                 report.last_install
                 and report.last_install.filepath == row.filepath
                 and report.last_install.result in FAILED_RESULTS
             ):
-                row.status = "failed"
+                row.status, changed = "failed", True
                 row.detail = bounded_text(
                     f"{report.last_install.result}: {report.last_install.detail}"
                 )
@@ -553,11 +617,26 @@ def process_manifest(
     vehicle.manifests_accepted += 1
     session.add(vehicle)
     session.flush()
-    fail_unmet_dependents(session, director.image_repo, vin)
-    # a new attack report: re-sign, so that forged metadata the vehicle may hold is superseded
-    director.update_vehicle(session, vin, force=bool(events))
+    manifest_id = ledger.record(session, director.image_repo, vin, body, ledger_changes)
+    if changed or events:
+        fail_unmet_dependents(session, director.image_repo, vin)
+        # a new attack report: re-sign, so that forged metadata the vehicle may hold is superseded
+        director.update_vehicle(session, vin, force=bool(events))
+    if after_accept is not None:
+        after_accept(session, vin)
     session.commit()
-    return {"accepted": True, "vin": vin, "ecus": sorted(reports), "attacks_recorded": events}
+    for result in installs:
+        INSTALLS.labels(result).inc()
+    ATTACKS_REPORTED.inc(len(events))
+    return {
+        "accepted": True,
+        "vin": vin,
+        "ecus": sorted(reports),
+        "attacks_recorded": events,
+        "ledger_manifest_id": manifest_id,
+        # for the server itself (deltas to make), not sent to the vehicle
+        STATE_CHANGED: changed or bool(events),
+    }
 
 
 def reset_report_counter(
@@ -589,7 +668,7 @@ def reset_report_counter(
     }
 
 
-def _event_dict(ev: SecurityEvent) -> dict[str, Any]:
+def event_dict(ev: SecurityEvent) -> dict[str, Any]:
     return {
         "id": ev.id,
         "kind": ev.kind,
@@ -624,7 +703,7 @@ def security_events_page(
     rows = session.exec(query.order_by(col(SecurityEvent.id)).limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    return [_event_dict(r) for r in rows], (rows[-1].id if more else None)
+    return [event_dict(r) for r in rows], (rows[-1].id if more else None)
 
 
 def assignments_page(
@@ -701,6 +780,6 @@ def vehicle_record(session: Session, vin: str) -> dict[str, Any]:
         ],
         "assignments": [_assignment_dict(a) for a in reversed(assignments)],
         "assignments_total": _count(session, Assignment, vin),
-        "security_events": [_event_dict(ev) for ev in reversed(events)],
+        "security_events": [event_dict(ev) for ev in reversed(events)],
         "security_events_total": _count(session, SecurityEvent, vin),
     }
