@@ -12,9 +12,11 @@ VIN in it.
 Before the certificate expires (``[tls] renew_before_days``), the agent
 makes a new key and asks for a new certificate over mutual TLS with the
 current one (:meth:`ClientIdentity.renew`). The new key and certificate
-are written as ``*.next`` files first and renamed once both exist, so a
-power cut in between leaves the old pair working (the next start rolls the
-half-done renewal back, or finishes one that was complete).
+are written as ``*.next`` files first and then renamed into place, one after
+the other. A power cut at any point leaves a working pair among the four
+files, and the next start (:meth:`ClientIdentity.finish_interrupted_renewal`)
+puts it in place by matching public keys: the new pair if both its files
+survive, else the old one, never a key with another key's certificate.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,6 +53,14 @@ class IdentityError(UptakeError):
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def _spki(public: Any) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: what pairs a key file with a certificate."""
+    der: bytes = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
@@ -92,16 +103,54 @@ class ClientIdentity:
             self.key_path.with_name(self.key_path.name + ".next"),
         )
 
+    def _public_of_key(self, path: Path) -> bytes | None:
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), self.password)
+        except (OSError, ValueError, TypeError):
+            return None
+        return _spki(key.public_key())
+
+    @staticmethod
+    def _public_of_certificate(path: Path) -> bytes | None:
+        try:
+            return _spki(x509.load_pem_x509_certificate(path.read_bytes()).public_key())
+        except (OSError, ValueError):
+            return None
+
     def finish_interrupted_renewal(self) -> None:
-        """Complete a renewal whose two new files exist; drop one that got only its key."""
+        """After a renewal cut short, put in place the newest key and certificate that belong
+        together (same public key), wherever the crash left them; drop the leftovers.
+
+        Safe to cut short itself: each rename keeps a matching pair among the files.
+        """
         cert_next, key_next = self._next
-        if cert_next.exists() and key_next.exists():
-            os.replace(key_next, self.key_path)
-            os.replace(cert_next, self.cert_path)
-            fsync_directory(self.cert_path.parent)
-        else:
-            key_next.unlink(missing_ok=True)
-            cert_next.unlink(missing_ok=True)
+        if not (cert_next.exists() or key_next.exists()):
+            return
+        keys = [(p, self._public_of_key(p)) for p in (key_next, self.key_path) if p.exists()]
+        certs = [(p, self._public_of_certificate(p)) for p in (cert_next, self.cert_path)]
+        pairs = [
+            (cert, key)
+            for cert, cert_public in certs
+            for key, key_public in keys
+            if cert_public is not None and cert_public == key_public
+        ]
+        if not pairs:
+            raise IdentityError(
+                f"interrupted certificate renewal: no key among {[str(p) for p, _ in keys]} "
+                f"matches a certificate in {self.cert_path.parent}; register the vehicle's "
+                "key anew (docs/identity.md)"
+            )
+        cert, key = pairs[0]  # the renewed certificate first, when it has its key
+        if key != self.key_path:
+            os.replace(key, self.key_path)
+            fsync_directory(self.key_path.parent)
+        if cert != self.cert_path:
+            os.replace(cert, self.cert_path)
+        key_next.unlink(missing_ok=True)
+        cert_next.unlink(missing_ok=True)
+        fsync_directory(self.cert_path.parent)
+        log.info("finished an interrupted certificate renewal (%s)", "new pair" if
+                 cert == cert_next else "old pair kept")  # fmt: skip
 
     def available(self) -> bool:
         return self.cert_path.is_file() and self.key_path.is_file()
@@ -127,13 +176,7 @@ class ClientIdentity:
         except (UptakeError, ValueError) as exc:
             key_next.unlink(missing_ok=True)
             raise IdentityError(f"certificate renewal: {exc}") from exc
-        public = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        cert_public = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        if public != cert_public:
+        if _spki(key.public_key()) != _spki(cert.public_key()):
             key_next.unlink(missing_ok=True)
             raise IdentityError("certificate renewal: the server certified another key")
         write_atomic(cert_next, pem.encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 import click
@@ -19,11 +20,11 @@ def _expiry(value: str | None) -> str | None:
     if value is None:
         return None
     unit = _DURATION_UNITS.get(value[-1:])
-    if unit is not None and value[:-1].isdigit():
-        return (datetime.now(UTC) + int(value[:-1]) * unit).replace(microsecond=0).isoformat()
     try:
+        if unit is not None and value[:-1].isdigit() and len(value) <= 12:
+            return (datetime.now(UTC) + int(value[:-1]) * unit).replace(microsecond=0).isoformat()
         when = datetime.fromisoformat(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a duration past what datetime holds
         raise click.BadParameter(
             f"{value!r}: a duration (90d, 12h, 30m) or an ISO 8601 time", param_hint="--expires"
         ) from None
@@ -39,6 +40,7 @@ def admin() -> None:
     uptake admin token create --name brakes-inc --role supplier --hardware-id brake-ecu
     uptake admin token list
     uptake admin token revoke alice
+    uptake admin token password alice      (a dashboard password for alice's account)
     Roles: admin, release-engineer, fleet-operator, viewer, supplier (its hardware ids only).
     A token is shown once, when created; the server keeps only its hash.
     """
@@ -127,3 +129,37 @@ def token_revoke(
     result = call(client(server_url, ca_cert, token_file), "POST",
                   f"/api/v1/tokens/{quote(name)}/revoke")  # fmt: skip
     emit(result, as_json, f"Revoked token {name!r}")
+
+
+@token.command("password")
+@click.argument("name")
+@click.option(
+    "--password-file",
+    type=click.File("r"),
+    help="Read the password from this file's first line ('-': standard input) instead of asking.",
+)
+@server_options
+@click.option("--json", "as_json", is_flag=True)
+def token_password(
+    name: str,
+    password_file: IO[str] | None,
+    server_url: str,
+    ca_cert: Path | None,
+    token_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Set the dashboard password of account NAME (12 to 1024 characters).
+
+    The account's holder then logs in to /dashboard/ with NAME and this
+    password instead of the token. Its role and expiry are the token's; revoking
+    the token ends password logins too. Setting a password again ends the
+    account's open dashboard sessions. Without --password-file it is asked for
+    twice, not echoed.
+    """
+    if password_file is not None:
+        password = password_file.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    result = call(client(server_url, ca_cert, token_file), "POST",
+                  f"/api/v1/tokens/{quote(name)}/password", {"password": password})  # fmt: skip
+    emit(result, as_json, f"Set the dashboard password of {name!r} (its open sessions ended)")

@@ -80,9 +80,33 @@ def vin_of(cert: x509.Certificate) -> str:
         raise CertificateError(str(exc)) from exc
 
 
+#: Longest serial text :func:`canonical_serial` reads (20 octets, as colon-separated hex pairs).
+MAX_SERIAL_TEXT = 96
+
+
+def canonical_serial(text: str) -> str:
+    """A serial number as the fleet database names it: lower-case hex, no leading zeros.
+
+    Reads what tools print (``openssl x509 -serial``: ``01FAD9...``; ``-text``:
+    ``01:fa:d9:...``), so every spelling of one serial names one certificate.
+    """
+    digits = text.replace(":", "")
+    if not (0 < len(text) <= MAX_SERIAL_TEXT and digits and all(c in _HEX for c in digits)):
+        raise CertificateError(f"serial number {text[:100]!r} is not hexadecimal")
+    return format(int(digits, 16), "x")
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def issuer_key(name: x509.Name) -> str:
+    """How the fleet database names an issuer: SHA-256 of its DER-encoded name."""
+    return hashlib.sha256(name.public_bytes()).hexdigest()
+
+
 def certificate_key(cert: x509.Certificate) -> tuple[str, str]:
     """How the fleet database names a certificate: hex serial, SHA-256 of the issuer name."""
-    return format(cert.serial_number, "x"), hashlib.sha256(cert.issuer.public_bytes()).hexdigest()
+    return format(cert.serial_number, "x"), issuer_key(cert.issuer)
 
 
 def _check_public_key(key: object) -> None:

@@ -9,7 +9,6 @@ it in the hash-chained audit log, which notices a changed, deleted or reordered 
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,11 +22,23 @@ import pytest
 from server.api.access import Audience
 from server.api.application import ROUTES
 from server.api_client import AdminClient, ApiClientError
-from server.release import PublishError, publish_image
+from server.release import (
+    PublishError,
+    ReleaseImage,
+    fetch_verified_targets,
+    publish_image,
+    stage_release,
+)
 from server.roles import ROLE_PERMISSIONS, Permission, Role
 from tests.uptake_fixtures import ENV, PASSWORD, ServerProcess, Vehicle, sample
 
-_PARAMS = {"vin": "VIN0001", "serial": "GW-VIN0001", "sha256": "ab" * 32, "name": "someone"}
+_PARAMS = {
+    "vin": "VIN0001",
+    "serial": "GW-VIN0001",
+    "sha256": "ab" * 32,
+    "name": "someone",
+    "id": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +139,38 @@ def test_a_supplier_publishes_only_for_its_hardware_ids(
         _token(srv, "no-hardware", Role.SUPPLIER)
 
 
+def test_a_supplier_cannot_retag_or_replace_another_hardware_ids_image(
+    deployment: tuple[ServerProcess, Vehicle],
+) -> None:
+    """Changing an image touches its old hardware ids too: re-tagging is not publishing one's own."""
+    srv, _ = deployment
+    supplier = _token(srv, "retagging-supplier", Role.SUPPLIER, hardware_ids=["stm32f4-bms"])
+    root = (srv.offline_dir / "image-root.json").read_bytes()
+    gateway = publish_image(srv.admin, sample("rpi-gateway", "1.0.0"), ["rpi-gateway"], "1.0.0",
+                            [srv.targets_signer], root)  # fmt: skip
+    targets = fetch_verified_targets(srv.admin, root)
+    entry = targets.signed.targets[gateway.filepath]
+    entry.unrecognized_fields["custom"]["hardwareIds"] = ["stm32f4-bms"]
+    targets.signed.version += 1
+    targets.signatures.clear()
+    targets.sign(srv.targets_signer)
+    with pytest.raises(ApiClientError, match=r"HTTP 403.*rpi-gateway"):
+        supplier.request("POST", "/api/v1/image/targets", body=targets.to_bytes(),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+
+    # A release the engineers staged is theirs: a supplier neither discards nor replaces it.
+    stage_release(srv.admin, [ReleaseImage(sample("rpi-gateway", "1.1.0"), ["rpi-gateway"], "1.1.0")],
+                  root)  # fmt: skip
+    assert _status(supplier, "DELETE", "/api/v1/image/staged") == 403
+    bms = fetch_verified_targets(srv.admin, root)
+    bms.signed.version += 1
+    bms.signatures.clear()
+    with pytest.raises(ApiClientError, match=r"HTTP 403.*rpi-gateway"):
+        supplier.request("POST", "/api/v1/image/staged", body=bms.to_bytes(),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert srv.admin.request("DELETE", "/api/v1/image/staged")["discarded"] > 0
+
+
 def test_revoked_and_expired_tokens_get_401(deployment: tuple[ServerProcess, Vehicle]) -> None:
     srv, _ = deployment
     operator = _token(srv, "temporary-operator", Role.FLEET_OPERATOR)
@@ -144,8 +187,13 @@ def test_revoked_and_expired_tokens_get_401(deployment: tuple[ServerProcess, Veh
 def test_no_token_is_stored_in_clear(deployment: tuple[ServerProcess, Vehicle]) -> None:
     srv, _ = deployment
     created = _token(srv, "secret-holder", Role.VIEWER)
-    database = srv.data_dir / "uptake.db"
-    stored = b"".join(p.read_bytes() for p in database.parent.glob("uptake.db*"))
+    if srv.config.database_url.startswith("sqlite"):
+        database = srv.data_dir / "uptake.db"
+        stored = b"".join(p.read_bytes() for p in database.parent.glob("uptake.db*"))
+    else:  # every text the tables hold
+        stored = repr(
+            [srv.sql(f"SELECT * FROM {table}") for table in ("operatortoken", "auditrecord")]
+        ).encode()
     for token in (created.token, srv.admin.token):
         assert token.encode() not in stored
     listing = srv.admin.request("GET", "/api/v1/tokens")["tokens"]
@@ -179,17 +227,16 @@ def test_a_tampered_audit_log_is_detected(tmp_path: Path, tampering: str) -> Non
         assert srv.admin.request("GET", "/api/v1/audit/verify")["intact"]
     finally:
         srv.stop()
-    with sqlite3.connect(srv.data_dir / "uptake.db") as db:
-        if tampering == "change":
-            db.execute("UPDATE auditrecord SET actor = 'operator:nobody' WHERE seq = 2")
-        elif tampering == "delete":
-            db.execute("DELETE FROM auditrecord WHERE seq = 2")
-        elif tampering == "reorder":
-            db.execute("UPDATE auditrecord SET seq = 100 WHERE seq = 2")
-            db.execute("UPDATE auditrecord SET seq = 2 WHERE seq = 3")
-            db.execute("UPDATE auditrecord SET seq = 3 WHERE seq = 100")
-        else:
-            db.execute("DELETE FROM auditrecord WHERE seq = (SELECT MAX(seq) FROM auditrecord)")
+    if tampering == "change":
+        srv.sql("UPDATE auditrecord SET actor = 'operator:nobody' WHERE seq = 2")
+    elif tampering == "delete":
+        srv.sql("DELETE FROM auditrecord WHERE seq = 2")
+    elif tampering == "reorder":
+        srv.sql("UPDATE auditrecord SET seq = 100 WHERE seq = 2")
+        srv.sql("UPDATE auditrecord SET seq = 2 WHERE seq = 3")
+        srv.sql("UPDATE auditrecord SET seq = 3 WHERE seq = 100")
+    else:
+        srv.sql("DELETE FROM auditrecord WHERE seq = (SELECT MAX(seq) FROM auditrecord)")
     srv.start()
     try:
         result = srv.admin.request("GET", "/api/v1/audit/verify")

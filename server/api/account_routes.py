@@ -7,10 +7,19 @@ from typing import Any
 from aiohttp import web
 from sqlmodel import Session
 
-from server import accounts, audit
+from server import accounts, audit, operator_passwords
 from server.api.access import Route, actor_of
-from server.api.boundary import ApiError, id_cursor, in_session, json_body, next_cursor, page_query
-from server.api.schemas import TokenRequest
+from server.api.boundary import (
+    id_cursor,
+    in_session,
+    json_body,
+    next_cursor,
+    page_query,
+    query_params,
+)
+from server.api.context import PASSWORD_HASHING
+from server.api.responses import AuditPage, AuditVerification
+from server.api.schemas import AuditQuery, AuditVerifyQuery, PasswordRequest, TokenRequest
 from server.roles import Permission
 from signing.names import check_name
 
@@ -41,25 +50,33 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response(info.to_dict())
 
 
+async def set_password(request: web.Request) -> web.Response:
+    name = check_name(request.match_info["name"], "URL name")
+    body = await json_body(request, PasswordRequest)
+    actor = actor_of(request)
+    operator_passwords.check_password_rules(body.password)
+    hashed = await request.app[PASSWORD_HASHING].hash(body.password)
+    await in_session(
+        request, lambda s: operator_passwords.set_password(s, name, hashed, set_by=actor)
+    )
+    return web.json_response({"name": name, "password_set": True})
+
+
 async def list_audit(request: web.Request) -> web.Response:
+    q = query_params(request, AuditQuery)
     limit, position = page_query(request)
     after = id_cursor(position)
-    action = request.query.get("action")
-    subject = request.query.get("subject")
-    for name, value in (("action", action), ("subject", subject)):
-        if value is not None and (len(value) > 1000 or not value.isprintable()):
-            raise ApiError(400, f"query {name} must be printable text of at most 1000 characters")
     records, last = await in_session(
         request,
-        lambda s: audit.records_page(s, after=after, limit=limit, action=action, subject=subject),
+        lambda s: audit.records_page(
+            s, after=after, limit=limit, action=q.action, subject=q.subject
+        ),
     )
     return web.json_response({"records": records, "next": next_cursor(last)})
 
 
 async def verify_audit(request: web.Request) -> web.Response:
-    expected = request.query.get("expected_head")
-    if expected is not None and (len(expected) != 64 or not expected.isalnum()):
-        raise ApiError(400, "query expected_head must be a 64-character hex hash")
+    expected = query_params(request, AuditVerifyQuery).expected_head
     result = await in_session(request, lambda s: audit.verify(s, expected_head=expected))
     return web.json_response(result.to_dict())
 
@@ -71,8 +88,13 @@ ROUTES = [
           "Create an operator token: shown once in the answer", TokenRequest),
     Route("POST", "/api/v1/tokens/{name}/revoke", revoke_token, Permission.MANAGE_ACCOUNTS,
           "Revoke an operator token at once"),
+    Route("POST", "/api/v1/tokens/{name}/password", set_password, Permission.MANAGE_ACCOUNTS,
+          "Set the dashboard password of an operator account (ends its dashboard sessions)",
+          PasswordRequest),
     Route("GET", "/api/v1/audit", list_audit, Permission.READ_FLEET,
-          "The audit log, oldest first (paged; filter by action or subject)"),
+          "The audit log, oldest first (paged; filter by action or subject)",
+          query=AuditQuery, response=AuditPage),
     Route("GET", "/api/v1/audit/verify", verify_audit, Permission.READ_FLEET,
-          "Check the audit log's hash chain"),
+          "Check the audit log's hash chain", query=AuditVerifyQuery,
+          response=AuditVerification),
 ]  # fmt: skip
