@@ -30,6 +30,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from client.bundle import check_bundle, install_order, unmet_dependency
@@ -38,7 +39,7 @@ from client.cycle_result import CycleReport, FailureKind
 from client.downloads import VerifiedDownloads
 from client.fetcher import DownloadError, ResumableFetcher, TlsSettings
 from client.installer import SlotInstaller
-from client.preconditions import unmet_precondition
+from client.preconditions import missing_consent, unmet_precondition
 from client.primary_install import PrimaryInstall
 from client.reporting import Reporter
 from client.secondaries import open_secondaries
@@ -76,6 +77,14 @@ def _failure_kind(exc: VerificationFailure) -> FailureKind:
     if isinstance(exc, ConfigurationFailure):
         return FailureKind.CONFIGURATION
     return FailureKind.ATTACK  # AttackDetected, and anything unclassified: the worst case
+
+
+@dataclass
+class _DownloadedAhead:
+    """What :meth:`Agent._download_ahead` holds now, by ECU serial, and whether it met an attack."""
+
+    held: dict[str, str] = field(default_factory=dict)
+    attack: bool = False
 
 
 class Agent:
@@ -124,13 +133,18 @@ class Agent:
         self.downloads = VerifiedDownloads(
             config.path("downloads"),
             config.agent.server_url,
+            config.agent.image_url,
             config.agent.vin,
             fetcher,
             config.agent.max_image_size,
             decryption_key,
         )
         self.verifier = FullVerifier(
-            config.path("metadata"), config.agent.server_url, config.agent.vin, fetcher
+            config.path("metadata"),
+            config.agent.server_url,
+            config.agent.vin,
+            fetcher,
+            image_url=config.agent.image_url,
         )
         self.primary = PrimaryInstall(config, slots, self.downloads, self.store, self.say)
         self.delivery = SecondaryDelivery(
@@ -212,14 +226,21 @@ class Agent:
             attack = True
         todo = list(verified.to_install)
         report.directed = [f"{d.ecu_serial}:{d.target.path}" for d in todo]
+        if report.verification_error == "":
+            self.downloads.keep_only(self._downloads_in_use(state, todo))
         waiting = unmet_precondition(self.config.preconditions) if todo else None
+        if waiting is None and any(item.install_on_consent for item in todo):
+            waiting = missing_consent(self.config.preconditions)
         if waiting is not None:
             self.say(f"update waits: precondition {waiting}")
             report.waiting = waiting
+            ahead = self._download_ahead(state, [i for i in todo if i.install_on_consent])
+            attack = attack or ahead.attack
             for item in todo:
-                outcome = InstallOutcome(
-                    item.target.path, InstallResult.POSTPONED, f"waiting for precondition {waiting}"
-                )
+                detail = f"waiting for precondition {waiting}"
+                if item.ecu_serial in ahead.held:
+                    detail += f"; {ahead.held[item.ecu_serial]}"
+                outcome = InstallOutcome(item.target.path, InstallResult.POSTPONED, detail)
                 report.outcomes[item.ecu_serial] = self._record(state, item, outcome)
             todo = []
         delivered = False
@@ -280,6 +301,45 @@ class Agent:
         )
         return verified
 
+    def _download_ahead(self, state: AgentState, items: list[DirectedImage]) -> _DownloadedAhead:
+        """Download and verify install-on-consent images now, so consent installs at once.
+
+        A campaign in "download now, install on consent" mode marks its images;
+        the download needs no precondition (nothing is written to any slot), the
+        install waits for all of them. The install later finds the verified file
+        (or the delta) in ``downloads/`` and fetches nothing; a download that
+        fails here is retried at the next poll, and one that fails its signed
+        hashes is an attack like any other.
+        """
+        ahead = _DownloadedAhead()
+        for item in items:
+            try:
+                if item.delta is not None:
+                    self.downloads.target(item.delta, f"{item.delta.hashes['sha256']}.delta")
+                    what = f"delta of {item.delta.length} bytes"
+                else:
+                    self.downloads.image(item)
+                    what = f"image of {item.target.length} bytes"
+            except AttackDetected as exc:
+                self.primary.note_attack(state, str(exc))
+                self.say(f"REFUSED download of {item.target.path} for {item.ecu_serial}: {exc}")
+                ahead.attack = True
+                continue
+            except VerificationFailure as exc:
+                self.say(f"download of {item.target.path} for {item.ecu_serial} postponed: {exc}")
+                continue
+            ahead.held[item.ecu_serial] = f"{what} downloaded and verified"
+            self.say(f"{item.ecu_serial}: {what} for {item.target.path} downloaded ahead, verified")
+        return ahead
+
+    def _downloads_in_use(self, state: AgentState, todo: list[DirectedImage]) -> set[str]:
+        """The sha256s whose files in ``downloads/`` a directed image or the journal still needs."""
+        names = {item.sha256 for item in todo}
+        names |= {item.delta.hashes["sha256"] for item in todo if item.delta is not None}
+        if state.journal is not None:
+            names |= {state.journal.sha256, state.journal.delta_sha256}
+        return names - {""}
+
     def install(
         self, state: AgentState, item: DirectedImage, verified: VerifiedUpdate
     ) -> InstallOutcome:
@@ -296,9 +356,7 @@ class Agent:
             return EcuBeforeUpdate(hardware_id, counter, sha256, self.primary.takes_delta)
         sec = self.secondaries[serial]
         try:
-            return EcuBeforeUpdate(
-                hardware_id, counter, sec.installed_sha256(), sec.installed_image_path() is not None
-            )
+            return EcuBeforeUpdate(hardware_id, counter, sec.installed_sha256(), sec.takes_deltas())
         except SecondaryError as exc:
             self.say(f"secondary {serial} cannot tell what it runs: {exc}")
             return EcuBeforeUpdate(hardware_id, counter)

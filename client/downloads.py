@@ -56,6 +56,7 @@ class VerifiedDownloads:
         self,
         directory: Path,
         server_url: str,
+        image_url: str,
         vin: str,
         fetcher: ResumableFetcher,
         max_image_size: int,
@@ -63,6 +64,7 @@ class VerifiedDownloads:
     ) -> None:
         self.directory = directory
         self._server_url = server_url.rstrip("/")
+        self._image_url = image_url.rstrip("/")
         self._vin = vin
         self._fetcher = fetcher
         self._max_image_size = max_image_size
@@ -78,6 +80,22 @@ class VerifiedDownloads:
     def discard(self, name: str) -> None:
         """Delete download ``name`` (done with it, or refused)."""
         self.path(name).unlink(missing_ok=True)
+
+    def keep_only(self, sha256s: set[str]) -> None:
+        """Delete every download (whole or partial) not named by one of ``sha256s``.
+
+        Called after a successful verification with what is still directed:
+        an image downloaded ahead whose assignment was then withdrawn, or a
+        partial download the director no longer wants, must not hold the
+        vehicle's storage for ever.
+        """
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.split(".", 1)[0] not in sha256s and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
 
     def image(self, item: DirectedImage) -> Path:
         """The directed image on disk, length and hashes verified; fetched (or resumed) if needed."""
@@ -123,7 +141,7 @@ class VerifiedDownloads:
         # the .part and .resume files sit beside the destination, which is confined
         partial = destination.with_name(destination.name + ".part")
         name = consistent_target_path(target.path, target.hashes["sha256"])
-        url = f"{self._server_url}/image/targets/{parse.quote(name)}"
+        url = f"{self._image_url}/image/targets/{parse.quote(name)}"
         try:
             received = self._fetcher.download_to(url, partial, target.length)
         except DownloadError as exc:

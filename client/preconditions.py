@@ -13,6 +13,12 @@ Each precondition is either
 The agent checks them just before an install; while one fails, the update
 waits (the agent says which precondition and why) and is retried at the
 next poll. Nothing is written to any slot while waiting.
+
+A director target marked ``installOnConsent`` (a campaign in "install on
+consent" mode, :mod:`signing.metadata`) needs a precondition named
+:data:`CONSENT`: the driver's consent, however the vehicle asks for it.
+A vehicle that has none configured waits rather than install unasked
+(:func:`missing_consent`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,20 @@ def _run_command(argv: Sequence[str], timeout: float) -> str | None:
         return None
     output = (proc.stdout or proc.stderr).decode(errors="replace").strip().splitlines()
     return output[0][:300] if output else f"{argv[0]} exited {proc.returncode}"
+
+
+#: The name of the precondition that says the driver consented.
+CONSENT = "consent"
+
+
+def missing_consent(preconditions: Sequence[Precondition]) -> str | None:
+    """Why an install-on-consent image must wait although every precondition holds, or None."""
+    if any(pre.name == CONSENT for pre in preconditions):
+        return None
+    return (
+        f"{CONSENT}: the campaign installs only with the driver's consent, and no "
+        f'[[preconditions]] named "{CONSENT}" is configured'
+    )
 
 
 def unmet_precondition(preconditions: Sequence[Precondition]) -> str | None:

@@ -23,8 +23,11 @@ detect that too.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -103,6 +106,8 @@ class AuditVerification:
     head_seq: int
     head_hash: str
     problems: tuple[str, ...]
+    #: sequence numbers of the records found changed, deleted, moved or missing, in order
+    broken_seqs: tuple[int, ...] = ()
 
     @property
     def intact(self) -> bool:
@@ -115,6 +120,8 @@ class AuditVerification:
             "head_seq": self.head_seq,
             "head_hash": self.head_hash,
             "problems": list(self.problems),
+            "broken_seqs": list(self.broken_seqs),
+            "first_broken_seq": self.broken_seqs[0] if self.broken_seqs else None,
         }
 
 
@@ -138,10 +145,12 @@ def verify(
 ) -> AuditVerification:
     """Check the whole chain (see module docstring)."""
     problems: list[str] = []
+    broken: list[int] = []
     prev_hash, expected_seq, count = _GENESIS, 1, 0
     for record in _records(session):
         count += 1
         where = f"audit record {record.seq}"
+        found = len(problems)
         if record.seq != expected_seq:
             problems.append(
                 f"{where}: expected record {expected_seq} here (records deleted or renumbered)"
@@ -154,6 +163,8 @@ def verify(
         )  # fmt: skip
         if computed != record.hash:
             problems.append(f"{where}: its content was changed after it was written")
+        if len(problems) > found:
+            broken.append(min(record.seq, expected_seq))
         prev_hash, expected_seq = record.hash, record.seq + 1
         if len(problems) >= max_problems:
             break
@@ -164,9 +175,11 @@ def verify(
             f"the head names record {head_seq}, the chain ends at {expected_seq - 1}: "
             "records were deleted from its end"
         )
+        broken.append(expected_seq)
     if expected_head is not None and expected_head != head_hash:
         problems.append(f"the head hash is {head_hash}, not the expected {expected_head}")
-    return AuditVerification(count, head_seq, head_hash, tuple(problems))
+        broken.append(head_seq)
+    return AuditVerification(count, head_seq, head_hash, tuple(problems), tuple(broken))
 
 
 def records_page(
@@ -185,6 +198,15 @@ def records_page(
     more = len(rows) > limit
     rows = rows[:limit]
     return [record_dict(r) for r in rows], (rows[-1].seq if rows and more else None)
+
+
+def local_actor() -> str:
+    """Who runs a command on the server's machine itself (key rotation, ``server init``)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = str(os.getuid())
+    return f"local:{user}@{socket.gethostname()}"
 
 
 def record_dict(record: AuditRecord) -> dict[str, Any]:

@@ -57,11 +57,18 @@ def _intended(
     return result
 
 
+def check_combination(
+    session: Session, image_repo: ImageRepository, vin: str, override: dict[str, str]
+) -> list[str]:
+    """The requirements the vehicle would break if each ECU of ``override`` ran its image."""
+    return unmet_requirements(_intended(session, image_repo, vin, override))
+
+
 def check_assignment(
     session: Session, image_repo: ImageRepository, vin: str, ecu_serial: str, filepath: str
 ) -> list[str]:
     """The requirements the vehicle would break if ``ecu_serial`` were directed to ``filepath``."""
-    return unmet_requirements(_intended(session, image_repo, vin, {ecu_serial: filepath}))
+    return check_combination(session, image_repo, vin, {ecu_serial: filepath})
 
 
 def fail_unmet_dependents(session: Session, image_repo: ImageRepository, vin: str) -> list[str]:
