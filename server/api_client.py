@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import urllib3
 
+from server.image_batch import (
+    ImageBatchError,
+    UploadedImage,
+    batch_lengths,
+    body_length,
+    encode_images,
+)
 from signing.exceptions import UptakeError
 
 
@@ -101,6 +109,37 @@ class AdminClient:
             raise ApiClientError(f"GET {url}: answer longer than {max_length} bytes")
         return resp.status, body
 
+    def download(self, path: str, out: BinaryIO, chunk_size: int = 64 * 1024) -> int:
+        """GET ``path`` (with the token) into ``out`` a chunk at a time; returns the byte count.
+
+        A refusal raises like :meth:`request`; an answer cut off midway (the
+        server stopped, the connection broke) raises too, so that the caller
+        (writing ``out`` atomically) keeps no partial file.
+        """
+        url = f"{self.base_url}{path}"
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            resp = self._http.request("GET", url, headers=headers, preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise _unreachable("GET", url, exc) from exc
+        try:
+            if resp.status >= 400:
+                data = resp.read(64 * 1024)
+                try:
+                    message = json.loads(data)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = data[:200]
+                raise ApiClientError(f"GET {path}: HTTP {resp.status}: {message!r}")
+            written = 0
+            for chunk in resp.stream(chunk_size):
+                out.write(chunk)
+                written += len(chunk)
+            return written
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiClientError(f"GET {url}: the answer was cut off ({exc})") from exc
+        finally:
+            resp.release_conn()
+
     def get_bytes(self, path: str) -> bytes:
         url = f"{self.base_url}{path}"
         try:
@@ -122,3 +161,31 @@ class AdminClient:
                     "Content-Length": str(path.stat().st_size),
                 },
             )
+
+    def upload_images(
+        self, paths: Sequence[Path], progress: Callable[[int], None] | None = None
+    ) -> list[UploadedImage]:
+        """Stage ``paths`` in one streamed request, each read once (:mod:`server.image_batch`).
+
+        Returns each image's length and the SHA-256 computed while sending it,
+        once the server has checked and stored them all.
+        """
+        sent: list[UploadedImage] = []
+        try:
+            lengths = batch_lengths(paths)
+            answer = self.request(
+                "POST",
+                "/api/v1/image/uploads",
+                body=encode_images(paths, lengths, sent, progress),
+                headers={
+                    "Content-Type": "application/x-uptake-images",
+                    # not chunked: no framing (and no copy) of every chunk
+                    "Content-Length": str(body_length(lengths)),
+                },
+            )
+        except ImageBatchError as exc:
+            raise ApiClientError(str(exc)) from exc
+        stored = [(i["sha256"], i["length"]) for i in answer["images"]]
+        if stored != [(i.sha256, i.length) for i in sent]:
+            raise ApiClientError("the server stored other images than were sent")
+        return sent

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from server.cli_common import emit, password, require_server_extra
+from server.cli_common import database_url_option, emit, password, require_server_extra
 from server.config import SERVER_PASSWORD_ENV, ConfigError, ServerConfig
 from signing.keys import PASSWORD_ENV, KeyFileError
 
@@ -43,11 +43,7 @@ def server() -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=click.IntRange(1, 65535))
-@click.option(
-    "--database-url",
-    default="",
-    help="SQLAlchemy URL; default SQLite in the data dir (e.g. postgresql+psycopg://user@host/db).",
-)
+@database_url_option
 @click.option(
     "--key-type",
     type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]),
@@ -77,7 +73,7 @@ def server_init(
     offline_keys_dir: Path,
     host: str,
     port: int,
-    database_url: str,
+    database_url: str | None,
     key_type: str,
     tls_hostnames: tuple[str, ...],
     tls_cert: Path | None,
@@ -99,7 +95,7 @@ def server_init(
 
     if (tls_cert is None) != (tls_key is None):
         raise click.BadParameter("give both --tls-cert and --tls-key, or neither")
-    config = ServerConfig(data_dir, host, port, database_url)
+    config = ServerConfig(data_dir, host, port, database_url or "")
     if plain_http:
         config.plain_http, config.vehicle_identity = True, "none"
     if tls_cert is not None and tls_key is not None:
@@ -138,11 +134,18 @@ def server_init(
 @click.option(
     "--port", default=None, type=click.IntRange(0, 65535), help="Override the configured port."
 )
-@click.option("--database-url", default=None, help="Override the configured database URL.")
+@database_url_option
 def server_run(
     data_dir: Path, host: str | None, port: int | None, database_url: str | None
 ) -> None:
-    """Serve the image repository, the director and the admin API."""
+    """Serve the image repository, the director and the admin API.
+
+    \b
+    A new, empty database is created at this version's schema. One made by an
+    older Uptake is refused until 'uptake server migrate' upgrades it.
+    Several processes may serve one PostgreSQL database and one data directory
+    (shared disk) side by side: see docs/operations.md.
+    """
     require_server_extra()
     from server.service import open_server, run_server
 
@@ -154,38 +157,91 @@ def server_run(
         raise click.ClickException(str(exc)) from exc
 
 
-@server.command("rotate-keys")
+@server.command("migrate")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar="UPTAKE_DATA_DIR",
+    help="The server's data directory (its server.json names the database); or --database-url.",
+)
+@database_url_option
+@click.option(
+    "--make-revision",
+    metavar="MESSAGE",
+    help="For developers: autogenerate a new revision in server/migrations/versions from the "
+    "difference between the tables in server/db.py and a SCRATCH database at head "
+    "(--database-url); review the file before committing it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def server_migrate(
+    data_dir: Path | None, database_url: str | None, make_revision: str | None, as_json: bool
+) -> None:
+    """Upgrade the fleet database's schema in place to this version of Uptake.
+
+    \b
+    1. stop every 'uptake server run' on the database;
+    2. back it up (pg_dump, or a copy of uptake.db);
+    3. uptake server migrate --data-dir /srv/uptake     (or --database-url URL)
+    4. start the servers of the new version.
+    An empty database is created at the newest schema; one already there is left alone
+    (exit 0, nothing applied). Exit 1 with the reason if the database cannot be migrated.
+    """
+    require_server_extra()
+    from server.db import check_database_url, make_engine
+    from server.schema import make_revision as autogenerate
+    from server.schema import upgrade
+
+    try:
+        if data_dir is not None:
+            url = ServerConfig.load(data_dir, database_url=database_url).database_url
+        elif database_url:
+            url = database_url
+        else:
+            raise ConfigError("give --data-dir or --database-url (or $UPTAKE_DATABASE_URL)")
+        check_database_url(url)
+        engine = make_engine(url, prepare=False)
+        try:
+            if make_revision is not None:
+                path = autogenerate(engine, make_revision)
+                emit({"revision_file": str(path)}, as_json, f"Wrote {path}: review it")
+                return
+            result = upgrade(engine)
+        finally:
+            engine.dispose()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # the database refused a statement: nothing was committed
+        raise click.ClickException(f"migration failed, nothing changed: {exc}") from exc
+    if result.before is None:
+        text = f"Created the tables of schema {result.after} in {result.database}"
+    elif result.applied:
+        text = (
+            f"Migrated {result.database} from schema {result.before} to {result.after} "
+            f"({', '.join(result.applied)})"
+        )
+    else:
+        text = f"{result.database} is already at schema {result.after}: nothing to do"
+    emit(result.to_dict(), as_json, text)
+
+
+@server.command("rotate-keys", hidden=True)
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), required=True, envvar="UPTAKE_DATA_DIR"
 )
-@click.option(
-    "--offline-keys-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory with the offline root key (REPO-root.key) and the trusted REPO-root.json to refresh.",
-)
+@click.option("--offline-keys-dir", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--repository", type=click.Choice(["director", "image"]), required=True)
+@click.option("--roles", default="", help="Comma-separated online roles (default: all of them).")
 @click.option(
-    "--roles",
-    default="",
-    help="Comma-separated online roles to rotate (default: all of them: "
-    "director targets,snapshot,timestamp; image snapshot,timestamp).",
+    "--root-key", "root_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False)
 )
 @click.option(
-    "--root-key",
-    "root_keys",
-    multiple=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Root key file(s) to sign with, for root thresholds > 1 (default OFFLINE/REPO-root.key).",
-)
-@click.option(
-    "--key-type",
-    type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]),
-    default="ed25519",
-    show_default=True,
+    "--key-type", type=click.Choice(["ed25519", "ecdsa-p256", "rsa-pss"]), default="ed25519"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@database_url_option
+@click.pass_context
 def server_rotate_keys(
+    ctx: click.Context,
     data_dir: Path,
     offline_keys_dir: Path,
     repository: str,
@@ -193,49 +249,22 @@ def server_rotate_keys(
     root_keys: tuple[Path, ...],
     key_type: str,
     as_json: bool,
+    database_url: str | None,
 ) -> None:
-    """Replace a repository's ONLINE keys after a compromise (run with the server STOPPED).
+    """Deprecated: 'uptake keys rotate --role online' (or --role ROLE, repeatable) does it."""
+    from server.keys_cli import keys_rotate
 
-    \b
-    1. stop 'uptake server run' (nothing signed with the old keys is served meanwhile);
-    2. uptake server rotate-keys --data-dir D --offline-keys-dir K --repository director
-       generates new online keys into D/keys, signs root vN+1 naming them with
-       the OFFLINE root key, stores it where vehicles fetch it, and re-signs
-       the repository's metadata (every vehicle's, for the director);
-    3. start 'uptake server run' again.
-    Vehicles follow the root rotation on their next poll and from then on
-    refuse metadata signed with the old keys. If the command is interrupted,
-    run it again: it finishes the rotation it started.
-    Online keys use $UPTAKE_SERVER_KEY_PASSWORD; the root key $UPTAKE_KEY_PASSWORD.
-    """
-    require_server_extra()
-    from server.rotation import RotationError, rotate_online_keys
-
-    try:
-        config = ServerConfig.load(data_dir)
-        online = password(SERVER_PASSWORD_ENV, "the server's online keys")
-        offline = password(PASSWORD_ENV, f"the offline {repository} root key")
-        result = rotate_online_keys(
-            config,
-            offline_keys_dir,
-            repository,
-            [r.strip() for r in roles.split(",") if r.strip()],
-            online,
-            offline,
-            root_keys=root_keys,
-            key_type=key_type,
-        )
-    except (ConfigError, RotationError, KeyFileError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    emit(
-        result.__dict__,
-        as_json,
-        f"{'Finished' if result.resumed else 'Rotated'} {repository} {', '.join(result.roles)} keys: "
-        f"root v{result.root_version}"
-        + (
-            f", director metadata of {result.vehicles_resigned} vehicle(s) re-signed"
-            if repository == "director"
-            else ""
-        )
-        + f"\nStart the server again: uptake server run --data-dir {data_dir}",
+    chosen = tuple(r.strip() for r in roles.split(",") if r.strip()) or ("online",)
+    click.echo(
+        "uptake server rotate-keys is deprecated: use 'uptake keys rotate --repository "
+        f"{repository} {' '.join('--role ' + r for r in chosen)}'",
+        err=True,
     )
+    for role in chosen:
+        if role not in ("targets", "snapshot", "timestamp", "online"):
+            raise click.ClickException(f"cannot rotate {role!r} here: 'uptake keys rotate --role'")
+    ctx.invoke(
+        keys_rotate, data_dir=data_dir, offline_keys_dir=offline_keys_dir, repository=repository,
+        roles=chosen, count=1, threshold=1, new_keys=(), root_keys=root_keys, key_type=key_type,
+        as_json=as_json, database_url=database_url,
+    )  # fmt: skip

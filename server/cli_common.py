@@ -33,6 +33,26 @@ _TOKEN_FILE_ENV = ("UPTAKE_TOKEN_FILE", "UPTAKE_ADMIN_TOKEN_FILE")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+#: Environment variable with the fleet database URL (:data:`server.db.DATABASE_URL_ENV`).
+DATABASE_URL_ENV = "UPTAKE_DATABASE_URL"
+
+
+def database_url_option(fn: _F) -> _F:
+    """``--database-url`` (``$UPTAKE_DATABASE_URL``) of every command that opens the database.
+
+    Precedence: the option, then the environment, then ``database_url`` in
+    server.json, then SQLite in the data directory.
+    """
+    return click.option(
+        "--database-url",
+        default=None,
+        envvar=DATABASE_URL_ENV,
+        metavar="URL",
+        help="Fleet database, e.g. postgresql+psycopg://uptake@db/uptake (default: "
+        f"${DATABASE_URL_ENV}, else server.json's database_url, else SQLite in the data dir).",
+    )(fn)
+
+
 def password(env_var: str, what: str, confirm: bool = False) -> bytes:
     value = os.environ.get(env_var)
     if value:

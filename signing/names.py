@@ -18,6 +18,10 @@ control or non-ASCII character (no look-alike Unicode either).
 **Target path**: 1 to 16 names joined by ``/`` (no leading, trailing or
 doubled ``/``), at most 512 characters.
 
+**Number** (a database id, a cursor, a metadata version in a URL): 1 to
+:data:`MAX_NUMBER_DIGITS` ASCII digits, so it always fits a signed 64-bit
+database integer (:func:`parse_number`).
+
 **Hash**: an algorithm from :data:`HASH_HEX_LENGTHS` and its digest in
 lowercase hex of exactly that algorithm's length.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,8 @@ from signing.exceptions import UptakeError
 __all__ = [
     "HASH_HEX_LENGTHS",
     "MAX_NAME_LENGTH",
+    "MAX_NUMBER",
+    "MAX_NUMBER_DIGITS",
     "MAX_TARGET_PATH_LENGTH",
     "NAME_PATTERN",
     "SHA256_PATTERN",
@@ -52,10 +59,14 @@ __all__ = [
     "check_target_path",
     "confined",
     "is_name",
+    "parse_number",
 ]
 
 MAX_NAME_LENGTH = 128
 MAX_TARGET_PATH_LENGTH = 512
+#: A number from outside has at most 18 digits: below 2**63, any database's largest integer.
+MAX_NUMBER_DIGITS = 18
+MAX_NUMBER = 10**MAX_NUMBER_DIGITS - 1
 _MAX_PATH_COMPONENTS = 16
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,127}"
 _NAME_RE = re.compile(_NAME)
@@ -99,6 +110,14 @@ def _shown(value: Any) -> str:
 def is_name(value: object) -> bool:
     """Whether ``value`` is a name of the grammar (see module docstring)."""
     return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
+def parse_number(text: str) -> int | None:
+    """The number ``text`` spells in 1 to :data:`MAX_NUMBER_DIGITS` ASCII digits, else None
+    (``"²".isdigit()`` is True too, and 19 digits overflow a 64-bit database integer)."""
+    if 1 <= len(text) <= MAX_NUMBER_DIGITS and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def check_name(value: object, where: str) -> str:
@@ -198,7 +217,19 @@ def confined(directory: Path | str, *parts: str, where: str = "file") -> Path:
         _check_file_name(part, where)
     base = Path(os.path.realpath(directory))
     path = base.joinpath(*parts)
-    resolved = Path(os.path.realpath(path))
-    if resolved != base and base not in resolved.parents:
-        raise PathEscapeError(where, f"{path} resolves to {resolved}, outside {base}")
+    # realpath(path) walks every component from "/"; below the resolved base, only a
+    # symbolic link among ``parts`` can lead elsewhere (each is one plain name), so look
+    # for one there and resolve the whole path only when there is one
+    current = base
+    for part in parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            break  # missing (or below a file): nothing further down can be a link
+        if stat.S_ISLNK(mode):
+            resolved = Path(os.path.realpath(path))
+            if resolved != base and base not in resolved.parents:
+                raise PathEscapeError(where, f"{path} resolves to {resolved}, outside {base}")
+            break
     return path

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.uptake_fixtures import ServerProcess, Vehicle
+from tests.uptake_fixtures import CREATED_DATABASES, ServerProcess, Vehicle, drop_databases
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """With UPTAKE_DATABASE_URL on PostgreSQL: drop the databases this test's servers made."""
+    before = len(CREATED_DATABASES)
+    yield
+    drop_databases(CREATED_DATABASES[before:])
+    del CREATED_DATABASES[before:]
 
 
 @pytest.fixture

@@ -69,6 +69,7 @@ BAD_REQUESTS = [
     ("POST", "/api/v1/vehicles/NOPE/manifest", {"signed": {}, "signatures": []}, None),
     ("PUT", "/api/v1/image/uploads/not-a-hash", None, b"bytes"),
     ("PUT", "/api/v1/image/uploads/" + "0" * 64, None, b"bytes whose hash is not zero"),
+    ("POST", "/api/v1/image/uploads", None, b"not a batch upload"),
     ("POST", "/api/v1/image/targets", None, b"{}"),
     ("POST", "/api/v1/image/targets", None, b"\xff\xfe"),
     ("GET", "/image/metadata/../../server.json", None, None),

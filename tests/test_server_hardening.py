@@ -189,6 +189,13 @@ def test_encrypted_copies_cannot_leave_the_vehicle_directory(tmp_path: Path) -> 
 
 def _database_bytes(server: ServerProcess) -> int:
     """The fleet database's logical size (its pages, WAL included)."""
+    if not server.config.database_url.startswith("sqlite"):
+        # PostgreSQL keeps dead row versions until vacuum: count the live rows' bytes
+        tables = server.sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return sum(
+            int(server.sql(f'SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM "{name}" t')[0][0])
+            for (name,) in tables
+        )
     db = server.data_dir / "uptake.db"
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -197,11 +204,7 @@ def _database_bytes(server: ServerProcess) -> int:
 
 
 def _event_rows(server: ServerProcess, vin: str) -> int:
-    db = server.data_dir / "uptake.db"
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        return int(
-            conn.execute("SELECT count(*) FROM securityevent WHERE vin = ?", (vin,)).fetchone()[0]
-        )
+    return int(server.sql("SELECT count(*) FROM securityevent WHERE vin = :vin", vin=vin)[0][0])
 
 
 def _garbage(template: bytes, n: int) -> bytes:
@@ -533,7 +536,13 @@ def test_dropped_and_stalled_bodies_cost_one_line_and_are_timed_out(
     log = server.log()
     new_lines = log.splitlines()[log_before:]
     assert "Traceback" not in log, log[-3000:]
-    assert len(new_lines) <= connections, "\n".join(new_lines[:20])
+    # one line each in the server's log, and one each in the access log (its own stream)
+    access = [line for line in new_lines if line.startswith('{"time"')]
+    others = [line for line in new_lines if not line.startswith('{"time"')]
+    assert len(others) <= connections, "\n".join(others[:20])
+    # /health lines are the readiness probes (the fixture's may be flushed late), not the bodies
+    bodies = [line for line in access if '"route":"/health"' not in line]
+    assert len(bodies) <= connections, "\n".join(bodies[:20])
     assert not [p for p in (server.data_dir / "image-repo" / "uploads").glob("*") if p.is_file()]
 
 

@@ -7,20 +7,25 @@ agent state directory and runs ``uptake agent run --once`` as a child process.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 import urllib3
+from sqlalchemy.pool import NullPool
 
 from client.provisioning import EcuSpec, provision_vehicle
 from client.state import AgentState, StateStore
@@ -33,7 +38,19 @@ from signing.keys import load_signer
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "firmware-samples"
 PASSWORD = "test-password"
-ENV = {**os.environ, "UPTAKE_KEY_PASSWORD": PASSWORD, "UPTAKE_SERVER_KEY_PASSWORD": PASSWORD}
+#: Set to a PostgreSQL URL, the tests run every :class:`ServerProcess` on PostgreSQL: each
+#: one gets a fresh database of its own on that server (dropped after the test).
+DATABASE_URL_ENV = "UPTAKE_DATABASE_URL"
+_TEST_DATABASE = os.environ.get(DATABASE_URL_ENV, "")
+ON_POSTGRES = _TEST_DATABASE.startswith("postgresql")
+# child processes read server.json's database, not the suite's variable
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != DATABASE_URL_ENV},
+    "UPTAKE_KEY_PASSWORD": PASSWORD,
+    "UPTAKE_SERVER_KEY_PASSWORD": PASSWORD,
+}
+#: Databases :func:`fresh_database_url` made and nobody dropped yet.
+CREATED_DATABASES: list[str] = []
 SELFTEST = [sys.executable, "-m", "uptake.firmware_info", "selftest", "{slot_path}"]
 
 
@@ -55,6 +72,78 @@ def edit_config(path: Path, tables: dict[str, Any]) -> None:
 def sample(hardware_id: str, version: str) -> Path:
     name = "bms.bin" if hardware_id == "stm32f4-bms" else "gateway.elf"
     return SAMPLES / hardware_id / version / name
+
+
+def _admin_engine() -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(_TEST_DATABASE, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+
+def fresh_database_url() -> str:
+    """A new, empty PostgreSQL database on the suite's server (``""``: SQLite, the default)."""
+    if not ON_POSTGRES:
+        return ""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"uptake_test_{secrets.token_hex(8)}"
+    engine = _admin_engine()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    CREATED_DATABASES.append(name)
+    url = make_url(_TEST_DATABASE).set(database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_databases(names: list[str]) -> None:
+    """Drop test databases (their servers' connections too)."""
+    if not names:
+        return
+    from sqlalchemy import text
+
+    engine = _admin_engine()
+    try:
+        with engine.connect() as conn:
+            for name in names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(prefix: str = "uptake_scratch") -> Iterator[str]:
+    """A new PostgreSQL database on 127.0.0.1:5432 for one test (skips when there is none)."""
+    import pytest
+    from sqlalchemy import create_engine, text
+
+    admin_url = (
+        _TEST_DATABASE if ON_POSTGRES else "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # no server, no driver
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    try:
+        from sqlalchemy.engine import make_url
+
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@atexit.register
+def _drop_leftover_databases() -> None:
+    drop_databases(CREATED_DATABASES)
+    CREATED_DATABASES.clear()
 
 
 def free_port() -> int:
@@ -106,7 +195,9 @@ class ServerProcess:
         self.port = free_port()
         self.tls = tls
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.config = ServerConfig(self.data_dir, "127.0.0.1", self.port, database_url)
+        self.config = ServerConfig(
+            self.data_dir, "127.0.0.1", self.port, database_url or fresh_database_url()
+        )
         if not tls:
             self.config.plain_http, self.config.vehicle_identity = True, "none"
         for key, value in config_changes.items():
@@ -119,7 +210,11 @@ class ServerProcess:
         self.admin = AdminClient.from_token_file(
             self.url, self.config.admin_token_path, ca_cert=self.ca_cert
         )
-        self.targets_signer = load_signer(self.offline_dir / "image-targets.key", PASSWORD.encode())
+        # with a key set of several targets keys ('uptake keys init'), the first of them
+        targets_key = self.offline_dir / "image-targets.key"
+        if not targets_key.exists():
+            targets_key = self.offline_dir / "image-targets-1.key"
+        self.targets_signer = load_signer(targets_key, PASSWORD.encode())
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -142,6 +237,18 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def sql(self, statement: str, **params: Any) -> list[Any]:
+        """Run ``statement`` on the server's own database (SQLite or PostgreSQL); its rows."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.config.database_url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                result = conn.execute(text(statement), params)
+                return list(result) if result.returns_rows else []
+        finally:
+            engine.dispose()
 
     def publish(self, image: Path, hardware_id: str, version: str, **kwargs: Any) -> Published:
         root = (self.offline_dir / "image-root.json").read_bytes()
@@ -203,9 +310,7 @@ class Vehicle:
             password=PASSWORD.encode(),
             health_check=checks,
             secondary_health_check=checks,
-            server_ca=(ca_cert or server.ca_cert).read_bytes()
-            if (ca_cert or server.ca_cert)
-            else None,
+            server_ca=ca.read_bytes() if (ca := ca_cert or server.ca_cert) else None,
         )
         registration = json.loads((self.state_dir / "registration.json").read_bytes())
         answer = server.admin.request("POST", "/api/v1/vehicles", json_body=registration)
@@ -274,7 +379,8 @@ class Vehicle:
         return open_boot_environment(load_config(self.config_path)).read()
 
     def booted_image(self) -> str:
-        image = self.state().slot_images.get(self.boot_env().get("boot_slot", "a"))
+        slot = self.boot_env().get("boot_slot", "a")
+        image = next((i for s, i in self.state().slot_images.items() if s == slot), None)
         return image.filepath if image else ""
 
     def secondary_state(self) -> dict[str, Any]:

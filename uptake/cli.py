@@ -21,8 +21,12 @@ import click
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("server.cli:server", "server"),
     "release": ("server.release_cli:release", "server"),
+    "keys": ("server.keys_cli:keys", "server"),
+    "delegation": ("server.delegation_cli:delegation", "server"),
     "fleet": ("server.fleet_cli:fleet", "server"),
     "admin": ("server.admin_cli:admin", "server"),
+    "campaign": ("server.campaign_cli:campaign", "server"),
+    "audit": ("server.audit_cli:audit", "server"),
     "agent": ("client.cli:agent", "client"),
     "delta": ("uptake.delta_cli:delta", "client"),
     "hil": ("hil.cli:hil", "hil"),
@@ -95,8 +99,11 @@ def cli(verbose: int, log_format: str) -> None:
       uptake demo                      run a whole update cycle on loopback
       uptake server init/run           the image repository + director
       uptake release publish IMAGE     publish firmware (signed offline)
+      uptake delegation add/publish    suppliers sign their own images, within limits
       uptake fleet add-vehicle/assign  register vehicles, direct updates
+      uptake fleet list/export         vehicles, and their inventory ledger (CSV, JSON)
       uptake admin token create        operator tokens with roles
+      uptake audit verify/export       the hash-chained audit log
       uptake agent run                 the in-vehicle agent (Uptane primary)
       uptake delta create/apply        binary deltas between images
       uptake hil run BENCH.toml        hardware-in-the-loop bench scenarios

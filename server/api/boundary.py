@@ -7,6 +7,18 @@ What comes from outside is checked once, here: names in URLs against
 (``body_timeout``; image uploads against ``upload_idle_timeout`` between
 chunks), after which the client gets 408 and the connection is closed. A
 client that goes away mid-request costs one log line, not a traceback.
+A body that cannot be decoded (a ``Content-Encoding`` its bytes do not
+follow, a truncated or corrupt gzip/deflate stream, bad chunked framing met
+while the handler reads) answers 400 and closes the connection; decoded
+bodies count against the same size limits, so a deflate bomb stops at the
+limit (413). Requests aiohttp's own parser refuses before any handler runs
+(a malformed request line, header or chunk, a body that arrived whole with
+its headers and does not decode) are answered by
+:class:`JsonErrorsRequestHandler`, in the same JSON, when the server runs
+(:func:`answer_parser_errors_in_json`). A body that the answer left unread
+(a request refused before its body was read) closes the connection after the
+answer (``Connection: close``); if it does not decode either, that costs one
+log line (``server.service``'s filter of aiohttp's log), not a traceback.
 
 Every error is a JSON body ``{"error": {"status": ..., "message": ...}}``
 with a 4xx status; only a bug answers 500, and it is logged with its
@@ -27,23 +39,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import web, web_server
+from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 from sqlmodel import Session
 
 from server.accounts import AccountError
 from server.api.context import ENGINE, TIMEOUTS
+from server.api.schemas import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 from server.fleet import FleetError, RejectionRateLimitedError
 from server.image_repository import ImageRepositoryError
 from signing.exceptions import UptakeError
 from signing.json_limits import UntrustedJsonError, parse_json
-from signing.names import NAME_PATTERN, TARGET_PATH_PATTERN, InvalidNameError, check_name
+from signing.names import (
+    NAME_PATTERN,
+    TARGET_PATH_PATTERN,
+    InvalidNameError,
+    check_name,
+    parse_number,
+)
 
 log = logging.getLogger("server.api")
 
 #: Largest JSON body of an operator's request.
 MAX_JSON_BODY = 1024 * 1024
-DEFAULT_PAGE_LIMIT = 100
-MAX_PAGE_LIMIT = 500
 _MAX_CURSOR = 1024
 
 _Item = TypeVar("_Item")
@@ -76,6 +96,55 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"status": status, "message": message}}, status=status)
 
 
+class JsonErrorsRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses in our JSON error body.
+
+    It also fails the body of the request being handled when that body turns out not to decode
+    only at its end (a truncated gzip or deflate stream): aiohttp queues that error as a
+    next, malformed request and leaves the handler waiting for the rest of the body, which
+    would end in a 408 at the body deadline instead of a 400 at once.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        current = self._current_request
+        if current is None or current.content.is_eof():
+            return
+        for message, _ in list(self._messages)[queued:]:
+            cause = getattr(message, "exc", None)
+            if isinstance(cause, PayloadEncodingError):
+                error = RequestPayloadError(cause.message)
+                error.__cause__ = cause
+                current.content.set_exception(error)
+                return
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once data was sent
+        if status >= 500 or not message:
+            text = "internal error (logged on the server)" if status >= 500 else "bad request"
+        else:
+            text = f"malformed request: {message}"
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+
+def answer_parser_errors_in_json() -> None:
+    """Make the servers this process starts use :class:`JsonErrorsRequestHandler`.
+
+    aiohttp builds its connection handler from ``aiohttp.web_server.RequestHandler`` and has
+    no public option for another; ``tests/test_boundary_encodings.py`` checks this holds.
+    """
+    web_server.RequestHandler = JsonErrorsRequestHandler  # type: ignore[attr-defined]
+
+
 async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
     """Send ``response`` and close the connection at once.
 
@@ -96,12 +165,37 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> web
 async def errors_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every refusal as a JSON 4xx; a disconnect as one log line; a bug as a logged 500."""
+    """Every refusal as a JSON 4xx; a disconnect as one log line; a bug as a logged 500.
+
+    An answer that leaves the body unread says ``Connection: close``: aiohttp reads the rest to
+    drop it, and a body that does not decode ends the connection there, which a client must
+    not be reusing.
+    """
+    if any("\x00" in key or "\x00" in value for key, value in request.query.items()):
+        # no route takes a NUL, and PostgreSQL cannot store or compare one: refused for all
+        response: web.StreamResponse = error_response(400, "query: NUL characters are not allowed")
+    else:
+        response = await _answer(request, handler)
+    if not request.content.is_eof():
+        response.force_close()
+    return response
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except BodyTimeoutError as exc:
         log.info("%s %s from %s: %s", request.method, request.path, request.remote, exc)
         return await _answer_and_close(request, error_response(exc.status, str(exc)))
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+        log.info("%s %s from %s: undecodable body: %s", request.method, request.path,
+                 request.remote, reason)  # fmt: skip
+        message = f"request body cannot be decoded ({reason.strip() or type(cause).__name__})"
+        return await _answer_and_close(request, error_response(400, message))
     except (ClientDisconnectedError, ConnectionError) as exc:
         log.info(
             "%s %s from %s: client went away: %s", request.method, request.path, request.remote, exc
@@ -134,6 +228,33 @@ def url_name(request: web.Request, param: str) -> str:
 
 def url_vin(request: web.Request) -> str:
     return url_name(request, "vin")
+
+
+# -- numbers in URLs (ids, cursors) ----------------------------------------------------
+
+
+#: The largest row id: ids (and metadata versions) are 32-bit columns on PostgreSQL, where a
+#: larger number in a query is an error rather than "no such row".
+MAX_ROW_ID = 2**31 - 1
+
+
+def url_number(request: web.Request, param: str, what: str) -> int:
+    """The row id ``param`` of the URL path (:func:`signing.names.parse_number`), else 400."""
+    number = parse_number(request.match_info[param])
+    if number is None or number > MAX_ROW_ID:
+        raise ApiError(400, f"URL {param} must be {what} (1 to {MAX_ROW_ID})")
+    return number
+
+
+def query_number(request: web.Request, param: str, what: str) -> int | None:
+    """The number in query parameter ``param`` (None when absent), else 400."""
+    text = request.query.get(param)
+    if text is None:
+        return None
+    number = parse_number(text)
+    if number is None:
+        raise ApiError(400, f"query {param} must be {what} (1 to 18 digits)")
+    return number
 
 
 # -- bodies ---------------------------------------------------------------------------
@@ -188,10 +309,29 @@ async def json_body(request: web.Request, schema: type[_Body], *, optional: bool
     if optional and not body.strip():
         return msgspec.convert({}, schema)
     document = parse_json(body, where="request body", max_bytes=MAX_JSON_BODY)
+    if _holds_nul(document):
+        raise ApiError(400, "request body: NUL characters (\\u0000) are not allowed in strings")
     try:
         return msgspec.convert(document, schema, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"request body: {_readable(str(exc))}") from exc
+
+
+def _holds_nul(document: Any) -> bool:
+    """Whether any key or string of ``document`` holds a NUL (bounded: parse_json bounds depth
+    and size). No field takes one, and PostgreSQL cannot store one."""
+    pending = [document]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 _GRAMMARS = {
@@ -209,6 +349,22 @@ def _readable(problem: str) -> str:
     regex = found["regex"].encode().decode("unicode_escape")
     words = _GRAMMARS.get(regex)
     return f"`{found['at']}` {words}" if words else problem
+
+
+def query_params(request: web.Request, schema: type[_Body]) -> _Body:
+    """The URL's query as ``schema`` (numbers, booleans and times from their text; unknown
+    parameters, repeated ones and values that do not fit answer 400 naming the parameter)."""
+    params: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key in params:
+            raise ApiError(400, f"query {key[:100]!r} given more than once")
+        params[key] = value
+    try:
+        return msgspec.convert(params, schema, strict=False)
+    except msgspec.ValidationError as exc:
+        problem = _readable(str(exc)).replace("`$.", "`")
+        problem = problem.replace("Object contains unknown field", "unknown parameter")
+        raise ApiError(400, f"query: {problem}") from exc
 
 
 # -- pages ----------------------------------------------------------------------------
@@ -249,7 +405,7 @@ def id_cursor(position: Any) -> int | None:
     """A cursor of a list ordered by database id: the last id seen."""
     if position is None:
         return None
-    if isinstance(position, int) and not isinstance(position, bool) and position >= 0:
+    if isinstance(position, int) and not isinstance(position, bool) and 0 <= position <= MAX_ROW_ID:
         return position
     raise ApiError(400, "query cursor is not a cursor of this list")
 

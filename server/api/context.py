@@ -9,10 +9,12 @@ from aiohttp import web
 from sqlalchemy.engine import Engine
 
 from server.certificates import CertificateAuthority
+from server.config import ServerConfig
 from server.deltas import DeltaPublisher
 from server.director import DirectorRepository
 from server.fleet import RejectionLimiter
 from server.image_repository import ImageRepository
+from server.operator_passwords import LoginLimiter, PasswordHashing
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ DIRECTOR: web.AppKey[DirectorRepository] = web.AppKey("director", DirectorReposi
 DELTAS: web.AppKey[DeltaPublisher] = web.AppKey("deltas", DeltaPublisher)
 REJECTIONS: web.AppKey[RejectionLimiter] = web.AppKey("rejections", RejectionLimiter)
 TIMEOUTS: web.AppKey[BodyTimeouts] = web.AppKey("timeouts", BodyTimeouts)
+CONFIG: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)
+#: failed dashboard logins per account and address (:mod:`server.operator_passwords`)
+LOGINS: web.AppKey[LoginLimiter] = web.AppKey("logins", LoginLimiter)
+#: the threads that hash passwords, and the cap on logins in progress
+PASSWORD_HASHING: web.AppKey[PasswordHashing] = web.AppKey("password_hashing", PasswordHashing)
 
 
 @dataclass(frozen=True)

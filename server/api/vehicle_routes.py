@@ -8,7 +8,14 @@ from typing import Any
 from aiohttp import web
 from sqlmodel import Session
 
-from server.api.access import Audience, Route, actor_of
+from server.api.access import (
+    ALLOWED_IDENTITIES,
+    NOT_THIS_VEHICLE,
+    Audience,
+    Route,
+    actor_of,
+    vehicle_certificate_of,
+)
 from server.api.boundary import (
     ApiError,
     in_session,
@@ -19,16 +26,16 @@ from server.api.boundary import (
 )
 from server.api.context import DELTAS, DIRECTOR, ENGINE, IMAGE_REPO, ISSUER, REJECTIONS
 from server.api.schemas import CertificateRequest
-from server.fleet import process_manifest
+from server.campaigns import on_manifest
+from server.fleet import STATE_CHANGED, FleetError, RejectionRateLimitedError, process_manifest
 from server.identities import issue_certificate
+from server.metrics import MANIFESTS, count_poll, log_event
 from signing.manifest import MAX_MANIFEST_BYTES
 from signing.names import check_name, check_sha256, check_target_path
 
+#: how a refused manifest is counted (uptake_manifests_total{outcome})
+_REFUSALS: dict[type[FleetError], str] = {RejectionRateLimitedError: "rate-limited"}
 _IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 async def image_metadata(request: web.Request) -> web.StreamResponse:
@@ -72,8 +79,14 @@ async def director_target(request: web.Request) -> web.StreamResponse:
 
 async def director_metadata(request: web.Request) -> web.Response:
     vin, filename = url_vin(request), url_name(request, "file")
+    count_poll(filename)
     director = request.app[DIRECTOR]
-    data = await in_session(request, lambda s: director.metadata(s, vin, filename))
+    # the idle poll on SQLite: cached signed bytes, no thread and no database (the vehicle's
+    # identity was checked by the access middleware); with replicas the director checks the
+    # database's newest version (DirectorRepository.cached_timestamp)
+    data = director.cached_timestamp(vin) if filename == "timestamp.json" else None
+    if data is None:
+        data = await in_session(request, lambda s: director.metadata(s, vin, filename))
     if data is None:
         raise ApiError(404, f"no director metadata {filename!r} for vehicle {vin}")
     return web.Response(
@@ -86,32 +99,50 @@ async def upload_manifest(request: web.Request) -> web.Response:
     body = await read_body(request, MAX_MANIFEST_BYTES, "manifest")
     director, engine, limiter = request.app[DIRECTOR], request.app[ENGINE], request.app[REJECTIONS]
 
+    campaigns_moved: list[int] = []  # a campaign may have assigned an image meanwhile
+
     def run() -> Any:
         with Session(engine) as session:
-            return process_manifest(session, director, vin, body, limiter)
+            return process_manifest(
+                session, director, vin, body, limiter,
+                after_accept=lambda s, v: campaigns_moved.extend(on_manifest(s, director, v)),
+            )  # fmt: skip
 
-    result = await asyncio.to_thread(run)
-    director.invalidate(vin)
-    await request.app[DELTAS].on_vehicle(vin)
+    try:
+        result = await asyncio.to_thread(run)
+    except FleetError as exc:
+        outcome = _REFUSALS.get(type(exc), "unknown-vehicle" if exc.status == 404 else "rejected")
+        MANIFESTS.labels(outcome).inc()
+        log_event("manifest", vin=vin, outcome=outcome, status=exc.status, detail=str(exc)[:300])
+        raise
+    MANIFESTS.labels("accepted").inc()
+    log_event("manifest", vin=vin, outcome="accepted", attacks=result["attacks_recorded"])
+    if result.pop(STATE_CHANGED) or campaigns_moved:
+        director.invalidate(vin)
+        await request.app[DELTAS].on_vehicle(vin)
     return web.json_response(result)
 
 
 async def renew_certificate(request: web.Request) -> web.Response:
     """A new client certificate for a new key, asked for over mutual TLS with the current one."""
     vin = url_vin(request)
+    current = vehicle_certificate_of(request)
+    if current is None:  # vehicle_identity = "none": nothing to renew from, nothing issued
+        raise ApiError(403, NOT_THIS_VEHICLE)
     body = await json_body(request, CertificateRequest)
     issuer, actor = request.app[ISSUER], actor_of(request)
     pem = await in_session(
         request,
         lambda s: issue_certificate(
-            s, issuer.ca, vin, body.tls_csr, actor=actor, lifetime=issuer.lifetime
+            s, issuer.ca, vin, body.tls_csr, actor=actor, lifetime=issuer.lifetime,
+            renewed_from=current,
         ),
-    )
+    )  # fmt: skip
+    request.app[ALLOWED_IDENTITIES].forget(vin)  # a renewal may revoke an earlier renewal
     return web.json_response({"vin": vin, "tls_certificate": pem}, status=201)
 
 
 ROUTES = [
-    Route("GET", "/health", health, Audience.PUBLIC, "Liveness: the process answers"),
     Route(
         "GET", "/image/metadata/{file}", image_metadata, Audience.PUBLIC,
         "Image repository metadata: N.root.json, N.targets.json, N.snapshot.json, "

@@ -23,6 +23,17 @@ hostile_strings = st.sampled_from(
     ]
 ) | st.text(st.characters(codec="utf-8"), max_size=12)  # fmt: skip
 
+#: Datetimes at and past the ends of what Python and databases hold, with and without zones
+#: (offsets that push them past datetime.min/max once in UTC), and some that are not dates.
+hostile_datetimes = st.sampled_from(
+    [
+        "9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+14:00",
+        "0001-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "1970-01-01T00:00:00Z",
+        "2030-01-01T00:00:00", "2030-02-30T00:00:00Z", "2030-01-01T24:00:00Z",
+        "2030-01-01T00:00:00+25:00", "+10000-01-01T00:00:00Z", "2030-01-01T00:00:00.9999999999Z",
+    ]
+)  # fmt: skip
+
 #: Integers that fit no 64-bit database column, and some that do.
 huge_integers = st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**30, -(10**30)]) | st.integers(
     min_value=-(2**70), max_value=2**70
@@ -36,6 +47,7 @@ _scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40)
     | hostile_strings
+    | hostile_datetimes
     | st.sampled_from(
         ["", "sha256", "rpi-gateway", "GW-VIN0001", "0" * 64, "installed", "full", "delta"]
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,30 @@ def test_server_config(tmp_path: Path, data: bytes) -> None:
         return
     assert isinstance(config.host, str) and isinstance(config.database_url, str)
     assert isinstance(config.port, int) and 0 < config.port < 65536
+
+
+_DURATIONS = [
+    ("agent", "poll_interval", "seconds"), ("agent", "manifest_heartbeat", "seconds"),
+    ("installer", "command_timeout", "seconds"), ("health_check", "timeout", "seconds"),
+    ("download", "connect_timeout", "seconds"), ("download", "read_timeout", "seconds"),
+    ("tls", "renew_before_days", "days"),
+]  # fmt: skip
+
+
+@fuzz_settings
+@given(
+    st.sampled_from(_DURATIONS),
+    st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e300, 1e18, 0.0, -1.0])
+    | huge_integers
+    | st.floats(),
+)
+def test_durations_in_agent_config_are_bounded(key: tuple[str, str, str], value: Any) -> None:
+    """A duration that loads is one the agent can turn into a timedelta (inf, 1e300: refused)."""
+    raw = tomllib.loads(EXAMPLE_TEXT)
+    raw.setdefault(key[0], {})[key[1]] = value
+    try:
+        config = parse_config(raw, "fuzz.toml", Path("/var/lib/uptake"))
+    except AgentConfigError:
+        return
+    loaded = getattr(getattr(config, key[0]), key[1])
+    timedelta(**{key[2]: loaded}) + datetime.now(UTC)  # no OverflowError
