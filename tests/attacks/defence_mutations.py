@@ -87,8 +87,10 @@ MUTATIONS = [
     Mutation(
         "only offline-signed top-level targets vouch for images (not the deltas role)",
         "client/verification.py",
-        '        image_targets = _verified_targets(self.metadata_dir / "image", "image")[1].signed.targets',
-        "        image_targets = {p: t for p in targets.signed.targets if (t := image.get_targetinfo(p))}",
+        # whatever python-tuf's walk finds in the deltas role is taken as an image
+        "        if role.name == DELTAS_ROLE:\n            raise AttackDetected(",
+        "        if role.name == DELTAS_ROLE:\n            return image.get_targetinfo(path)\n"
+        "        if False:\n            raise AttackDetected(",
         (A + "test_arbitrary_software.py::test_image_signed_by_the_online_deltas_role_is_refused",),
     ),
     Mutation(
