@@ -135,3 +135,33 @@ def test_a_body_that_ends_truncated_after_its_headers_answers_400_at_once(
     header, _, content = answer.partition(b"\r\n\r\n")
     assert header.split(b"\r\n")[0].split()[1] == b"400", answer
     assert json.loads(content)["error"]["status"] == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/dashboard", 303), ("/dashboard/audit", 200), ("/api/v1/releases", 200), ("/nope", 404)],
+)
+def test_an_answer_that_leaves_a_body_unread_closes_the_connection(
+    shared_server: ServerProcess, path: str, status: int
+) -> None:
+    """Returned or raised (a redirect), the answer says so: a client must not reuse it.
+
+    Found by the HTTP fuzzer: the dashboard's redirect left an undecodable body unread
+    without ``Connection: close``; aiohttp then dropped the connection while draining it,
+    and the client's next request on it found it gone.
+    """
+    token = shared_server.config.admin_token_path.read_text().strip()
+    body = b"this is not gzip"
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as conn:
+        conn.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := conn.recv(65536)):
+            answer += chunk
+    lines = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    assert int(lines[0].split()[1]) == status, answer
+    assert fields.get("connection", "").lower() == "close", answer

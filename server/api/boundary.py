@@ -175,7 +175,12 @@ async def errors_middleware(
         # no route takes a NUL, and PostgreSQL cannot store or compare one: refused for all
         response: web.StreamResponse = error_response(400, "query: NUL characters are not allowed")
     else:
-        response = await _answer(request, handler)
+        try:
+            response = await _answer(request, handler)
+        except web.HTTPException as raised:  # a raised answer (a redirect): the same rule
+            if not request.content.is_eof():
+                raised.force_close()
+            raise
     if not request.content.is_eof():
         response.force_close()
     return response
