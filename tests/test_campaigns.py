@@ -164,8 +164,8 @@ def test_campaign_over_1000_vehicles(deployment: Deployment) -> None:
     _phase_run(deployment, 1000, timeout=400)
 
 
-def test_campaign_aborts_when_a_phase_fails(deployment: Deployment) -> None:
-    fleet = make_fleet(120)
+def _abort_run(deployment: Deployment, count: int, timeout: float = 120) -> None:
+    fleet = make_fleet(count)
     for v in fleet[::2]:
         v.behaviour = "fail"
     deployment.enrol(fleet)
@@ -174,7 +174,7 @@ def test_campaign_aborts_when_a_phase_fails(deployment: Deployment) -> None:
         [{"percent": 20, "success_threshold": 0.9, "failure_threshold": 0.25, "min_finished": 4},
          {"percent": 100}],
     )  # fmt: skip
-    record = deployment.wait("doomed", lambda c: c["state"] != "running", fleet)
+    record = deployment.wait("doomed", lambda c: c["state"] != "running", fleet, timeout)
     assert record["state"] == "aborted"
     assert "phase 0" in record["reason"] and "failed" in record["reason"]
     assert record["phases"][1]["joined"] == 0
@@ -186,6 +186,15 @@ def test_campaign_aborts_when_a_phase_fails(deployment: Deployment) -> None:
     }
     assert all(v.primary.installed.filepath != deployment.images["1.1.0"].filepath
                for v in fleet if v.vin not in reached)  # fmt: skip
+
+
+def test_campaign_aborts_when_a_phase_fails(deployment: Deployment) -> None:
+    _abort_run(deployment, 120)
+
+
+@pytest.mark.slow
+def test_campaign_over_1000_vehicles_aborts_when_a_phase_fails(deployment: Deployment) -> None:
+    _abort_run(deployment, 1000, timeout=400)
 
 
 def test_vehicle_registered_mid_campaign_gets_the_update(deployment: Deployment) -> None:
