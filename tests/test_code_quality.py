@@ -60,3 +60,14 @@ def test_server_and_client_do_not_import_each_other() -> None:
                 assert not stripped.startswith(
                     (f"import {forbidden}", f"from {forbidden}.", f"from {forbidden} ")
                 ), f"{source.relative_to(REPO)} imports {forbidden}: {stripped}"
+
+
+def test_every_defence_mutation_still_applies() -> None:
+    """Each mutation of ``tests.attacks.defence_mutations`` still disables real code.
+
+    Three had gone stale as the code moved (their text no longer matched, so the
+    defence they prove went unchecked); this catches the next one in the default run.
+    """
+    from tests.attacks.defence_mutations import stale_mutations
+
+    assert stale_mutations() == []

@@ -51,6 +51,36 @@ class Mutation:
             *self.elsewhere,
         ]
 
+    def apply(self, texts: dict[str, str]) -> tuple[dict[str, str], str]:
+        """The files' texts with every edit made, and why not ("" when each applied once)."""
+        mutated = dict(texts)
+        for file, old, new in self.edits():
+            if mutated[file].count(old) != 1:
+                return mutated, f"{old[:60]!r} does not occur exactly once in {file}"
+            mutated[file] = mutated[file].replace(old, new)
+        return mutated, ""
+
+
+def source_file(file: str) -> Path:
+    """Where a mutation's file is in this checkout ("tuf/..." is the installed python-tuf)."""
+    return TUF.parent / file if file.startswith("tuf/") else REPO / file
+
+
+def stale_mutations() -> list[str]:
+    """Mutations whose edits no longer apply to the code, or whose tests are gone.
+
+    The code moves on; an edit that no longer matches would silently test nothing, so
+    the default test run checks this (``tests/test_code_quality.py``).
+    """
+    stale = []
+    for m in MUTATIONS:
+        texts = {file: source_file(file).read_text() for file, _, _ in m.edits()}
+        _, broken = m.apply(texts)
+        missing = [t for t in m.tests if not (REPO / t.split("::")[0]).is_file()]
+        if broken or missing:
+            stale.append(f"{m.name}: {broken or f'no test file {missing[0]}'}")
+    return stale
+
 
 def _off(condition: str) -> str:
     """``if <condition>:`` → ``if False:`` (the check never fires)."""
@@ -599,30 +629,20 @@ def main(argv: list[str]) -> int:
             print(f"the unmutated copy does not pass:\n{baseline.stdout[-3000:]}")
             return 2
         for m in chosen:
-            originals: dict[Path, str] = {}
-            for file, _, _ in m.edits():
-                path = repo / file
-                originals.setdefault(path, path.read_text())
-            mutated = dict(originals)
-            broken = ""
-            for file, old, new in m.edits():
-                path = repo / file
-                if mutated[path].count(old) != 1:
-                    broken = f"{old[:60]!r} does not occur exactly once in {file}"
-                    break
-                mutated[path] = mutated[path].replace(old, new)
+            originals = {file: (repo / file).read_text() for file, _, _ in m.edits()}
+            mutated, broken = m.apply(originals)
             if broken:
                 print(f"SKIP  {m.name}: {broken}")
                 failures += 1
                 continue
-            for path, text in mutated.items():
-                path.write_text(text)
+            for file, text in mutated.items():
+                (repo / file).write_text(text)
             start = time.monotonic()
             try:
                 run = _pytest(repo, m.tests)
             finally:
-                for path, text in originals.items():
-                    path.write_text(text)
+                for file, text in originals.items():
+                    (repo / file).write_text(text)
             took = time.monotonic() - start
             summary = (
                 run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
