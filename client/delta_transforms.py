@@ -26,8 +26,6 @@ about 350 MiB), which must fit the caller's limit.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import lzma
 import tempfile
 import zlib
@@ -41,6 +39,7 @@ import zstandard
 
 from client.delta_apply import DeltaCorrupt, DeltaResultMismatch
 from signing import delta_format as fmt
+from signing.compressor_versions import library_name
 
 _PIECE = 1 << 20
 
@@ -365,7 +364,7 @@ class _Recompressor:
         self._written += len(data)
         if self._written > self._region.length:
             raise DeltaResultMismatch(
-                f"{self._where}: recompression with {_library(self._region.codec)} does not "
+                f"{self._where}: recompression with {library_name(self._region.codec)} does not "
                 f"reproduce the {fmt.STREAM_NAMES[self._region.codec]} stream the delta was made "
                 f"with ({self._region.library})"
             )
@@ -394,33 +393,9 @@ class _Recompressor:
             self._emit(self._zstd.flush())
         if self._written != self._region.length:
             raise DeltaResultMismatch(
-                f"{self._where}: recompression gave {self._written} of "
-                f"{self._region.length} bytes ({_library(codec)}; made with {self._region.library})"
+                f"{self._where}: recompression gave {self._written} of {self._region.length} "
+                f"bytes ({library_name(codec)}; made with {self._region.library})"
             )
-
-
-def _library(codec: int) -> str:
-    if codec == fmt.STREAM_GZIP:
-        return f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
-    if codec == fmt.STREAM_XZ:
-        return f"liblzma {_xz_version()}"
-    return "zstd " + ".".join(str(part) for part in zstandard.ZSTD_VERSION)
-
-
-@functools.cache
-def _xz_version() -> str:
-    # Python's lzma module does not say which liblzma it runs; ask the shared library.
-    try:
-        liblzma = ctypes.CDLL("liblzma.so.5")
-        liblzma.lzma_version_string.restype = ctypes.c_char_p
-        return str(liblzma.lzma_version_string().decode("ascii"))
-    except (OSError, AttributeError, UnicodeDecodeError):
-        return "unknown"
-
-
-def library_name(codec: int) -> str:
-    """The compressor and version this machine recompresses ``codec`` streams with."""
-    return _library(codec)
 
 
 class RecompressingSink:

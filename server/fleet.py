@@ -668,6 +668,36 @@ def reset_report_counter(
     }
 
 
+def ecu_dict(e: Ecu, *, fleet_wide: bool) -> dict[str, Any]:
+    """One ECU as the API shows it: in a fleet-wide list (``fleet_wide``, the inventory) with
+    its vehicle and when it last changed; in its vehicle's record (:func:`vehicle_record`)
+    with the state of its report counter instead."""
+    summary: dict[str, Any] = {
+        "serial": e.serial,
+        "vin": e.vin,
+        "hardware_id": e.hardware_id,
+        "is_primary": e.is_primary,
+        "installed": {
+            "filepath": e.installed_filepath,
+            "length": e.installed_length,
+            "sha256": e.installed_sha256,
+        },
+        "report_counter": e.report_counter,
+        "report_counter_state": e.report_counter_state,
+        "attacks_detected": e.attacks_detected,
+        "last_install": {
+            "filepath": e.last_install_filepath,
+            "result": e.last_install_result,
+            "detail": e.last_install_detail,
+            "method": e.last_install_method,
+        },
+        "updated_at": as_utc(e.updated_at).isoformat() if e.updated_at is not None else None,
+    }
+    for key in ("report_counter_state",) if fleet_wide else ("vin", "updated_at"):
+        del summary[key]
+    return summary
+
+
 def event_dict(ev: SecurityEvent) -> dict[str, Any]:
     return {
         "id": ev.id,
@@ -756,28 +786,7 @@ def vehicle_record(session: Session, vin: str) -> dict[str, Any]:
         "manifests_rejected": vehicle.manifests_rejected,
         "last_rejection": vehicle.last_rejection,
         "director_targets_version": vehicle.director_targets_version,
-        "ecus": [
-            {
-                "serial": e.serial,
-                "hardware_id": e.hardware_id,
-                "is_primary": e.is_primary,
-                "installed": {
-                    "filepath": e.installed_filepath,
-                    "length": e.installed_length,
-                    "sha256": e.installed_sha256,
-                },
-                "report_counter": e.report_counter,
-                "report_counter_state": e.report_counter_state,
-                "attacks_detected": e.attacks_detected,
-                "last_install": {
-                    "filepath": e.last_install_filepath,
-                    "result": e.last_install_result,
-                    "detail": e.last_install_detail,
-                    "method": e.last_install_method,
-                },
-            }
-            for e in ecus
-        ],
+        "ecus": [ecu_dict(e, fleet_wide=False) for e in ecus],
         "assignments": [_assignment_dict(a) for a in reversed(assignments)],
         "assignments_total": _count(session, Assignment, vin),
         "security_events": [event_dict(ev) for ev in reversed(events)],

@@ -18,7 +18,7 @@ from sqlalchemy import exists
 from sqlmodel import Session, col, select
 
 from server.db import Ecu, SecurityEvent, Vehicle, as_utc
-from server.fleet import event_dict
+from server.fleet import ecu_dict, event_dict
 
 
 def _time(value: datetime | None) -> str | None:
@@ -111,29 +111,6 @@ class EcuFilter:
     last_install_result: str | None = None
 
 
-def ecu_dict(e: Ecu) -> dict[str, Any]:
-    return {
-        "serial": e.serial,
-        "vin": e.vin,
-        "hardware_id": e.hardware_id,
-        "is_primary": e.is_primary,
-        "installed": {
-            "filepath": e.installed_filepath,
-            "length": e.installed_length,
-            "sha256": e.installed_sha256,
-        },
-        "report_counter": e.report_counter,
-        "attacks_detected": e.attacks_detected,
-        "last_install": {
-            "filepath": e.last_install_filepath,
-            "result": e.last_install_result,
-            "detail": e.last_install_detail,
-            "method": e.last_install_method,
-        },
-        "updated_at": _time(e.updated_at),
-    }
-
-
 def ecus_page(
     session: Session, where: EcuFilter, *, after: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -158,7 +135,7 @@ def ecus_page(
     rows = session.exec(query.order_by(col(Ecu.serial)).limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    return [ecu_dict(e) for e in rows], (rows[-1].serial if more else None)
+    return [ecu_dict(e, fleet_wide=True) for e in rows], (rows[-1].serial if more else None)
 
 
 @dataclass(frozen=True)

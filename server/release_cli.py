@@ -13,7 +13,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from securesystemslib.signer import Signer
@@ -45,46 +45,70 @@ def release() -> None:
     """
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _image_options(
+    *, release_counter_help: str, requires_help: str, allow_lower_help: str
+) -> Callable[[_F], _F]:
+    """IMAGES and the options that describe them, for ``publish`` and ``stage``
+    (``_release_images`` reads them); the help of three options differs between the two."""
+    decorators = (
+        click.argument("images", nargs=-1, type=click.Path(path_type=Path, exists=True)),
+        click.option(
+            "--manifest",
+            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            default=None,
+            help="A TOML file listing the release's images, each with its own hardware ids and "
+            "version (instead of IMAGES, --hardware-id and --version).",
+        ),
+        click.option(
+            "--hardware-id",
+            "hardware_ids",
+            multiple=True,
+            help="ECU hardware id the image fits (repeatable; required with IMAGES).",
+        ),
+        click.option(
+            "--version", default=None, help="Human version, e.g. 1.1.0 (required with IMAGES)."
+        ),
+        click.option(
+            "--release-counter",
+            type=click.IntRange(0),
+            default=None,
+            help=release_counter_help,
+        ),
+        click.option(
+            "--filepath",
+            default=None,
+            help="Target name (one IMAGE only); default HARDWARE_ID/VERSION/FILENAME.",
+        ),
+        click.option(
+            "--requires",
+            "requires",
+            multiple=True,
+            metavar="HARDWARE_ID=SPEC",
+            help=requires_help,
+        ),
+        click.option("--allow-lower", is_flag=True, help=allow_lower_help),
+    )
+
+    def decorate(command: _F) -> _F:
+        for decorator in reversed(decorators):  # the first listed is shown first
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
 @release.command("publish")
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path, exists=True))
-@click.option(
-    "--manifest",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="A TOML file listing the release's images, each with its own hardware ids and version "
-    "(instead of IMAGES, --hardware-id and --version).",
-)
-@click.option(
-    "--hardware-id",
-    "hardware_ids",
-    multiple=True,
-    help="ECU hardware id the image fits (repeatable; required with IMAGES).",
-)
-@click.option("--version", default=None, help="Human version, e.g. 1.1.0 (required with IMAGES).")
-@click.option(
-    "--release-counter",
-    type=click.IntRange(0),
-    default=None,
-    help="Anti-rollback counter; default: one above the highest published for these hardware ids.",
-)
-@click.option(
-    "--filepath",
-    default=None,
-    help="Target name (one IMAGE only); default HARDWARE_ID/VERSION/FILENAME.",
-)
-@click.option(
-    "--requires",
-    "requires",
-    multiple=True,
-    metavar="HARDWARE_ID=SPEC",
-    help="What the image needs of the vehicle's other ECUs, e.g. 'stm32f4-bms=>=1.1.0,<2' (repeatable): "
-    "the director never directs, and vehicles never install, a combination that breaks it.",
-)
-@click.option(
-    "--allow-lower",
-    is_flag=True,
-    help="Publish even though a higher version is published for these hardware ids (recorded in "
-    "the audit log as a lower version).",
+@_image_options(
+    release_counter_help="Anti-rollback counter; default: one above the highest published for "
+    "these hardware ids.",
+    requires_help="What the image needs of the vehicle's other ECUs, e.g. "
+    "'stm32f4-bms=>=1.1.0,<2' (repeatable): the director never directs, and vehicles never "
+    "install, a combination that breaks it.",
+    allow_lower_help="Publish even though a higher version is published for these hardware ids "
+    "(recorded in the audit log as a lower version).",
 )
 @click.option(
     "--keys-dir",
@@ -332,43 +356,10 @@ def _status_text(status: dict[str, object]) -> str:
 
 
 @release.command("stage")
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path, exists=True))
-@click.option(
-    "--manifest",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="A TOML file listing the release's images, each with its own hardware ids and version "
-    "(instead of IMAGES, --hardware-id and --version).",
-)
-@click.option(
-    "--hardware-id",
-    "hardware_ids",
-    multiple=True,
-    help="ECU hardware id the image fits (repeatable; required with IMAGES).",
-)
-@click.option("--version", default=None, help="Human version, e.g. 1.1.0 (required with IMAGES).")
-@click.option(
-    "--release-counter",
-    type=click.IntRange(0),
-    default=None,
-    help="Anti-rollback counter; default: one above the highest published.",
-)
-@click.option(
-    "--filepath",
-    default=None,
-    help="Target name (one IMAGE only); default HARDWARE_ID/VERSION/FILENAME.",
-)
-@click.option(
-    "--requires",
-    "requires",
-    multiple=True,
-    metavar="HARDWARE_ID=SPEC",
-    help="What the image needs of the vehicle's other ECUs (repeatable).",
-)
-@click.option(
-    "--allow-lower",
-    is_flag=True,
-    help="Stage even though a higher version is published for these hardware ids.",
+@_image_options(
+    release_counter_help="Anti-rollback counter; default: one above the highest published.",
+    requires_help="What the image needs of the vehicle's other ECUs (repeatable).",
+    allow_lower_help="Stage even though a higher version is published for these hardware ids.",
 )
 @click.option(
     "--trusted-root",

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
@@ -35,26 +33,13 @@ from server.db import utcnow
 from server.identities import MAX_RENEWALS_PER_DAY
 from tests.test_identity import _answer, _certificate, _identity_files, _pool
 from tests.test_identity_revocation import _as, _metadata, _renew
-from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle
-
-
-@pytest.fixture(scope="module")
-def operator_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertificateAuthority, Path]:
-    ca = CertificateAuthority.generate("factory CA")
-    path = tmp_path_factory.mktemp("factory") / "factory-ca.pem"
-    path.write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
-    return ca, path
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, operator_ca: tuple[CertificateAuthority, Path]
-) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("recheck"), tls=True, client_ca_bundle=str(operator_ca[1])
-    )
-    yield srv
-    srv.stop()
+from tests.uptake_fixtures import (  # the fixtures operator_ca and server
+    PASSWORD,
+    ServerProcess,
+    Vehicle,
+    operator_ca_fixture,  # noqa: F401
+    operator_ca_server,  # noqa: F401
+)
 
 
 def _operator_ca_pool(

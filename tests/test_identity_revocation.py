@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,13 @@ from client.vehicle_identity import certificate_request
 from server.certificates import CertificateAuthority, certificate_key
 from tests.test_identity import _answer, _certificate, _identity_files, _pool
 from tests.test_postgres import pg_url  # noqa: F401 - the fixture
-from tests.uptake_fixtures import ENV, ServerProcess, Vehicle
-
-
-@pytest.fixture(scope="module")
-def operator_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertificateAuthority, Path]:
-    ca = CertificateAuthority.generate("factory CA")
-    path = tmp_path_factory.mktemp("factory") / "factory-ca.pem"
-    path.write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
-    return ca, path
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, operator_ca: tuple[CertificateAuthority, Path]
-) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("revocation"), tls=True, client_ca_bundle=str(operator_ca[1])
-    )
-    yield srv
-    srv.stop()
+from tests.uptake_fixtures import (  # the fixtures operator_ca and server
+    ENV,
+    ServerProcess,
+    Vehicle,
+    operator_ca_fixture,  # noqa: F401
+    operator_ca_server,  # noqa: F401
+)
 
 
 def _renew(

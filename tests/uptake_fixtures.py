@@ -23,13 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 import urllib3
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.pool import NullPool
 
 from client.provisioning import EcuSpec, provision_vehicle
 from client.state import AgentState, StateStore
 from server.api_client import AdminClient
+from server.certificates import CertificateAuthority
 from server.config import ServerConfig
 from server.release import Published, publish_image
 from server.service import init_server
@@ -388,3 +391,33 @@ class Vehicle:
             (self.state_dir / "secondaries" / self.secondary / "state.json").read_bytes()
         )
         return result
+
+
+# --- an operator's own CA, and a TLS server that trusts it: a module that imports
+# operator_ca_fixture and operator_ca_server has the fixtures operator_ca and server ---
+
+
+@pytest.fixture(scope="module", name="operator_ca")
+def operator_ca_fixture(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[CertificateAuthority, Path]:
+    """A CA of the operator's own (a factory's), and its certificate's PEM file."""
+    ca = CertificateAuthority.generate("factory CA")
+    path = tmp_path_factory.mktemp("factory") / "factory-ca.pem"
+    path.write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    return ca, path
+
+
+@pytest.fixture(scope="module", name="server")
+def operator_ca_server(
+    tmp_path_factory: pytest.TempPathFactory, operator_ca: tuple[CertificateAuthority, Path]
+) -> Iterator[ServerProcess]:
+    """``server`` in a module that imports this: one TLS server for the module's tests that
+    also accepts vehicle certificates of the ``operator_ca`` fixture's CA."""
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("operator-ca-server"),
+        tls=True,
+        client_ca_bundle=str(operator_ca[1]),
+    )
+    yield srv
+    srv.stop()

@@ -21,8 +21,6 @@ images for the inner diff.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import lzma
 import time
 import zlib
@@ -35,6 +33,7 @@ import bcj
 import zstandard
 
 from signing import delta_format as fmt
+from signing.compressor_versions import library_name
 
 _MIN_STREAM = 16 << 10  # smaller streams are not worth their parameters
 _MAX_STREAMS = 32
@@ -353,25 +352,6 @@ def _reproduce_zstd(compressed: bytes, stream: Stream, deadline: float) -> Strea
 
 
 # --- encoding maps, writing transformed images -----------------------------------------
-
-
-def library_name(codec: int) -> str:
-    """The compressor and version the parameters were verified with (recorded in the delta)."""
-    if codec == fmt.STREAM_GZIP:
-        return f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
-    if codec == fmt.STREAM_XZ:
-        return f"liblzma {_xz_version()}"
-    return "zstd " + ".".join(str(part) for part in zstandard.ZSTD_VERSION)
-
-
-@functools.cache
-def _xz_version() -> str:
-    try:
-        liblzma = ctypes.CDLL("liblzma.so.5")
-        liblzma.lzma_version_string.restype = ctypes.c_char_p
-        return str(liblzma.lzma_version_string().decode("ascii"))
-    except (OSError, AttributeError, UnicodeDecodeError):
-        return "unknown"
 
 
 def _regions(streams: list[Stream], length: int) -> Iterator[tuple[int, int, Stream | None]]:
