@@ -8,7 +8,7 @@ function changes every relative call across it. The applier:
 1. reads the two region maps (:mod:`signing.delta_format`) and checks them
    against the header's lengths and the bounds, before any work;
 2. builds the transformed base in a scratch file: raw regions copied, filter
-   regions BCJ-encoded (``pybcj``), stream regions decompressed to exactly
+   regions BCJ-encoded (:mod:`signing.branch_filters`), stream regions decompressed to exactly
    their announced size (decoders run with memory limits);
 3. applies the inner delta against that file into a :class:`RecompressingSink`
    that turns the transformed result back into the image on the fly: filter
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
 
-import bcj
 import zstandard
 
 from client.delta_apply import DeltaCorrupt, DeltaResultMismatch
 from signing import delta_format as fmt
+from signing.branch_filters import branch_decoder, branch_encoder
 from signing.compressor_versions import library_name
 
 _PIECE = 1 << 20
@@ -140,27 +140,12 @@ def expanded_length(regions: list[Region]) -> int:
 
 # --- filters -----------------------------------------------------------------
 
-_ENCODERS: dict[int, Callable[[], Any]] = {
-    fmt.ARCH_X86: bcj.BCJEncoder,
-    fmt.ARCH_ARM: bcj.ARMEncoder,
-    fmt.ARCH_ARMT: bcj.ARMTEncoder,
-    fmt.ARCH_PPC: bcj.PPCEncoder,
-    fmt.ARCH_SPARC: bcj.SparcEncoder,
-}
-_DECODERS: dict[int, Callable[[int], Any]] = {
-    fmt.ARCH_X86: bcj.BCJDecoder,
-    fmt.ARCH_ARM: bcj.ARMDecoder,
-    fmt.ARCH_ARMT: bcj.ARMTDecoder,
-    fmt.ARCH_PPC: bcj.PPCDecoder,
-    fmt.ARCH_SPARC: bcj.SparcDecoder,
-}
-
 
 class _Encoder:
     """Streaming BCJ encoding of ``size`` bytes (relative branch targets made absolute)."""
 
     def __init__(self, arch: int, sink: _Sink):
-        self._encoder = _ENCODERS[arch]()
+        self._encoder = branch_encoder(arch)
         self._sink = sink
 
     def write(self, data: bytes) -> None:
@@ -174,7 +159,7 @@ class _Decoder:
     """Streaming BCJ decoding of ``size`` bytes."""
 
     def __init__(self, arch: int, size: int, sink: _Sink):
-        self._decoder = _DECODERS[arch](size)
+        self._decoder = branch_decoder(arch, size)
         self._sink = sink
 
     def write(self, data: bytes) -> None:

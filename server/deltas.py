@@ -285,6 +285,8 @@ class DeltaPublisher:
         out = confined(
             self._work_dir, f"{job.base_sha256}-{result.hashes['sha256']}.delta", where="delta"
         )
+        # a raw image's machine code, as its release named it (checked when it was published)
+        arch = image_custom(result).arch
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -296,6 +298,7 @@ class DeltaPublisher:
             "-o",
             str(out),
             "--json",
+            *(["--arch", arch] if arch else []),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

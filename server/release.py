@@ -31,6 +31,7 @@ machines, steps 2-3 split (:func:`stage_release` ... :func:`import_signatures`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 import tomllib
@@ -54,6 +55,7 @@ from signing.json_limits import UntrustedJsonError, parse_json
 from signing.metadata import (
     ImageCustom,
     MetadataFormatError,
+    check_arch,
     expiry,
     image_custom,
     key_names,
@@ -127,6 +129,8 @@ class ReleaseImage:
     release_counter: int | None = None
     filepath: str | None = None
     requires: dict[str, str] | None = None
+    #: the machine code of a raw image, for deltas (:data:`signing.delta_format.ARCH_NAMES`)
+    arch: str | None = None
 
 
 class _ManifestImage(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,6 +140,7 @@ class _ManifestImage(msgspec.Struct, forbid_unknown_fields=True):
     release_counter: int | None = None
     filepath: str | None = None
     requires: dict[str, str] | None = None
+    arch: str | None = None
 
 
 class _Manifest(msgspec.Struct, forbid_unknown_fields=True):
@@ -154,7 +159,8 @@ def read_manifest(path: Path) -> list[ReleaseImage]:
     file = "bms/bms.bin"
     hardware_ids = ["stm32f4-bms"]
     version = "1.1.0"
-    # optional: release_counter = 7, filepath = "…", requires = {"rpi-gateway" = ">=1.1"}
+    # optional: release_counter = 7, filepath = "…", requires = {"rpi-gateway" = ">=1.1"},
+    #           arch = "armt" (the machine code of a raw image, for deltas)
     """
     try:
         data = Path(path).read_bytes()
@@ -174,7 +180,7 @@ def read_manifest(path: Path) -> list[ReleaseImage]:
     return [
         ReleaseImage(
             base / entry.file, entry.hardware_ids, entry.version, entry.release_counter,
-            entry.filepath, entry.requires,
+            entry.filepath, entry.requires, entry.arch,
         )
         for entry in manifest.image
     ]  # fmt: skip
@@ -294,9 +300,13 @@ def _add_images(
             )
         try:
             needs = parse_requires(image.requires, f"image {filepath!r}") if image.requires else ()
+            if image.arch is not None:
+                check_arch(image.arch, f"image {filepath!r}: arch")
         except MetadataFormatError as exc:
             raise PublishError(str(exc)) from exc
-        custom = ImageCustom(tuple(image.hardware_ids), counter, image.version, requires=needs)
+        custom = ImageCustom(
+            tuple(image.hardware_ids), counter, image.version, requires=needs, arch=image.arch
+        )
         highest.add(image.hardware_ids, counter, image.version)
         release.new.append((image, filepath, custom))
     return release
@@ -338,9 +348,10 @@ def publish_image(
     filepath: str | None = None,
     requires: dict[str, str] | None = None,
     allow_lower: bool = False,
+    arch: str | None = None,
 ) -> Published:
     """Publish ``image`` (see module docstring) and return what was published."""
-    spec = ReleaseImage(image, hardware_ids, version, release_counter, filepath, requires)
+    spec = ReleaseImage(image, hardware_ids, version, release_counter, filepath, requires, arch)
     return publish_images(client, [spec], signers, trusted_root, allow_lower=allow_lower)[0]
 
 
@@ -419,7 +430,7 @@ def revert_image(
         new_filepath = f"{directory + '/' if directory else ''}revert-{counter}/{name}"
     if new_filepath in targets.targets:
         raise PublishError(f"{new_filepath!r} is already published: pick another --filepath")
-    reverted = ImageCustom(custom.hardware_ids, counter, custom.version, requires=custom.requires)
+    reverted = dataclasses.replace(custom, release_counter=counter)
     targets.targets[new_filepath] = TargetFile(
         old.length, dict(old.hashes), new_filepath,
         unrecognized_fields={"custom": reverted.to_custom()},

@@ -19,6 +19,7 @@ import click
 from securesystemslib.signer import Signer
 
 from server.cli_common import client, emit, password, server_options
+from signing.delta_format import ARCH_NAMES
 from signing.keys import PASSWORD_ENV, KeyFileError, is_signer_reference, load_key
 
 if TYPE_CHECKING:
@@ -89,6 +90,13 @@ def _image_options(
             metavar="HARDWARE_ID=SPEC",
             help=requires_help,
         ),
+        click.option(
+            "--arch",
+            type=click.Choice(sorted(ARCH_NAMES.values())),
+            default=None,
+            help="The machine code of a raw image (an ELF header says it by itself), so that "
+            "deltas to it rewrite relative branches first (e.g. armt for a Cortex-M flash image).",
+        ),
         click.option("--allow-lower", is_flag=True, help=allow_lower_help),
     )
 
@@ -133,6 +141,7 @@ def release_publish(
     release_counter: int | None,
     filepath: str | None,
     requires: tuple[str, ...],
+    arch: str | None,
     allow_lower: bool,
     keys_dir: Path,
     targets_keys: tuple[Path, ...],
@@ -155,7 +164,7 @@ def release_publish(
       file = "bms/bms.bin"
       hardware_ids = ["stm32f4-bms"]
       version = "1.1.0"
-      # optional: release_counter, filepath, requires = {"rpi-gateway" = ">=1.1.0"}
+      # optional: release_counter, filepath, requires = {"rpi-gateway" = ">=1.1.0"}, arch
     Each image is read once: hashed while it is uploaded. A path already
     published with the same bytes is reported as such (nothing changes); a
     version below one published for the same hardware ids is refused without
@@ -165,7 +174,7 @@ def release_publish(
 
     specs = _release_images(
         images, manifest, hardware_ids, version, release_counter, filepath,
-        _parse_requires(requires),
+        _parse_requires(requires), arch,
     )  # fmt: skip
     signers, trusted_root = _signers(keys_dir, targets_keys)
     with _upload_progress(specs) as progress:
@@ -285,16 +294,25 @@ def _release_images(
     release_counter: int | None,
     filepath: str | None,
     requires: dict[str, str],
+    arch: str | None,
 ) -> list[ReleaseImage]:
     """The images of ``manifest``, else one per file given or per file in each directory."""
     from server.release import PublishError, ReleaseImage, read_manifest
 
     if manifest is not None:
-        if images or hardware_ids or version or release_counter is not None or filepath or requires:
+        if (
+            images
+            or hardware_ids
+            or version
+            or release_counter is not None
+            or filepath
+            or requires
+            or arch
+        ):
             raise click.UsageError(
                 "--manifest lists every image with its fields: give no IMAGES, --hardware-id, "
-                "--version, --release-counter, --filepath or --requires with it"
-            )
+                "--version, --release-counter, --filepath, --requires or --arch with it"
+            )  # fmt: skip
         try:
             return read_manifest(manifest)
         except PublishError as exc:
@@ -312,7 +330,9 @@ def _release_images(
     if filepath is not None and len(files) > 1:
         raise click.BadParameter("names one image: give one IMAGE", param_hint="--filepath")
     return [
-        ReleaseImage(f, list(hardware_ids), version, release_counter, filepath, requires or None)
+        ReleaseImage(
+            f, list(hardware_ids), version, release_counter, filepath, requires or None, arch
+        )
         for f in files
     ]
 
@@ -377,6 +397,7 @@ def release_stage(
     release_counter: int | None,
     filepath: str | None,
     requires: tuple[str, ...],
+    arch: str | None,
     allow_lower: bool,
     trusted_root: Path,
     server_url: str,
@@ -393,7 +414,7 @@ def release_stage(
 
     specs = _release_images(
         images, manifest, hardware_ids, version, release_counter, filepath,
-        _parse_requires(requires),
+        _parse_requires(requires), arch,
     )  # fmt: skip
     with _upload_progress(specs) as progress:
         try:

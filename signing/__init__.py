@@ -14,6 +14,8 @@ nothing of each other. It holds:
 * :mod:`signing.encryption`: per-ECU image encryption (X25519 + HKDF +
   AES-256-GCM, streamed) and its director ``custom`` field;
 * :mod:`signing.delta_format`: the container around binary deltas;
+* :mod:`signing.branch_filters`: the BCJ filters a ``transformed`` delta
+  applies to machine code (ARM64 among them);
 * :mod:`signing.compressor_versions`: the compressor library and version
   a transformed delta's streams are recompressed with;
 * :mod:`signing.atomic_file`: crash-safe file replacement.

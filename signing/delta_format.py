@@ -541,12 +541,14 @@ ARCH_ARM = 2
 ARCH_ARMT = 3
 ARCH_PPC = 4
 ARCH_SPARC = 5
+ARCH_ARM64 = 6
 ARCH_NAMES = {
     ARCH_X86: "x86",
     ARCH_ARM: "arm",
     ARCH_ARMT: "armt",
     ARCH_PPC: "ppc",
     ARCH_SPARC: "sparc",
+    ARCH_ARM64: "arm64",
 }
 
 MAX_REGIONS = 4096

@@ -50,6 +50,7 @@ from typing import Any
 
 from tuf.api.metadata import DelegatedRole, Root, Snapshot, TargetFile, Targets, Timestamp
 
+from signing.delta_format import ARCH_NAMES
 from signing.exceptions import UptakeError
 from signing.names import (
     InvalidNameError,
@@ -72,6 +73,8 @@ VIN = "vin"
 DELTA = "delta"
 #: Optional image-target field: what the image needs of the vehicle's other ECUs.
 REQUIRES = "requires"
+#: the machine code of a raw image (no ELF header says it), so deltas filter its branches
+ARCH = "arch"
 
 #: Top-level roles of both repositories.
 TOP_LEVEL_ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -188,6 +191,8 @@ class ImageCustom:
     release_counter: int
     version: str
     requires: tuple[Requirement, ...] = ()
+    #: one of :data:`signing.delta_format.ARCH_NAMES` (a hint for deltas), or None
+    arch: str | None = None
 
     def to_custom(self) -> dict[str, Any]:
         custom: dict[str, Any] = {
@@ -197,6 +202,8 @@ class ImageCustom:
         }
         if self.requires:
             custom[REQUIRES] = {r.hardware_id: r.spec for r in self.requires}
+        if self.arch is not None:
+            custom[ARCH] = self.arch
         return custom
 
 
@@ -274,7 +281,17 @@ def image_custom(target: TargetFile) -> ImageCustom:
             f"{where}: custom.{VERSION} must be 1 to 128 printable characters"
         )
     requires = parse_requires(custom[REQUIRES], where) if REQUIRES in custom else ()
-    return ImageCustom(tuple(hw_ids), counter, version, requires)
+    arch = check_arch(custom[ARCH], f"{where}: custom.{ARCH}") if ARCH in custom else None
+    return ImageCustom(tuple(hw_ids), counter, version, requires, arch)
+
+
+def check_arch(arch: object, where: str) -> str:
+    """``arch`` if it names a branch filter of :data:`signing.delta_format.ARCH_NAMES`."""
+    if not isinstance(arch, str) or arch not in ARCH_NAMES.values():
+        raise MetadataFormatError(
+            f"{where} must be one of {', '.join(sorted(ARCH_NAMES.values()))}, not {arch!r}"[:300]
+        )
+    return arch
 
 
 def director_custom(ecus: dict[str, str], *, install_on_consent: bool = False) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import hashlib
 import io
 import lzma
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,61 @@ def test_executable_is_filtered_when_that_is_smaller(tmp_path: Path) -> None:
 
     with pytest.raises(DeltaCreationError, match="architecture"):
         create_delta(tmp_path / "old", tmp_path / "new", tmp_path / "d", arch_hint="z80")
+
+
+def _arm64_calls(seed: int, count: int, shift: int) -> bytes:
+    # AArch64 code: BL and ADRP to one function and one page placed after an inserted gap
+    rng = random.Random(seed)
+    words = []
+    for _ in range(count):
+        words += [rng.getrandbits(32) & 0x7FFFFFFF for _ in range(rng.randint(1, 6))]
+        pc = len(words) * 4 + shift
+        if rng.random() < 0.7:
+            words.append(0x94000000 | (((4_000_000 - pc) >> 2) & 0x03FFFFFF))
+        else:
+            page = ((8 << 20) >> 12) - (pc >> 12)
+            words.append(0x90000000 | ((page & 3) << 29) | (((page >> 2) & 0x7FFFF) << 5) | 3)
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="needs the xz command (xz-utils)")
+def test_arm64_filter_is_xz_arm64_filter_byte_for_byte() -> None:
+    from signing.branch_filters import Arm64Decoder, Arm64Encoder
+
+    elf = (
+        Path(__file__).parent.parent / "firmware-samples" / "rpi-gateway" / "1.0.0" / "gateway.elf"
+    ).read_bytes()
+    for data in (elf, random.Random(7).randbytes(100_003), _arm64_calls(3, 5_000, 0) + b"\x01"):
+        xz = subprocess.run(
+            ["xz", "--format=raw", "--arm64", "--lzma2=preset=0", "-c"],
+            input=data, capture_output=True, check=True,
+        ).stdout  # fmt: skip
+        expected = lzma.decompress(
+            xz, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}]
+        )
+        assert expected != data  # something was converted
+        for piece in (1, 3, 4096, len(data)):  # streaming: any split gives the same bytes
+            encoder = Arm64Encoder()
+            encoded = b"".join(
+                encoder.encode(data[i : i + piece]) for i in range(0, len(data), piece)
+            )
+            assert encoded + encoder.flush() == expected
+            decoder = Arm64Decoder(len(expected))
+            decoded = b"".join(
+                decoder.decode(expected[i : i + piece]) for i in range(0, len(expected), piece)
+            )
+            assert decoded == data
+
+
+def test_arm64_executable_is_filtered(tmp_path: Path) -> None:
+    old = _elf(183, _arm64_calls(21, 20_000, 0))
+    new = _elf(183, b"\x1f\x20\x03\xd5" * 16 + _arm64_calls(21, 20_000, 64))
+    _, report = _roundtrip(tmp_path, old, new)
+    candidates = report.candidates  # type: ignore[attr-defined]
+    filtered = next(v for k, v in candidates.items() if k.startswith("arm64 branches absolute"))
+    plain = min(v for k, v in candidates.items() if "branches absolute" not in k)
+    assert filtered < plain / 2, candidates
+    assert report.method == "transformed", report.as_dict()  # type: ignore[attr-defined]
 
 
 # --- the ECU's sequential patch, from every streamable payload ---------------------------------

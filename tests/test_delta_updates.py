@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from server.delta.create import create_delta
+from server.release import fetch_verified_targets
 from signing.keys import load_signer
+from signing.metadata import image_custom
 from tests.malicious_proxy import MaliciousProxy, resign
 from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, sample
 
@@ -40,7 +42,7 @@ def _wait_for_delta(server: ServerProcess, result_sha256: str) -> dict[str, Any]
         failed = [j for j in listing["jobs"] if j["status"] in ("failed", "not_worth_it")]
         assert not failed, failed
         time.sleep(0.2)
-    raise AssertionError("the server did not publish the delta within 60 s")
+    raise AssertionError(f"the server did not publish the delta within 60 s: {listing}")
 
 
 def _vehicle_on_v1(server: ServerProcess, tmp_path: Path, server_url: str | None = None) -> Vehicle:
@@ -73,6 +75,42 @@ def test_delta_update_installs_a_byte_identical_image(
     assert (
         primary["installed"]["sha256"] == v2.sha256 and primary["last_install"]["method"] == "delta"
     )
+
+
+def _thumb_calls(shift: int) -> bytes:
+    """A raw Cortex-M flash image: Thumb BL calls to one function, after a gap of ``shift``."""
+    rng, out = random.Random(11), bytearray()
+    while len(out) < 200_000:
+        out += rng.randbytes(2 * rng.randint(1, 8))
+        offset = (900_000 - (len(out) + shift + 4)) >> 1  # BL: halfword offset from PC + 4
+        out += (0xF000 | (offset >> 11) & 0x7FF).to_bytes(2, "little")
+        out += (0xF800 | offset & 0x7FF).to_bytes(2, "little")
+    return bytes(out)
+
+
+def test_release_names_the_machine_code_of_a_raw_image_and_its_delta_filters_it(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    # No ELF header says what a flash image holds: the release does ('--arch armt'), the
+    # signed custom field carries it, and the server's delta job rewrites branches by it.
+    vehicle = Vehicle(tmp_path, server, secondaries=False, health_check=[])  # not a gateway build
+    old, new = tmp_path / "fw-1.bin", tmp_path / "fw-2.bin"
+    old.write_bytes(_thumb_calls(0))
+    new.write_bytes(bytes(64) + _thumb_calls(64))
+    v1 = server.publish(old, "rpi-gateway", "1.0.0", arch="armt")
+    server.assign(vehicle.vin, vehicle.primary, v1.filepath)
+    assert vehicle.run_once().report["outcomes"][vehicle.primary]["method"] == "full"
+    v2 = server.publish(new, "rpi-gateway", "1.1.0", arch="armt")
+    delta = _wait_for_delta(server, v2.sha256)
+    assert delta["custom"]["delta"]["method"] == "transformed", delta  # only the hint does that
+    root = (server.offline_dir / "image-root.json").read_bytes()
+    signed = fetch_verified_targets(server.admin, root).signed
+    assert image_custom(signed.targets[v2.filepath]).arch == "armt"
+    server.assign(vehicle.vin, vehicle.primary, v2.filepath)
+    outcome = vehicle.run_once().report["outcomes"][vehicle.primary]
+    assert outcome["result"] == "installed" and outcome["method"] == "delta", outcome
+    slot = vehicle.boot_env()["boot_slot"]
+    assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == new.read_bytes()
 
 
 def _deltas_key(server: ServerProcess):  # type: ignore[no-untyped-def]

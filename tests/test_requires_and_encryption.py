@@ -8,6 +8,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tuf.api.metadata import TargetFile
 
 from signing.encryption import (
     DecryptionError,
@@ -21,6 +22,7 @@ from signing.metadata import (
     EcuImage,
     ImageCustom,
     MetadataFormatError,
+    image_custom,
     parse_requires,
     unmet_requirements,
 )
@@ -100,6 +102,19 @@ def test_requires_round_trips_through_custom() -> None:
     custom = _image("1.1.0", **{"stm32f4-bms": ">=1.1.0,<2"}).to_custom()
     assert custom["requires"] == {"stm32f4-bms": ">=1.1.0,<2"}
     assert parse_requires(custom["requires"], "t")[0].spec == ">=1.1.0,<2"
+
+
+@pytest.mark.parametrize("arch", ["armt", "arm64", "x86"])
+def test_arch_round_trips_through_custom(arch: str) -> None:
+    custom = ImageCustom(("x",), 1, "1.0", arch=arch).to_custom()
+    assert image_custom(TargetFile(1, {"sha256": "0" * 64}, "x", {"custom": custom})).arch == arch
+
+
+@pytest.mark.parametrize("arch", ["z80", "", "ARMT", 7, ["armt"], None])
+def test_unknown_arch_in_custom_is_refused_naming_the_field(arch: object) -> None:
+    custom = {**ImageCustom(("x",), 1, "1.0").to_custom(), "arch": arch}
+    with pytest.raises(MetadataFormatError, match=r"image target 'x': custom\.arch must be one of"):
+        image_custom(TargetFile(1, {"sha256": "0" * 64}, "x", {"custom": custom}))
 
 
 # -- encryption ------------------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from signing.delta_format import ARCH_NAMES
+
 _EPILOG = """\b
 Examples:
   uptake delta create fw-1.0.bin fw-1.1.bin -o fw-1.0-to-1.1.delta
@@ -80,6 +82,13 @@ def _human(size: int) -> str:
     type=click.IntRange(1, 1024),
     help="Window size for large images.",
 )
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCH_NAMES.values())),
+    default=None,
+    help="The machine code of raw images (ELF images say it by themselves): relative "
+    "branches are made absolute before diffing when that gives a smaller delta.",
+)
 def create(
     old: Path,
     new: Path,
@@ -88,6 +97,7 @@ def create(
     workers: int,
     whole_limit_mib: int,
     window_mib: int,
+    arch: str | None,
 ) -> None:
     """Create a delta that turns OLD into NEW.
 
@@ -108,6 +118,7 @@ def create(
             whole_limit=whole_limit_mib << 20,
             window_size=window_mib << 20,
             base_budget=2 * (window_mib << 20),
+            arch_hint=arch,
         )
     except (DeltaCreationError, OSError) as exc:
         raise click.ClickException(f"cannot create delta: {exc}") from None

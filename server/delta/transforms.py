@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import bcj
 import zstandard
 
 from signing import delta_format as fmt
+from signing.branch_filters import branch_encoder
 from signing.compressor_versions import library_name
 
 _MIN_STREAM = 16 << 10  # smaller streams are not worth their parameters
@@ -51,15 +51,9 @@ _ELF_ARCH = {
     40: fmt.ARCH_ARMT,
     20: fmt.ARCH_PPC,
     2: fmt.ARCH_SPARC,
+    183: fmt.ARCH_ARM64,
 }
 ARCH_BY_NAME = {name: number for number, name in fmt.ARCH_NAMES.items()}
-_BCJ_ENCODERS = {
-    fmt.ARCH_X86: bcj.BCJEncoder,
-    fmt.ARCH_ARM: bcj.ARMEncoder,
-    fmt.ARCH_ARMT: bcj.ARMTEncoder,
-    fmt.ARCH_PPC: bcj.PPCEncoder,
-    fmt.ARCH_SPARC: bcj.SparcEncoder,
-}
 _XZ_BCJ_ARCH = {
     lzma.FILTER_X86: fmt.ARCH_X86,
     lzma.FILTER_ARM: fmt.ARCH_ARM,
@@ -390,7 +384,7 @@ def _encode_map(
 
 
 def _bcj(arch: int, data: bytes) -> bytes:
-    encoder = _BCJ_ENCODERS[arch]()
+    encoder = branch_encoder(arch)
     return bytes(encoder.encode(data) + encoder.flush())
 
 

@@ -35,7 +35,10 @@ NEW = sample("rpi-gateway", "1.1.0").read_bytes()
 _NOISE = random.Random(16).randbytes(24_000)  # keeps the stream above the creator's minimum
 GZ_OLD = OLD[:4096] + gzip.compress(OLD * 8 + _NOISE, 9, mtime=0) + OLD[-512:]
 GZ_NEW = OLD[:4096] + gzip.compress(NEW * 8 + _NOISE, 9, mtime=0) + OLD[-512:]
-METHODS = ["bsdiff", "zstd-dict", "windows", "transformed", "transformed-bcj", "bsdiff-v1"]
+METHODS = [
+    "bsdiff", "zstd-dict", "windows", "transformed", "transformed-bcj", "transformed-arm64",
+    "bsdiff-v1",
+]  # fmt: skip
 
 
 def _base(method: str) -> bytes:
@@ -50,6 +53,8 @@ def _make(tmp: Path, method: str) -> bytes:
         options = {"whole_limit": 0, "window_size": 4096, "base_budget": 8192}
     elif method == "transformed-bcj":
         options = {"methods": ["transformed"], "arch_hint": "x86"}
+    elif method == "transformed-arm64":
+        options = {"methods": ["transformed"], "arch_hint": "arm64"}
     elif method == "bsdiff-v1":  # what servers published before the thin container
         return fmt.encode_delta(
             "bsdiff",
@@ -67,9 +72,8 @@ def deltas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("deltas")
     made = {m: _make(tmp, m) for m in METHODS}
     for method, data in made.items():
-        assert fmt.decode_header(io.BytesIO(data)).method == method.removesuffix(
-            "-bcj"
-        ).removesuffix("-v1"), method
+        expected = method.removesuffix("-bcj").removesuffix("-arm64").removesuffix("-v1")
+        assert fmt.decode_header(io.BytesIO(data)).method == expected, method
     return made
 
 
