@@ -10,6 +10,9 @@ Options (and their environment variables):
 * ``--token-file FILE`` (``$UPTAKE_TOKEN_FILE``), or the token itself in
   ``$UPTAKE_TOKEN``: an operator token (``DATA/admin-token`` is the first
   admin's).
+
+Commands that sign with the OFFLINE targets key(s) also share ``--keys-dir`` and
+``--targets-key`` (:func:`offline_key_options`, loaded by :func:`offline_signers`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from server.api_client import AdminClient, ApiClientError
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer
 
 DEFAULT_SERVER = "https://127.0.0.1:8443"
 #: Older names of the token variables, still read.
@@ -106,6 +112,52 @@ def server_options(command: _F) -> _F:
         help="Server base URL ($UPTAKE_SERVER).",
     )(command)
     return command
+
+
+def offline_key_options(command: _F) -> _F:
+    """``--keys-dir`` and ``--targets-key`` of every command signed with the OFFLINE targets
+    key(s) (:func:`offline_signers` loads them)."""
+    command = click.option(
+        "--targets-key",
+        "targets_keys",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).",
+    )(command)
+    return click.option(
+        "--keys-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        required=True,
+        help="Directory with image-targets.key and the trusted image-root.json.",
+    )(command)
+
+
+def load_signers(paths: tuple[Path, ...], what: str) -> list[Signer]:
+    """The signers of key files (one password, asked for as ``what``) or signer references."""
+    from signing.keys import PASSWORD_ENV, KeyFileError, is_signer_reference, load_key
+
+    key_password = (
+        None if all(is_signer_reference(p) for p in paths) else password(PASSWORD_ENV, what)
+    )
+    try:
+        return [load_key(p, key_password) for p in paths]
+    except (KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def offline_signers(
+    keys_dir: Path, targets_keys: tuple[Path, ...], what: str
+) -> tuple[list[Signer], bytes]:
+    """The targets signers of :func:`offline_key_options` and the trusted image root beside
+    them; ``what`` names the key in the password prompt."""
+    from server.release import TRUSTED_ROOT_NAME
+
+    signers = load_signers(targets_keys or (keys_dir / "image-targets.key",), what)
+    root = keys_dir / TRUSTED_ROOT_NAME
+    try:
+        return signers, root.read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"{root}: {exc.strerror}") from exc
 
 
 def client(server_url: str, ca_cert: Path | None, token_file: Path | None) -> AdminClient:

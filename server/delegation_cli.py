@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
-from securesystemslib.signer import Signer
 
-from server.cli_common import client, emit, password, server_options
-from signing.keys import (
-    PASSWORD_ENV,
-    KeyFileError,
-    is_signer_reference,
-    load_key,
-    load_public_key,
+from server.cli_common import (
+    client,
+    emit,
+    load_signers,
+    offline_key_options,
+    offline_signers,
+    server_options,
 )
+from signing.keys import KeyFileError, load_public_key
 
 
 @click.group()
@@ -34,45 +32,6 @@ def delegation() -> None:
           --key acme.key --trusted-root image-root.json --token-file acme-token
     Vehicles check every image found through a delegation against its hardware ids.
     """
-
-
-def _signers(paths: tuple[Path, ...], what: str) -> list[Signer]:
-    key_password = (
-        None if all(is_signer_reference(p) for p in paths) else password(PASSWORD_ENV, what)
-    )
-    try:
-        return [load_key(p, key_password) for p in paths]
-    except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _offline(keys_dir: Path, targets_keys: tuple[Path, ...]) -> tuple[list[Signer], bytes]:
-    from server.release import TRUSTED_ROOT_NAME
-
-    signers = _signers(targets_keys or (keys_dir / "image-targets.key",), "the targets key")
-    try:
-        return signers, (keys_dir / TRUSTED_ROOT_NAME).read_bytes()
-    except OSError as exc:
-        raise click.ClickException(f"{keys_dir / TRUSTED_ROOT_NAME}: {exc.strerror}") from exc
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _offline_options(command: _F) -> _F:
-    command = click.option(
-        "--targets-key",
-        "targets_keys",
-        multiple=True,
-        type=click.Path(path_type=Path),
-        help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).",
-    )(command)
-    return click.option(
-        "--keys-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        required=True,
-        help="Directory with image-targets.key and the trusted image-root.json.",
-    )(command)
 
 
 @delegation.command("add")
@@ -93,7 +52,7 @@ def _offline_options(command: _F) -> _F:
 @click.option(
     "--threshold", type=click.IntRange(1), default=1, help="Supplier keys that must sign."
 )
-@_offline_options
+@offline_key_options
 @server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def delegation_add(
@@ -116,7 +75,7 @@ def delegation_add(
         public = [load_public_key(k) for k in keys]
     except KeyFileError as exc:
         raise click.ClickException(str(exc)) from exc
-    signers, root = _offline(keys_dir, targets_keys)
+    signers, root = offline_signers(keys_dir, targets_keys, "the targets key")
     try:
         added = add_delegation(
             client(server_url, ca_cert, token_file), name, hardware_ids,
@@ -135,7 +94,7 @@ def delegation_add(
 
 @delegation.command("remove")
 @click.argument("name")
-@_offline_options
+@offline_key_options
 @server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def delegation_remove(
@@ -150,7 +109,7 @@ def delegation_remove(
     """Take delegation NAME out of the image targets: its images are no longer installable."""
     from server.delegation import DelegationError, remove_delegation
 
-    signers, root = _offline(keys_dir, targets_keys)
+    signers, root = offline_signers(keys_dir, targets_keys, "the targets key")
     try:
         removed = remove_delegation(client(server_url, ca_cert, token_file), name, signers, root)
     except DelegationError as exc:
@@ -219,7 +178,7 @@ def delegation_publish(
     from server.delegation import DelegationError, publish_supplier_image
     from server.release import PublishError, ReleaseImage
 
-    signers = _signers(keys, "the supplier key")
+    signers = load_signers(keys, "the supplier key")
     spec = ReleaseImage(image, list(hardware_ids), version, release_counter, filepath)
     try:
         published = publish_supplier_image(

@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from securesystemslib.signer import Signer
 
-from server.cli_common import client, emit, password, server_options
+from server.cli_common import (
+    client,
+    emit,
+    offline_key_options,
+    offline_signers,
+    password,
+    server_options,
+)
 from signing.delta_format import ARCH_NAMES
 from signing.keys import PASSWORD_ENV, KeyFileError, is_signer_reference, load_key
 
@@ -118,19 +124,7 @@ def _image_options(
     allow_lower_help="Publish even though a higher version is published for these hardware ids "
     "(recorded in the audit log as a lower version).",
 )
-@click.option(
-    "--keys-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory with image-targets.key and the trusted image-root.json.",
-)
-@click.option(
-    "--targets-key",
-    "targets_keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).",
-)
+@offline_key_options
 @server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release_publish(
@@ -176,7 +170,7 @@ def release_publish(
         images, manifest, hardware_ids, version, release_counter, filepath,
         _parse_requires(requires), arch,
     )  # fmt: skip
-    signers, trusted_root = _signers(keys_dir, targets_keys)
+    signers, trusted_root = offline_signers(keys_dir, targets_keys, "the offline targets key")
     with _upload_progress(specs) as progress:
         try:
             published = publish_images(
@@ -195,23 +189,6 @@ def release_publish(
         )
 
 
-def _signers(keys_dir: Path, targets_keys: tuple[Path, ...]) -> tuple[list[Signer], bytes]:
-    """The targets signers to sign with and the trusted image root beside them."""
-    from server.release import TRUSTED_ROOT_NAME
-
-    paths = targets_keys or (keys_dir / "image-targets.key",)
-    key_password = (
-        None
-        if all(is_signer_reference(p) for p in paths)
-        else password(PASSWORD_ENV, "the offline targets key")
-    )
-    try:
-        signers: list[Signer] = [load_key(p, key_password) for p in paths]
-        return signers, (keys_dir / TRUSTED_ROOT_NAME).read_bytes()
-    except (KeyFileError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
 @release.command("revert")
 @click.argument("filepath")
 @click.option(
@@ -220,19 +197,7 @@ def _signers(keys_dir: Path, targets_keys: tuple[Path, ...]) -> tuple[list[Signe
     default=None,
     help="Name of the re-release; default DIR/revert-COUNTER/NAME.",
 )
-@click.option(
-    "--keys-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Directory with image-targets.key and the trusted image-root.json.",
-)
-@click.option(
-    "--targets-key",
-    "targets_keys",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Targets key file(s) to sign with, for thresholds > 1 (default KEYS_DIR/image-targets.key).",
-)
+@offline_key_options
 @server_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def release_revert(
@@ -257,7 +222,7 @@ def release_revert(
     """
     from server.release import PublishError, revert_image
 
-    signers, trusted_root = _signers(keys_dir, targets_keys)
+    signers, trusted_root = offline_signers(keys_dir, targets_keys, "the offline targets key")
     try:
         published = revert_image(
             client(server_url, ca_cert, token_file), filepath, signers, trusted_root,
