@@ -18,10 +18,15 @@ is a replica behind the same vehicles, which alternate between them), in one run
 * nginx: the same client, vehicles and connections GET a static file of the size of
   ``timestamp.json`` from Debian's nginx over the same TLS (one worker process);
 * the verification bound: the time to verify the two signatures of one manifest
-  in-process with ``cryptography`` (one core).
+  in-process with ``cryptography`` (one core);
+* bare aiohttp (``bench/aiohttp_ceiling.py``): one process of a minimal aiohttp
+  application over the same TLS doing only what no server can skip (the poll's
+  bytes from memory; a manifest parsed, canonicalised and its two signatures
+  verified), the framework's ceiling on this machine.
 
 Prints the ratios: idle polls/s per process to nginx (goal at least 0.25) and
-manifests/s per server core to the verification bound (goal at least 0.7). The load client
+manifests/s per server core to the verification bound (goal at least 0.7), and both
+against bare aiohttp (how much of the gap is the framework's). The load client
 runs on the same machine, so it takes CPU from the server: figures are lower bounds.
 
     .venv/bin/python bench/fleet_load.py [--vehicles 200] [--seconds 10] [--processes 1,2]
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -285,6 +291,34 @@ http {
     return proc, url
 
 
+def _start_ceiling(
+    tmp: Path, server: ServerProcess, vehicles: list[SimulatedVehicle], sample: Path
+) -> tuple[Any, str]:
+    """``bench/aiohttp_ceiling.py`` on nginx's certificate, trusting the vehicles' CA."""
+    keys = {v.vin: v.signer.public_key.keyval["public"] for v in vehicles}
+    (tmp / "ceiling-keys.json").write_text(json.dumps(keys))
+    port = free_port()
+    log = open(tmp / "ceiling.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            sys.executable, str(Path(__file__).with_name("aiohttp_ceiling.py")),
+            "--port", str(port), "--cert", str(tmp / "nginx.crt"), "--key", str(tmp / "nginx.key"),
+            "--ca", str(server.config.device_ca_cert), "--keys", str(tmp / "ceiling-keys.json"),
+            "--timestamp", str(sample),
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise RuntimeError((tmp / "ceiling.log").read_text())
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), 0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"https://127.0.0.1:{port}"
+
+
 def _stop(proc: Any, sig: int = signal.SIGINT) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -341,6 +375,25 @@ def run(args: argparse.Namespace) -> None:
         print(f"nginx, 1 worker, static file of {sample.stat().st_size} bytes:")
         print(_line("GET (TLS, same client)", static))
         print(f"verification bound: {bound:.0f} manifests/s per core (2 ed25519 verifications)")
+        ceiling, ceiling_url = _start_ceiling(tmp, server, vehicles, sample)
+        procs.append(ceiling)
+        asyncio.run(_closed_loop("warm-up", vehicles, [ceiling_url], 2.0, "poll"))
+        bare_polls = asyncio.run(
+            _closed_loop("bare polls", vehicles, [ceiling_url], args.seconds, "poll")
+        )
+        for v in vehicles:
+            v.sign_manifests(max(1, int(args.seconds * 4000 / max(1, len(vehicles)))))
+        bare_manifests = asyncio.run(
+            _closed_loop("bare manifests", vehicles, [ceiling_url], args.seconds, "manifest")
+        )
+        _stop(ceiling)
+        print("bare aiohttp, 1 process (bench/aiohttp_ceiling.py: no identity, no database):")
+        print(_line("idle polls (bytes from memory)", bare_polls))
+        print(_line("manifests (parse, canonicalise, verify)", bare_manifests))
+        print(
+            f"  ratios: polls / nginx = {bare_polls.rate / static.rate:.3f}; "
+            f"manifests / verification bound = {bare_manifests.rate / bound:.3f}"
+        )
         urls = [server.url]
         for count in sorted({int(c) for c in args.processes.split(",")}):
             while len(urls) < count:
@@ -365,6 +418,10 @@ def run(args: argparse.Namespace) -> None:
                 f"{polls.rate / count / static.rate:.3f} (goal >= 0.25); "
                 f"manifests/s per core / verification bound = "
                 f"{manifests.rate / cores / bound:.3f} (goal >= 0.7)"
+            )
+            print(
+                f"  against bare aiohttp: polls per process {polls.rate / count / bare_polls.rate:.3f}"
+                f", manifests per core {manifests.rate / cores / bare_manifests.rate:.3f}"
             )
     finally:
         for proc in procs:
