@@ -374,6 +374,21 @@ class DirectorRepository:
             return cached[1]
         return None
 
+    def cached_timestamp_at(self, vin: str, latest: int | None) -> bytes | None:
+        """The cached ``timestamp.json`` of ``vin`` if it is the database's newest version
+        ``latest`` (read by the caller, :mod:`server.timestamp_versions`) and not due to be
+        signed again; None: ask :meth:`metadata`. The check :meth:`_timestamp` makes, with
+        the version read elsewhere."""
+        cached = self._timestamp_cache.get(vin)
+        if (
+            latest is None
+            or not cached
+            or cached[0] != latest
+            or self._lifetimes.due("director-timestamp", cached[2], datetime.now(UTC))
+        ):
+            return None
+        return cached[1]
+
     def _latest_version(self, session: Session, vin: str, role: str) -> int | None:
         """The newest version of ``role`` (read from the primary key's index alone)."""
         return session.exec(

@@ -69,6 +69,7 @@ from server.api.context import (
     PASSWORD_HASHING,
     REJECTIONS,
     TIMEOUTS,
+    TIMESTAMP_VERSIONS,
     BodyTimeouts,
     CertificateIssuer,
 )
@@ -84,6 +85,7 @@ from server.fleet import RejectionLimiter
 from server.image_repository import ImageRepository
 from server.metrics import observe_engine
 from server.operator_passwords import LoginLimiter, PasswordHashing
+from server.timestamp_versions import TimestampVersions
 
 log = logging.getLogger("server.api")
 
@@ -131,6 +133,8 @@ async def _background(app: web.Application) -> Any:
     for task in tasks:
         task.cancel()
     app[PASSWORD_HASHING].close()
+    if (versions := app[TIMESTAMP_VERSIONS]) is not None:
+        await versions.close()
 
 
 def build_app(
@@ -152,6 +156,7 @@ def build_app(
     observe_engine(engine)
     app[ENGINE], app[IMAGE_REPO], app[DIRECTOR] = engine, image_repo, director
     app[DELTAS] = DeltaPublisher(image_repo, engine, config.data_dir / "delta-work")
+    app[TIMESTAMP_VERSIONS] = TimestampVersions.for_engine(engine)
     app[REJECTIONS] = RejectionLimiter()
     app[TIMEOUTS] = BodyTimeouts(config.body_timeout, config.upload_idle_timeout)
     app[ISSUER] = CertificateIssuer(device_ca, timedelta(days=config.vehicle_certificate_days))

@@ -15,6 +15,7 @@ from server.director import DirectorRepository
 from server.fleet import RejectionLimiter
 from server.image_repository import ImageRepository
 from server.operator_passwords import LoginLimiter, PasswordHashing
+from server.timestamp_versions import TimestampVersions
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 IMAGE_REPO: web.AppKey[ImageRepository] = web.AppKey("image_repo", ImageRepository)
 DIRECTOR: web.AppKey[DirectorRepository] = web.AppKey("director", DirectorRepository)
 DELTAS: web.AppKey[DeltaPublisher] = web.AppKey("deltas", DeltaPublisher)
+#: on PostgreSQL: the newest director timestamp versions, read on the event loop (None on SQLite)
+TIMESTAMP_VERSIONS: web.AppKey[TimestampVersions | None] = web.AppKey("timestamp_versions")
 REJECTIONS: web.AppKey[RejectionLimiter] = web.AppKey("rejections", RejectionLimiter)
 TIMEOUTS: web.AppKey[BodyTimeouts] = web.AppKey("timeouts", BodyTimeouts)
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config", ServerConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -24,12 +25,21 @@ from server.api.boundary import (
     url_name,
     url_vin,
 )
-from server.api.context import DELTAS, DIRECTOR, ENGINE, IMAGE_REPO, ISSUER, REJECTIONS
+from server.api.context import (
+    DELTAS,
+    DIRECTOR,
+    ENGINE,
+    IMAGE_REPO,
+    ISSUER,
+    REJECTIONS,
+    TIMESTAMP_VERSIONS,
+)
 from server.api.schemas import CertificateRequest
 from server.campaigns import on_manifest
 from server.fleet import STATE_CHANGED, FleetError, RejectionRateLimitedError, process_manifest
 from server.identities import issue_certificate
 from server.metrics import MANIFESTS, count_poll, log_event
+from server.timestamp_versions import TimestampVersionsUnavailable
 from signing.manifest import MAX_MANIFEST_BYTES
 from signing.names import check_name, check_sha256, check_target_path
 
@@ -82,9 +92,16 @@ async def director_metadata(request: web.Request) -> web.Response:
     count_poll(filename)
     director = request.app[DIRECTOR]
     # the idle poll on SQLite: cached signed bytes, no thread and no database (the vehicle's
-    # identity was checked by the access middleware); with replicas the director checks the
-    # database's newest version (DirectorRepository.cached_timestamp)
-    data = director.cached_timestamp(vin) if filename == "timestamp.json" else None
+    # identity was checked by the access middleware); with replicas on PostgreSQL the cached
+    # bytes are served only while they are the database's newest version, read in one round
+    # trip on the event loop (server.timestamp_versions)
+    data = None
+    if filename == "timestamp.json":
+        data = director.cached_timestamp(vin)
+        versions = request.app[TIMESTAMP_VERSIONS]
+        if data is None and versions is not None:
+            with contextlib.suppress(TimestampVersionsUnavailable):  # then through the ORM
+                data = director.cached_timestamp_at(vin, await versions.latest(vin))
     if data is None:
         data = await in_session(request, lambda s: director.metadata(s, vin, filename))
     if data is None:
