@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from signing.atomic_file import write_atomic
+from signing.delta_format import MAX_RECOMPRESS_MEMORY
 from signing.exceptions import UptakeError
 
 #: Environment variable with the password of the online keys.
@@ -126,6 +127,10 @@ class ServerConfig:
     database_pool_size: int = 10
     database_max_overflow: int = 10
     database_pool_pre_ping: bool = True
+    #: Most memory (MiB) a vehicle may need to recompress the streams of a compression-aware
+    #: delta (an xz kernel with a 32 MiB dictionary needs about 390); deltas needing more are
+    #: not made, and such images go out in full. The fleet's smallest primary decides.
+    delta_max_recompress_mib: int = 512
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -215,6 +220,16 @@ class ServerConfig:
             raise ConfigError(f"{path}: database_pool_size must be at least 1")
         if not isinstance(config.database_pool_pre_ping, bool):
             raise ConfigError(f"{path}: database_pool_pre_ping must be true or false")
+        recompress = config.delta_max_recompress_mib
+        if (
+            not isinstance(recompress, int)
+            or isinstance(recompress, bool)
+            or not 0 <= recompress <= MAX_RECOMPRESS_MEMORY >> 20
+        ):
+            raise ConfigError(
+                f"{path}: delta_max_recompress_mib must be an integer from 0 to "
+                f"{MAX_RECOMPRESS_MEMORY >> 20}"
+            )
         config.check_tls(path)
         from server.lifetimes import LifetimeError, Lifetimes
 

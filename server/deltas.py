@@ -42,6 +42,7 @@ from sqlmodel import Session, col, select
 from server.db import Assignment, DeltaJob, DeltaJobState, Ecu, bounded_text, utcnow
 from server.image_repository import ImageRepository, ImageRepositoryError
 from server.metrics import DELTA_JOBS, log_event
+from signing.delta_format import MAX_RECOMPRESS_MEMORY
 from signing.metadata import DeltaCustom, MetadataFormatError, image_custom
 from signing.names import confined
 
@@ -75,9 +76,15 @@ class DeltaPublisher:
     """Queues delta jobs in the ``DeltaJob`` table and makes those any process queued."""
 
     def __init__(
-        self, image_repo: ImageRepository, engine: Engine, work_dir: Path, min_saving: float = 0.1
+        self,
+        image_repo: ImageRepository,
+        engine: Engine,
+        work_dir: Path,
+        min_saving: float = 0.1,
+        max_recompress_mib: int = MAX_RECOMPRESS_MEMORY >> 20,
     ) -> None:
         self._repo = image_repo
+        self._max_recompress_mib = max_recompress_mib
         self._engine = engine
         self._work_dir = work_dir
         self._min_saving = min_saving
@@ -298,6 +305,8 @@ class DeltaPublisher:
             "-o",
             str(out),
             "--json",
+            "--max-recompress-mib",
+            str(self._max_recompress_mib),
             *(["--arch", arch] if arch else []),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

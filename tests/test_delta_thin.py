@@ -11,10 +11,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import lzma
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,30 @@ def test_recompression_memory_is_bounded_by_the_applier(tmp_path: Path) -> None:
             tmp_path / "old", delta, tmp_path / "out", recompress_memory_limit=16 << 20
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_creator_leaves_streams_compressed_that_need_more_memory_than_the_fleet_has(
+    tmp_path: Path,
+) -> None:
+    # 'uptake delta create --max-recompress-mib' (the server's delta_max_recompress_mib): an
+    # xz stream with an 8 MiB dictionary needs about 96 MiB to recompress on the vehicle
+    inner_old = _code(16, 200_000)
+    (tmp_path / "old").write_bytes(_wrapped(inner_old, "xz"))
+    (tmp_path / "new").write_bytes(_wrapped(_edited(inner_old, 17), "xz"))
+
+    def create(*limit: str) -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, "-m", "uptake", "delta", "create", str(tmp_path / "old"),
+             str(tmp_path / "new"), "-o", str(tmp_path / "d"), "--json", "--workers", "1", *limit],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        report: dict[str, object] = json.loads(done.stdout)
+        return report
+
+    assert "streams expanded" in str(create()["detail"])
+    bounded = create("--max-recompress-mib", "64")
+    assert "streams expanded" not in str(bounded["detail"]), bounded
+    assert not any("streams expanded" in k for k in bounded["candidate_payload_bytes"])  # type: ignore[attr-defined]
 
 
 # --- transformed: executable code ------------------------------------------------------------

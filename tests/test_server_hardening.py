@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import urllib3
 
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig
 from server.encrypted_images import EncryptedImages
 from server.fleet import MAX_EVENTS_PER_VEHICLE, MAX_REPORT_COUNTER_JUMP, SUMMARY_ITEMS
 from server.service import init_server
@@ -618,3 +618,17 @@ def test_demo_without_the_server_extra_says_what_to_install() -> None:
         check=False,
     )
     _assert_one_line_error(run, "aiohttp", "pip install 'uptake[server")
+
+
+@pytest.mark.parametrize("value", [-1, 513, 1.5, True, "64"])
+def test_delta_recompress_memory_setting_is_checked(tmp_path: Path, value: object) -> None:
+    config = ServerConfig(tmp_path, "127.0.0.1", 8443)
+    config.save()
+    ServerConfig.load(tmp_path)  # the default is valid
+    raw = json.loads((tmp_path / "server.json").read_bytes())
+    raw["delta_max_recompress_mib"] = value
+    (tmp_path / "server.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        ConfigError, match="delta_max_recompress_mib must be an integer from 0 to 512"
+    ):
+        ServerConfig.load(tmp_path)

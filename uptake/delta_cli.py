@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from signing.delta_format import ARCH_NAMES
+from signing.delta_format import ARCH_NAMES, MAX_RECOMPRESS_MEMORY
 
 _EPILOG = """\b
 Examples:
@@ -89,6 +89,14 @@ def _human(size: int) -> str:
     help="The machine code of raw images (ELF images say it by themselves): relative "
     "branches are made absolute before diffing when that gives a smaller delta.",
 )
+@click.option(
+    "--max-recompress-mib",
+    default=MAX_RECOMPRESS_MEMORY >> 20,
+    show_default=True,
+    type=click.IntRange(0, MAX_RECOMPRESS_MEMORY >> 20),
+    help="Most memory the vehicle may need to recompress expanded streams (a "
+    "compression-aware delta); streams needing more are diffed compressed.",
+)
 def create(
     old: Path,
     new: Path,
@@ -98,6 +106,7 @@ def create(
     whole_limit_mib: int,
     window_mib: int,
     arch: str | None,
+    max_recompress_mib: int,
 ) -> None:
     """Create a delta that turns OLD into NEW.
 
@@ -119,6 +128,7 @@ def create(
             window_size=window_mib << 20,
             base_budget=2 * (window_mib << 20),
             arch_hint=arch,
+            max_recompress_memory=max_recompress_mib << 20,
         )
     except (DeltaCreationError, OSError) as exc:
         raise click.ClickException(f"cannot create delta: {exc}") from None

@@ -155,7 +155,12 @@ def build_app(
     )
     observe_engine(engine)
     app[ENGINE], app[IMAGE_REPO], app[DIRECTOR] = engine, image_repo, director
-    app[DELTAS] = DeltaPublisher(image_repo, engine, config.data_dir / "delta-work")
+    app[DELTAS] = DeltaPublisher(
+        image_repo,
+        engine,
+        config.data_dir / "delta-work",
+        max_recompress_mib=config.delta_max_recompress_mib,
+    )
     app[TIMESTAMP_VERSIONS] = TimestampVersions.for_engine(engine)
     app[REJECTIONS] = RejectionLimiter()
     app[TIMEOUTS] = BodyTimeouts(config.body_timeout, config.upload_idle_timeout)
