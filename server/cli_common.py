@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from server.api_client import AdminClient, ApiClientError
+from signing.delta_format import ARCH_NAMES
 
 if TYPE_CHECKING:
     from securesystemslib.signer import Signer
@@ -112,6 +113,17 @@ def server_options(command: _F) -> _F:
         help="Server base URL ($UPTAKE_SERVER).",
     )(command)
     return command
+
+
+def arch_option(command: _F) -> _F:
+    """``--arch``: the machine code of a raw image, signed into its ``custom.arch`` (deltas)."""
+    return click.option(
+        "--arch",
+        type=click.Choice(sorted(ARCH_NAMES.values())),
+        default=None,
+        help="The machine code of a raw image (an ELF header says it by itself), so that "
+        "deltas to it rewrite relative branches first (e.g. armt for a Cortex-M flash image).",
+    )(command)
 
 
 def offline_key_options(command: _F) -> _F:

@@ -128,8 +128,9 @@ class ServerConfig:
     database_max_overflow: int = 10
     database_pool_pre_ping: bool = True
     #: Most memory (MiB) a vehicle may need to recompress the streams of a compression-aware
-    #: delta (an xz kernel with a 32 MiB dictionary needs about 390); deltas needing more are
-    #: not made, and such images go out in full. The fleet's smallest primary decides.
+    #: delta (an xz kernel with a 32 MiB dictionary needs about 390); streams needing more stay
+    #: compressed in the diff (a plain delta, or the full image when that saves too little).
+    #: The fleet's smallest primary decides; deltas made before a change are kept.
     delta_max_recompress_mib: int = 512
 
     def __post_init__(self) -> None:

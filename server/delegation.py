@@ -28,6 +28,7 @@ hardware ids:
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -198,10 +199,7 @@ def publish_supplier_image(
     if image.filepath is None and image.hardware_ids:
         first = (role.paths or ["?"])[0].split("/", 1)[0]
         default = f"{first}/{image.hardware_ids[0]}-{image.version}-{image.path.name}"
-        image = ReleaseImage(
-            image.path, image.hardware_ids, image.version, image.release_counter, default,
-            image.requires,
-        )  # fmt: skip
+        image = dataclasses.replace(image, filepath=default)
     release = _add_images(role_md, [image])
     if not release.new:
         return release.published[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from server.cli_common import (
+    arch_option,
     client,
     emit,
     load_signers,
@@ -150,6 +151,7 @@ def delegation_list(
     "--release-counter", type=click.IntRange(0), default=None, help="Anti-rollback counter."
 )
 @click.option("--filepath", default=None, help="Target name within the delegation's patterns.")
+@arch_option
 @click.option(
     "--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path),
     help="The supplier's private key file(s) to sign with.",
@@ -167,6 +169,7 @@ def delegation_publish(
     version: str,
     release_counter: int | None,
     filepath: str | None,
+    arch: str | None,
     keys: tuple[Path, ...],
     trusted_root: Path,
     server_url: str,
@@ -179,7 +182,7 @@ def delegation_publish(
     from server.release import PublishError, ReleaseImage
 
     signers = load_signers(keys, "the supplier key")
-    spec = ReleaseImage(image, list(hardware_ids), version, release_counter, filepath)
+    spec = ReleaseImage(image, list(hardware_ids), version, release_counter, filepath, arch=arch)
     try:
         published = publish_supplier_image(
             client(server_url, ca_cert, token_file), name, spec, signers,

@@ -88,6 +88,7 @@ from signing.metadata import (
     DELTAS_ROLE,
     DeltaCustom,
     MetadataFormatError,
+    check_arch,
     check_supplier_delegation,
     consistent_target_path,
     delta_target_path,
@@ -878,7 +879,9 @@ class ImageRepository:
                     f"{where}: {DELTAS_PATH_PATTERN} belongs to the online deltas role"
                 )
             try:
-                image_custom(target)
+                custom = image_custom(target)
+                if custom.arch is not None:
+                    check_arch(custom.arch, f"{where}: custom.arch")
             except MetadataFormatError as exc:
                 raise ImageRepositoryError(str(exc)) from exc
             if final.exists():

@@ -547,6 +547,8 @@ def _describe(target: TargetFile) -> str:
             fields += "; requires " + ", ".join(
                 f"{r.hardware_id} {r.spec}" for r in custom.requires
             )
+        if custom.arch:
+            fields += f"; machine code {custom.arch}"
     except MetadataFormatError as exc:
         fields = f"INVALID UPTANE FIELDS: {exc}"
     hashes = ", ".join(f"{k} {v}" for k, v in sorted(target.hashes.items()))

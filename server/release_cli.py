@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from server.cli_common import (
+    arch_option,
     client,
     emit,
     offline_key_options,
@@ -25,7 +26,6 @@ from server.cli_common import (
     password,
     server_options,
 )
-from signing.delta_format import ARCH_NAMES
 from signing.keys import PASSWORD_ENV, KeyFileError, is_signer_reference, load_key
 
 if TYPE_CHECKING:
@@ -96,13 +96,7 @@ def _image_options(
             metavar="HARDWARE_ID=SPEC",
             help=requires_help,
         ),
-        click.option(
-            "--arch",
-            type=click.Choice(sorted(ARCH_NAMES.values())),
-            default=None,
-            help="The machine code of a raw image (an ELF header says it by itself), so that "
-            "deltas to it rewrite relative branches first (e.g. armt for a Cortex-M flash image).",
-        ),
+        arch_option,
         click.option("--allow-lower", is_flag=True, help=allow_lower_help),
     )
 

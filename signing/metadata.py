@@ -281,12 +281,20 @@ def image_custom(target: TargetFile) -> ImageCustom:
             f"{where}: custom.{VERSION} must be 1 to 128 printable characters"
         )
     requires = parse_requires(custom[REQUIRES], where) if REQUIRES in custom else ()
-    arch = check_arch(custom[ARCH], f"{where}: custom.{ARCH}") if ARCH in custom else None
+    arch = None
+    if ARCH in custom:
+        # any name: vehicles never use it (a delta names its own filter), so an architecture
+        # a newer server knows is no attack here; servers check it with check_arch
+        try:
+            arch = check_name(custom[ARCH], f"{where}: custom.{ARCH}")
+        except InvalidNameError as exc:
+            raise MetadataFormatError(str(exc)) from exc
     return ImageCustom(tuple(hw_ids), counter, version, requires, arch)
 
 
 def check_arch(arch: object, where: str) -> str:
-    """``arch`` if it names a branch filter of :data:`signing.delta_format.ARCH_NAMES`."""
+    """``arch`` if it names a branch filter of :data:`signing.delta_format.ARCH_NAMES` (what
+    this version's delta creator can use: checked wherever an image is published)."""
     if not isinstance(arch, str) or arch not in ARCH_NAMES.values():
         raise MetadataFormatError(
             f"{where} must be one of {', '.join(sorted(ARCH_NAMES.values()))}, not {arch!r}"[:300]

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuf.api.metadata import TargetFile
+from tuf.api.serialization.json import JSONSerializer
 
+from server.api_client import ApiClientError
 from server.delta.create import create_delta
 from server.release import fetch_verified_targets
 from signing.keys import load_signer
-from signing.metadata import image_custom
+from signing.metadata import ImageCustom, expiry, image_custom
 from tests.malicious_proxy import MaliciousProxy, resign
 from tests.uptake_fixtures import PASSWORD, ServerProcess, Vehicle, sample
 
@@ -111,6 +114,31 @@ def test_release_names_the_machine_code_of_a_raw_image_and_its_delta_filters_it(
     assert outcome["result"] == "installed" and outcome["method"] == "delta", outcome
     slot = vehicle.boot_env()["boot_slot"]
     assert (vehicle.state_dir / "slots" / f"{slot}.img").read_bytes() == new.read_bytes()
+
+
+def test_server_refuses_an_arch_its_delta_creator_does_not_know(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    # signed targets from a release engineer's own tooling: checked where they are published
+    image = tmp_path / "fw.bin"
+    image.write_bytes(_thumb_calls(0))
+    root = (server.offline_dir / "image-root.json").read_bytes()
+    md = fetch_verified_targets(server.admin, root)
+    target = TargetFile.from_file("rpi-gateway/9.9.9/fw.bin", str(image), ["sha256"])
+    target.unrecognized_fields["custom"] = ImageCustom(
+        ("rpi-gateway",), 999, "9.9.9", arch="z80"
+    ).to_custom()
+    md.signed.targets[target.path] = target
+    md.signed.version += 1
+    md.signed.expires = expiry("targets")
+    md.signatures.clear()
+    md.sign(server.targets_signer)
+    server.admin.upload_file(target.hashes["sha256"], image)
+    with pytest.raises(ApiClientError, match=r"custom\.arch must be one of arm, arm64"):
+        server.admin.request(
+            "POST", "/api/v1/image/targets", body=md.to_bytes(JSONSerializer(compact=False)),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
 
 
 def _deltas_key(server: ServerProcess):  # type: ignore[no-untyped-def]

@@ -97,10 +97,15 @@ def test_a_supplier_publishes_its_own_image_and_a_vehicle_installs_it(
     assert [
         (d["name"], d["paths"], d["hardware_ids"], d["version"]) for d in listed["delegations"]
     ] == [("acme", ["acme/*"], ["rpi-gateway"], 0)]
-    published = _publish(server, key, token, sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0")
+    published = _publish(
+        server, key, token, sample("rpi-gateway", "1.1.0"), "rpi-gateway", "1.1.0",
+        "--arch", "arm64",
+    )  # fmt: skip
     assert published.returncode == 0, published.stderr
     filepath = json.loads(published.stdout)["filepath"]
     assert filepath.startswith("acme/")
+    role = json.loads(server.admin.get_bytes("/image/metadata/1.acme.json"))  # the supplier's
+    assert role["signed"]["targets"][filepath]["custom"]["arch"] == "arm64"  # signed hint
 
     vehicle = Vehicle(tmp_path, server, secondaries=False)
     server.assign(vehicle.vin, vehicle.primary, filepath)
