@@ -191,7 +191,8 @@ class ImageCustom:
     release_counter: int
     version: str
     requires: tuple[Requirement, ...] = ()
-    #: one of :data:`signing.delta_format.ARCH_NAMES` (a hint for deltas), or None
+    #: the machine code of a raw image, a hint for deltas: a name (servers publish only those
+    #: of :data:`signing.delta_format.ARCH_NAMES`, :func:`check_arch`), or None
     arch: str | None = None
 
     def to_custom(self) -> dict[str, Any]:
