@@ -41,6 +41,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import string
@@ -280,15 +281,22 @@ http {
     (tmp / "nginx.conf").write_text(conf)
     proc = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
     url = f"https://127.0.0.1:{port}"
-    for _ in range(100):
+    _wait_for_port(proc, port, tmp / "nginx.log")
+    return proc, url
+
+
+def _wait_for_port(proc: Any, port: int, log: Path, seconds: float = 10.0) -> None:
+    """Until ``proc`` accepts connections on ``port``; its ``log`` if it exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError((tmp / "nginx.log").read_text())
+            raise RuntimeError(log.read_text())
         try:
-            with __import__("socket").create_connection(("127.0.0.1", port), 0.2):
-                break
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
         except OSError:
             time.sleep(0.05)
-    return proc, url
+    raise RuntimeError(f"nothing listens on port {port} after {seconds:g} s: {log.read_text()}")
 
 
 def _start_ceiling(
@@ -308,14 +316,7 @@ def _start_ceiling(
         ],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / "ceiling.log").read_text())
-        try:
-            with __import__("socket").create_connection(("127.0.0.1", port), 0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
+    _wait_for_port(proc, port, tmp / "ceiling.log")
     return proc, f"https://127.0.0.1:{port}"
 
 

@@ -4,18 +4,17 @@ go silent (a failover whose old address vanished): the probe answers, or gives u
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from server.timestamp_versions import TimestampVersions, TimestampVersionsUnavailable
+from tests.uptake_fixtures import scratch_postgres_database
 
 psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.postgres
-
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
 
 class SilentProxy:
@@ -48,23 +47,16 @@ class SilentProxy:
 @pytest.fixture
 def database() -> Iterator[str]:
     """A database of its own with the one table the probe reads."""
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
-    name = f"uptake_probe_{secrets.token_hex(6)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
+    with scratch_postgres_database("uptake_probe") as url:
+        name = make_url(url).database
         with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={name}") as conn:
             conn.execute(
                 "CREATE TABLE directormetadata "
                 "(vin text, role text, version int, PRIMARY KEY (vin, role, version))"
             )
             conn.execute("INSERT INTO directormetadata VALUES ('VIN-PROBE', 'timestamp', 7)")
+        assert name is not None
         yield name
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
 
 
 def test_a_silent_database_holds_no_poll_longer_than_the_probe_allows(database: str) -> None:
