@@ -446,11 +446,14 @@ def _await_campaign(
     server: ServerProcess, name: str, done: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 60
-    while not done(record := http(server.url, "GET", f"/api/v1/campaigns/{name}",
-                                  server.admin.token)):  # fmt: skip
+    while True:
+        record: dict[str, Any] = http(
+            server.url, "GET", f"/api/v1/campaigns/{name}", server.admin.token
+        )
+        if done(record):
+            return record
         assert time.monotonic() < deadline, record
         time.sleep(0.3)
-    return record
 
 
 def _consent_precondition(vehicle: Vehicle, consent_file: Path) -> None:

@@ -1,6 +1,7 @@
-"""ruff check and ruff format over the whole tree, mypy --strict over signing/, client/, hil/, server/, uptake/ and bench/.
+"""ruff check and ruff format over the whole tree, mypy --strict over every package, bench/ and tests/.
 
-Part of the test command, so CI enforces all three.
+mypy checks the ``files`` of ``[tool.mypy]`` in pyproject.toml: signing/, client/, hil/, server/,
+uptake/, bench/ and tests/. Part of the test command, so CI enforces all three.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_ruff_format_is_enforced() -> None:
     assert proc.returncode == 0, "run: ruff format .\n" + proc.stdout + proc.stderr
 
 
-def test_mypy_strict_is_clean_on_every_package_and_bench() -> None:
+def test_mypy_strict_is_clean_on_every_package_bench_and_the_tests() -> None:
     proc = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,21 +81,23 @@ def _roundtrip(tmp_path: Path, old: Path, new: Path, **options: object) -> Path:
 
 
 @pytest.mark.parametrize("method", ["bsdiff", "windows", "zstd-dict"])
-def test_each_method_gives_identical_image(tmp_path: Path, pair: tuple[Path, Path], method: str):
+def test_each_method_gives_identical_image(
+    tmp_path: Path, pair: tuple[Path, Path], method: str
+) -> None:
     delta = _roundtrip(tmp_path, *pair, methods=[method])
     with open(delta, "rb") as stream:
         assert read_delta_header(stream).method == method
     assert delta.stat().st_size < pair[1].stat().st_size / 5
 
 
-def test_smallest_candidate_is_kept(tmp_path: Path, pair: tuple[Path, Path]):
+def test_smallest_candidate_is_kept(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     delta = tmp_path / "delta"
     report = create_delta(*pair, delta)
     assert report.delta_length - min(report.candidates.values()) < 200  # header only
     assert set(report.candidates) >= {"windows", "zstd-dict"}
 
 
-def test_windowed_large_image_mode(tmp_path: Path):
+def test_windowed_large_image_mode(tmp_path: Path) -> None:
     old, new = _image_pair(2, 600_000, pad=100_000, zero_run=150_000)
     (tmp_path / "old").write_bytes(old)
     (tmp_path / "new").write_bytes(new)
@@ -111,7 +114,7 @@ def test_windowed_large_image_mode(tmp_path: Path):
     assert delta.stat().st_size < len(new) / 4
 
 
-def test_identical_and_empty_images(tmp_path: Path):
+def test_identical_and_empty_images(tmp_path: Path) -> None:
     data = _code_like(random.Random(3), 50_000)
     (tmp_path / "a").write_bytes(data)
     (tmp_path / "empty").write_bytes(b"")
@@ -121,7 +124,7 @@ def test_identical_and_empty_images(tmp_path: Path):
     _roundtrip(tmp_path, tmp_path / "a", tmp_path / "empty")
 
 
-def test_unknown_method_rejected(tmp_path: Path, pair: tuple[Path, Path]):
+def test_unknown_method_rejected(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     with pytest.raises(DeltaCreationError, match="unknown methods"):
         create_delta(*pair, tmp_path / "d", methods=["xdelta"])
 
@@ -159,7 +162,7 @@ def _refused(tmp_path: Path, old: Path, delta: Path, error: type[DeltaError]) ->
     return str(caught.value)
 
 
-def test_corrupted_payload_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_corrupted_payload_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, _, delta = made
     data = bytearray(delta.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -167,7 +170,7 @@ def test_corrupted_payload_refused(tmp_path: Path, made: tuple[Path, Path, Path]
     assert "payload_sha256" in _refused(tmp_path, old, delta, DeltaCorrupt)
 
 
-def test_corrupted_header_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_corrupted_header_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, _, delta = made
     data = bytearray(delta.read_bytes())
     data[30] ^= 0x01  # inside base_length/base_sha256
@@ -175,13 +178,13 @@ def test_corrupted_header_refused(tmp_path: Path, made: tuple[Path, Path, Path])
     assert "header_crc32" in _refused(tmp_path, old, delta, DeltaCorrupt)
 
 
-def test_truncated_delta_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_truncated_delta_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, _, delta = made
     delta.write_bytes(delta.read_bytes()[:-10])
     assert "truncated" in _refused(tmp_path, old, delta, DeltaCorrupt)
 
 
-def test_wrong_base_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_wrong_base_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     _, new, delta = made
     message = _refused(tmp_path, new, delta, DeltaBaseMismatch)
     assert "base" in message
@@ -209,19 +212,21 @@ def _rewrite_header(delta: Path, **changes: object) -> None:
     delta.write_bytes(fmt.DeltaHeader(**fields).encode() + payload)  # type: ignore[arg-type]
 
 
-def test_result_hash_mismatch_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_result_hash_mismatch_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, _, delta = made
     _rewrite_header(delta, result_sha256=hashlib.sha256(b"something else").digest())
     assert "result sha256" in _refused(tmp_path, old, delta, DeltaResultMismatch)
 
 
-def test_result_length_mismatch_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_result_length_mismatch_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, new, delta = made
     _rewrite_header(delta, result_length=new.stat().st_size + 1)
     _refused(tmp_path, old, delta, DeltaResultMismatch)
 
 
-def test_well_signed_but_malformed_payload_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_well_signed_but_malformed_payload_refused(
+    tmp_path: Path, made: tuple[Path, Path, Path]
+) -> None:
     # A payload whose checksum is right but whose content lies: the decoder must
     # validate, not trust (here a control record with a negative length).
     old, _, delta = made
@@ -242,7 +247,7 @@ def test_well_signed_but_malformed_payload_refused(tmp_path: Path, made: tuple[P
     assert "control record" in _refused(tmp_path, old, delta, DeltaCorrupt)
 
 
-def test_unknown_method_in_header_refused(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_unknown_method_in_header_refused(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     old, _, delta = made
     _rewrite_header(delta, method="xdelta3")
     assert "xdelta3" in _refused(tmp_path, old, delta, DeltaCorrupt)
@@ -266,7 +271,7 @@ def _header() -> fmt.DeltaHeader:
         (lambda b: b[:5], "magic"),
     ],
 )
-def test_header_errors_name_the_field(mutate, field: str):  # type: ignore[no-untyped-def]
+def test_header_errors_name_the_field(mutate: Callable[[bytes], bytes], field: str) -> None:
     import io
 
     with pytest.raises(fmt.DeltaFormatError) as caught:
@@ -275,7 +280,7 @@ def test_header_errors_name_the_field(mutate, field: str):  # type: ignore[no-un
     assert field in str(caught.value)
 
 
-def test_header_roundtrip_and_validation():
+def test_header_roundtrip_and_validation() -> None:
     import io
 
     header = _header()
@@ -298,7 +303,9 @@ def test_header_roundtrip_and_validation():
     edits=st.lists(st.tuples(st.integers(0, 3000), st.binary(max_size=50)), max_size=5),
     method=st.sampled_from(["bsdiff", "windows", "zstd-dict"]),
 )
-def test_any_pair_roundtrips(tmp_path: Path, old: bytes, edits, method: str):  # type: ignore[no-untyped-def]
+def test_any_pair_roundtrips(
+    tmp_path: Path, old: bytes, edits: list[tuple[int, bytes]], method: str
+) -> None:
     new = bytearray(old)
     for pos, chunk in edits:
         new[pos : pos + len(chunk)] = chunk
@@ -321,7 +328,7 @@ def _uptake(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_create_apply(tmp_path: Path, pair: tuple[Path, Path]):
+def test_cli_create_apply(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     old, new = pair
     created = _uptake("create", str(old), str(new), "-o", str(tmp_path / "d"), "--json")
     assert created.returncode == 0, created.stderr
@@ -338,7 +345,7 @@ def test_cli_create_apply(tmp_path: Path, pair: tuple[Path, Path]):
     assert "verified" in applied.stdout
 
 
-def test_cli_refuses_wrong_base_without_output(tmp_path: Path, pair: tuple[Path, Path]):
+def test_cli_refuses_wrong_base_without_output(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     old, new = pair
     assert _uptake("create", str(old), str(new), "-o", str(tmp_path / "d")).returncode == 0
     out_dir = tmp_path / "out"
@@ -350,13 +357,13 @@ def test_cli_refuses_wrong_base_without_output(tmp_path: Path, pair: tuple[Path,
     assert list(out_dir.iterdir()) == []
 
 
-def test_cli_help_teaches():
+def test_cli_help_teaches() -> None:
     shown = _uptake("--help")
     assert shown.returncode == 0
     assert "create" in shown.stdout and "apply" in shown.stdout and "Examples" in shown.stdout
 
 
-def test_engines_import_only_their_side():
+def test_engines_import_only_their_side() -> None:
     code = (
         "import sys, server.delta, client.delta_apply\n"
         "bad = {'aiohttp', 'sqlmodel'} & set(sys.modules)\n"
@@ -367,7 +374,7 @@ def test_engines_import_only_their_side():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-def test_windows_payload_with_every_segment_kind(tmp_path: Path):
+def test_windows_payload_with_every_segment_kind(tmp_path: Path) -> None:
     # Hand-built to cover what the creator picks only on some inputs: a zstd-dict
     # segment over two extents, plain zstd, stored, bsdiff, fills of two bytes.
     from server.delta import encoders
@@ -418,7 +425,7 @@ def test_windows_payload_with_every_segment_kind(tmp_path: Path):
     assert (tmp_path / "new").read_bytes() == bytes(new)
 
 
-def test_slot_larger_than_base(tmp_path: Path, made: tuple[Path, Path, Path]):
+def test_slot_larger_than_base(tmp_path: Path, made: tuple[Path, Path, Path]) -> None:
     # An A/B slot partition is larger than the image in it: the base is its prefix.
     from client.delta_apply import apply_delta
 
@@ -445,13 +452,13 @@ def _sample_pairs() -> list[tuple[Path, Path]]:
 
 
 @pytest.mark.parametrize("images", _sample_pairs(), ids=lambda p: f"{p[0].parent.name}-{p[1]}")
-def test_sample_firmware_roundtrip(tmp_path: Path, images: tuple[Path, Path]):
+def test_sample_firmware_roundtrip(tmp_path: Path, images: tuple[Path, Path]) -> None:
     old, new = images
     delta = _roundtrip(tmp_path, old, new)
     assert delta.stat().st_size < new.stat().st_size
 
 
-def test_window_fallback_without_bsdiff_applies(tmp_path: Path):
+def test_window_fallback_without_bsdiff_applies(tmp_path: Path) -> None:
     # What a window becomes when its bsdiff worker crashed: zstd/stored only.
     from server.delta import create as creation
     from server.delta import plan

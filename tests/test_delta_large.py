@@ -57,7 +57,7 @@ def _filesystem_like(path_old: Path, path_new: Path, size: int) -> None:
 
 
 @pytest.mark.slow
-def test_large_windowed_delta_applies_in_bounded_memory(tmp_path: Path):
+def test_large_windowed_delta_applies_in_bounded_memory(tmp_path: Path) -> None:
     old, new, delta, out = (tmp_path / n for n in ("old", "new", "delta", "out"))
     _filesystem_like(old, new, 160 << 20)
     report = create_delta(old, new, delta)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import signal
 import time
 import tomllib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import tomli_w
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Targets, Timestamp
 
 from signing.keys import generate_signer, load_signer
 from tests.malicious_proxy import MaliciousProxy, resign
@@ -150,13 +153,13 @@ def _assert_attack_recorded(server: ServerProcess, vehicle: Vehicle, needle: str
 
 
 @pytest.fixture
-def proxied(server: ServerProcess, tmp_path: Path) -> tuple[MaliciousProxy, Vehicle]:
+def proxied(server: ServerProcess, tmp_path: Path) -> Iterator[tuple[MaliciousProxy, Vehicle]]:
     proxy = MaliciousProxy(server.url)
-    yield proxy, Vehicle(tmp_path, server, server_url=proxy.url)  # type: ignore[misc]
+    yield proxy, Vehicle(tmp_path, server, server_url=proxy.url)
     proxy.close()
 
 
-def _online_signer(server: ServerProcess, name: str):  # type: ignore[no-untyped-def]
+def _online_signer(server: ServerProcess, name: str) -> CryptoSigner:
     return load_signer(server.data_dir / "keys" / f"{name}.key", PASSWORD.encode())
 
 
@@ -168,7 +171,7 @@ def test_director_target_hash_mismatch_is_refused(
     server.assign(vehicle.vin, vehicle.primary, gw.filepath)
     signer = _online_signer(server, "director-targets")
 
-    def other_hash(signed):  # type: ignore[no-untyped-def]
+    def other_hash(signed: Targets) -> None:
         for target in signed.targets.values():
             target.hashes["sha256"] = "0" * 64
 
@@ -217,7 +220,7 @@ def test_expired_timestamp_is_refused(
     proxy, vehicle = proxied
     signer = _online_signer(server, "director-timestamp")
 
-    def expire(signed):  # type: ignore[no-untyped-def]
+    def expire(signed: Timestamp) -> None:
         signed.expires = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
 
     proxy.rewrites.append(

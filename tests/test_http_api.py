@@ -39,7 +39,7 @@ def assert_client_error(status: int, body: Any, status_expected: int | None = No
     assert isinstance(body, dict) and body["error"]["message"], body
 
 
-BAD_REQUESTS = [
+BAD_REQUESTS: list[tuple[str, str, Any, bytes | None]] = [
     ("POST", "/api/v1/vehicles", None, b"{not json"),
     ("POST", "/api/v1/vehicles", [], None),
     ("POST", "/api/v1/vehicles", {"vin": 5, "primary_ecu_serial": "x", "ecus": []}, None),

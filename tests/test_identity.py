@@ -45,7 +45,7 @@ def fleet(
     return {vin: Vehicle(tmp, tls_server, vin=vin, secondaries=False) for vin in ("VINA", "VINB")}
 
 
-def _pool(server: ServerProcess, vehicle: Vehicle | None = None, **kwargs: Any) -> Any:
+def _pool(server: ServerProcess, vehicle: Vehicle | None = None, /, **kwargs: Any) -> Any:
     """A connection as ``vehicle`` presents itself (its certificate), or with none."""
     args: dict[str, Any] = {"ca_certs": str(server.ca_cert), "retries": False, "timeout": 10.0}
     if vehicle is not None:

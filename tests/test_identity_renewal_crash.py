@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 import client.vehicle_identity as vehicle_identity
 from client.vehicle_identity import ClientIdentity, IdentityError, create_identity
 from server.certificates import CertificateAuthority
+from signing.atomic_file import write_atomic
 from tests.uptake_fixtures import PASSWORD
 
 CA = CertificateAuthority.generate("device CA")
@@ -66,7 +67,7 @@ def _crashing_at(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(os, name)
 
-    monkeypatch.setattr(vehicle_identity, "write_atomic", counted(vehicle_identity.write_atomic))
+    monkeypatch.setattr(vehicle_identity, "write_atomic", counted(write_atomic))
     monkeypatch.setattr(vehicle_identity, "os", CountedOs())
 
 

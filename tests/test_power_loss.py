@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from client.installer import Slot
 from tests.uptake_fixtures import SELFTEST, ServerProcess, Vehicle, sample
 
 KILLS = int(os.environ.get("UPTAKE_POWER_LOSS_KILLS", "200"))
@@ -30,8 +31,9 @@ def _slot_sha256(vehicle: Vehicle, slot: str, length: int) -> str:
 def _assert_bootable(vehicle: Vehicle) -> None:
     env = vehicle.boot_env()
     state = vehicle.state()
-    slot = env.get("boot_slot", "a")  # no env yet: the factory default
-    assert slot in ("a", "b")
+    boot_slot = env.get("boot_slot", "a")  # no env yet: the factory default
+    assert boot_slot in ("a", "b")
+    slot: Slot = "a" if boot_slot == "a" else "b"
     image = state.slot_images.get(slot)
     if image is None:
         # only the factory state (nothing ever installed) boots an unrecorded slot

@@ -58,7 +58,7 @@ http = urllib3.PoolManager(retries=False, timeout=30.0)
 
 def _call(
     server: ServerProcess, method: str, path: str, body: Any = None, *, admin: bool = True
-) -> tuple[int, Any, urllib3.HTTPResponse]:
+) -> tuple[int, Any, urllib3.BaseHTTPResponse]:
     headers = {"Authorization": f"Bearer {server.admin.token}"} if admin else {}
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     resp = http.request(method, server.url + path, body=data, headers=headers)

@@ -38,12 +38,12 @@ def _bms(tmp_path: Path, version: str, tweak: int) -> Path:
 def on_v1(server: ServerProcess, tmp_path: Path) -> Iterator[tuple[UdsVehicle, Path]]:
     vehicle_gen = _vehicle(server, tmp_path, server.url)
     vehicle = next(vehicle_gen)
-    v1_file = _bms(tmp_path, "1.0.0", 0)
-    v1 = server.publish(v1_file, "stm32f4-bms", "1.0.0")
-    server.assign(VIN, ECU, v1.filepath)
-    assert vehicle.agent.run_cycle().outcomes[ECU].result == "installed"
-    assert vehicle.ecu.patches_applied == 0  # the factory image is not in the repository
-    try:
+    try:  # from here: a failed setup powers the ECU off and shuts its bus, too
+        v1_file = _bms(tmp_path, "1.0.0", 0)
+        v1 = server.publish(v1_file, "stm32f4-bms", "1.0.0")
+        server.assign(VIN, ECU, v1.filepath)
+        assert vehicle.agent.run_cycle().outcomes[ECU].result == "installed"
+        assert vehicle.ecu.patches_applied == 0  # the factory image is not in the repository
         yield vehicle, v1_file
     finally:
         vehicle_gen.close()

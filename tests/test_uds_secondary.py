@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +31,9 @@ class UdsVehicle:
     firmware: UptaneEcuFirmware
 
 
-def _vehicle(server: ServerProcess, tmp_path: Path, server_url: str) -> Iterator[UdsVehicle]:
+def _vehicle(
+    server: ServerProcess, tmp_path: Path, server_url: str
+) -> Generator[UdsVehicle, None, None]:
     channel = f"uptake-{uuid.uuid4().hex[:8]}"
     director_root = (server.offline_dir / "director-root.json").read_bytes()
     state_dir = tmp_path / "vehicle"

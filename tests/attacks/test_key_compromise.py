@@ -113,10 +113,7 @@ def test_image_snapshot_and_timestamp_keys_alone_cannot_forge_targets(
         "/image/metadata/timestamp.json": resign(
             (meta / "timestamp.json").read_bytes(),
             [timestamp_key],
-            lambda s: (
-                setattr(s, "snapshot_meta", MetaFile(version=snap_v + 1))
-                or setattr(s, "version", s.version + 1)
-            ),
+            lambda s: _point_timestamp(s, snap_v + 1),
         ),
         f"/image/metadata/{snap_v + 1}.snapshot.json": forged_snapshot,
         f"/image/metadata/{targets_v + 1}.targets.json": forged_targets,
@@ -144,6 +141,11 @@ def _swap_image(signed: Any, filepath: str, version: int) -> None:
 def _point_snapshot(signed: Any, version: int, targets_version: int) -> None:
     signed.version = version
     signed.meta["targets.json"] = MetaFile(version=targets_version)
+
+
+def _point_timestamp(signed: Any, snapshot_version: int) -> None:
+    signed.snapshot_meta = MetaFile(version=snapshot_version)
+    signed.version += 1
 
 
 def _rotate(server: ServerProcess, repository: str) -> dict[str, Any]:

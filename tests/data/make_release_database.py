@@ -53,6 +53,7 @@ def main(out_dir: Path, pg_db: str | None) -> None:
                     dump = "\n".join(conn.iterdump()) + "\n"
                 (out_dir / "release-4b438cb.sqlite.sql").write_text(dump)
             else:
+                assert pg_db  # "postgresql" is in the loop only with a database name
                 dump = subprocess.run(
                     [
                         "pg_dump",

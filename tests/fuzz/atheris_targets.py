@@ -42,6 +42,7 @@ with atheris.instrument_imports():
         EcuVersionReport,
         ImageInfo,
         InstallOutcome,
+        InstallResult,
         ManifestError,
         VehicleManifest,
         parse_vehicle_manifest,
@@ -135,7 +136,7 @@ def _seeds(name: str) -> list[bytes]:
     """Valid inputs to start from: JSON and TOML are parsed in C, invisible to coverage."""
     image = ImageInfo.of("rpi-gateway/1.0.0/gateway.elf", len(_OLD), {"sha256": "ab" * 32})
     report = EcuVersionReport(
-        "GW-1", image, 3, "", InstallOutcome(image.filepath, "installed")
+        "GW-1", image, 3, "", InstallOutcome(image.filepath, InstallResult.INSTALLED)
     ).sign(_KEY)
     targets = Targets(version=2)
     target = TargetFile(

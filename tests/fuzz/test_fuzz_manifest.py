@@ -20,6 +20,7 @@ from signing.manifest import (
     EcuVersionReport,
     ImageInfo,
     InstallOutcome,
+    InstallResult,
     ManifestError,
     SignedEnvelope,
     VehicleManifest,
@@ -43,7 +44,7 @@ _IMAGE = ImageInfo.of("rpi-gateway/1.0.0/gateway.elf", 2592, {"sha256": "ab" * 3
 def _valid() -> bytes:
     reports = {
         "GW-1": EcuVersionReport(
-            "GW-1", _IMAGE, 7, "", InstallOutcome(_IMAGE.filepath, "installed")
+            "GW-1", _IMAGE, 7, "", InstallOutcome(_IMAGE.filepath, InstallResult.INSTALLED)
         ).sign(PRIMARY),
         "BMS-1": EcuVersionReport("BMS-1", ImageInfo.of("", 0, {}), 3, "hash differs").sign(
             SECONDARY
@@ -149,11 +150,24 @@ def test_spliced_bytes(junk: bytes, at: int) -> None:
     attacks=st.text(max_size=200),
     filepath=target_paths | st.just(""),
     length=st.integers(0, 2**40),
-    result=st.sampled_from(["installed", "rolled_back", "refused", "failed"]),
+    result=st.sampled_from(
+        [
+            InstallResult.INSTALLED,
+            InstallResult.ROLLED_BACK,
+            InstallResult.REFUSED,
+            InstallResult.FAILED,
+        ]
+    ),
     detail=st.text(max_size=200),
 )
 def test_any_valid_report_roundtrips(
-    serial: str, counter: int, attacks: str, filepath: str, length: int, result: str, detail: str
+    serial: str,
+    counter: int,
+    attacks: str,
+    filepath: str,
+    length: int,
+    result: InstallResult,
+    detail: str,
 ) -> None:
     image = ImageInfo.of(filepath, length, {"sha256": "cd" * 32})
     report = EcuVersionReport(

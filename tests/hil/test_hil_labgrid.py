@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hil.bench_file import parse_bench
+from hil.bench_file import Stm32SecondarySpec, UdsSecondarySpec, parse_bench
 from hil.labgrid_adapter import bench_for_target
 
 
@@ -61,8 +61,9 @@ def test_real_secondaries_are_bound_to_target_resources(tmp_path: Path) -> None:
     )
     target = _Target()
     bound, power = bench_for_target(target, bench)
-    assert bound.secondaries["engine"].channel == "can1"
-    assert bound.secondaries["body"].port == "rfc2217://lab-serial.local:4001"
+    engine, body = bound.secondaries["engine"], bound.secondaries["body"]
+    assert isinstance(engine, UdsSecondarySpec) and engine.channel == "can1"
+    assert isinstance(body, Stm32SecondarySpec) and body.port == "rfc2217://lab-serial.local:4001"
     assert bound.secondaries["sim"] == bench.secondaries["sim"]
     assert set(power) == {"engine"}
     power["engine"].off()

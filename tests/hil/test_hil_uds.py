@@ -25,7 +25,7 @@ from hil.can_bus import CanFaults
 from hil.uds_ecu import EcuConfig, EcuFaults, EcuStatus
 
 if TYPE_CHECKING:
-    from conftest import UdsRig
+    from tests.hil.conftest import UdsRig
 
 ImageOf = Callable[..., bytes]
 
