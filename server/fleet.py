@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func
+from sqlalchemy import bindparam, delete, func
 from sqlmodel import Session, col, select
 
 from server import ledger
@@ -522,6 +522,19 @@ def _verified_reports(
     return reports
 
 
+# The reads every manifest makes, built once: on a heartbeat, building an ORM statement
+# and its cache key cost more CPU than the database's answer (profiled on PostgreSQL).
+# One query reads the vehicle and its ECUs (an ECU-less vehicle comes back with None).
+_VEHICLE_WITH_ECUS = (
+    select(Vehicle, Ecu)
+    .outerjoin(Ecu, col(Ecu.vin) == col(Vehicle.vin))
+    .where(col(Vehicle.vin) == bindparam("vin"))
+)
+_PENDING_ASSIGNMENTS = select(Assignment).where(
+    col(Assignment.vin) == bindparam("vin"), col(Assignment.status) == "pending"
+)
+
+
 def process_manifest(
     session: Session,
     director: DirectorRepository,
@@ -535,7 +548,8 @@ def process_manifest(
     ``after_accept(session, vin)`` runs in the same transaction once the manifest is
     accepted and recorded (campaigns follow the vehicle there, :mod:`server.campaigns`).
     """
-    vehicle = session.get(Vehicle, vin)
+    rows = session.exec(_VEHICLE_WITH_ECUS, params={"vin": vin}).all()
+    vehicle = rows[0][0] if rows else None
     try:
         envelope, manifest = parse_vehicle_manifest(body)
     except ManifestFormatError as exc:
@@ -549,7 +563,7 @@ def process_manifest(
         ) from exc
     if vehicle is None:
         raise FleetError(404, f"unknown vehicle {vin}")
-    ecus = {e.serial: e for e in session.exec(select(Ecu).where(Ecu.vin == vin))}
+    ecus = {ecu.serial: ecu for _, ecu in rows if ecu is not None}
     try:
         reports = _verified_reports(session, vehicle, envelope, manifest, ecus)
     except ManifestRejectedError as exc:
@@ -561,9 +575,7 @@ def process_manifest(
     # dependencies, no director update (its expiry upkeep happens on the poll).
     changed = False
     pending: dict[str, list[Assignment]] = {}  # one query for the vehicle, not one per ECU
-    for row in session.exec(
-        select(Assignment).where(Assignment.vin == vin, Assignment.status == "pending")
-    ):
+    for row in session.exec(_PENDING_ASSIGNMENTS, params={"vin": vin}):
         pending.setdefault(row.ecu_serial, []).append(row)
     events = []
     ledger_changes: list[tuple[Ecu, list[LedgerChange]]] = []
