@@ -388,7 +388,8 @@ def check_database_url(database_url: str) -> None:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    """Connection pool of a PostgreSQL engine (server.json ``database_pool_*``).
+    """Connection pool of an engine (server.json ``database_pool_*``; pre-ping and recycling
+    on PostgreSQL only).
 
     Each server process keeps up to ``size + max_overflow`` connections:
     size PostgreSQL's ``max_connections`` for every replica. ``pre_ping``
@@ -414,8 +415,12 @@ def make_engine(
     check_database_url(database_url)
     pool = pool or PoolSettings()
     if database_url.startswith("sqlite"):
+        # a file's pool sized as PostgreSQL's: every server thread may hold a connection
+        # (an in-memory database keeps SQLAlchemy's one connection per thread)
+        in_memory = make_url(database_url).database in (None, "", ":memory:")
+        sizes = {} if in_memory else {"pool_size": pool.size, "max_overflow": pool.max_overflow}
         engine = create_engine(
-            database_url, connect_args={"check_same_thread": False, "timeout": 30}
+            database_url, connect_args={"check_same_thread": False, "timeout": 30}, **sizes
         )
 
         @event.listens_for(engine, "connect")

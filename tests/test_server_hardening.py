@@ -632,3 +632,26 @@ def test_delta_recompress_memory_setting_is_checked(tmp_path: Path, value: objec
         ConfigError, match="delta_max_recompress_mib must be an integer from 0 to 512"
     ):
         ServerConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("value", [0, 65, -1, "4", 2.5, True, None])
+def test_vehicle_thread_count_is_checked(tmp_path: Path, value: object) -> None:
+    config = ServerConfig(tmp_path, "127.0.0.1", 8443)
+    config.save()
+    assert ServerConfig.load(tmp_path).vehicle_db_threads == 4  # the default is valid
+    raw = json.loads((tmp_path / "server.json").read_bytes())
+    raw["vehicle_db_threads"] = value
+    (tmp_path / "server.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="vehicle_db_threads must be an integer from 1 to 64"):
+        ServerConfig.load(tmp_path)
+
+
+def test_vehicle_threads_must_fit_the_connection_pool(tmp_path: Path) -> None:
+    config = ServerConfig(tmp_path, "127.0.0.1", 8443)
+    config.vehicle_db_threads, config.database_pool_size, config.database_max_overflow = 9, 10, 10
+    config.save()
+    with pytest.raises(ConfigError, match=r"at least 21 \(now 20\)"):
+        ServerConfig.load(tmp_path)
+    config.database_max_overflow = 11  # one more connection: every thread may hold one
+    config.save()
+    assert ServerConfig.load(tmp_path).vehicle_db_threads == 9

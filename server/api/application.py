@@ -70,13 +70,14 @@ from server.api.context import (
     REJECTIONS,
     TIMEOUTS,
     TIMESTAMP_VERSIONS,
+    VEHICLE_THREADS,
     BodyTimeouts,
     CertificateIssuer,
 )
 from server.api.openapi import OPENAPI_DOCUMENT, openapi_document, serve_openapi
 from server.api.release_routes import MAX_UPLOAD_BYTES
 from server.certificates import CertificateAuthority
-from server.config import ServerConfig
+from server.config import OPERATOR_THREADS, ServerConfig
 from server.dashboard import routes as dashboard_routes
 from server.dashboard.queries import AuditVerificationCache, FleetSummaryCache
 from server.deltas import DeltaPublisher
@@ -114,15 +115,9 @@ async def _refresh_online_metadata(app: web.Application) -> None:
         await asyncio.sleep(repo.lifetimes.upkeep_interval())
 
 
-#: threads for the database and signature work handlers hand off (asyncio.to_thread): each
-#: mostly waits for the database, so more than asyncio's default of cores + 4 (and no more
-#: than the connections SQLAlchemy's default pool opens: 5 + 10 overflow)
-WORKER_THREADS = 12
-
-
 async def _background(app: web.Application) -> Any:
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="uptake-worker")
+        ThreadPoolExecutor(OPERATOR_THREADS, thread_name_prefix="uptake-worker")
     )
     tasks = [
         asyncio.create_task(_refresh_online_metadata(app)),
@@ -133,6 +128,8 @@ async def _background(app: web.Application) -> Any:
     for task in tasks:
         task.cancel()
     app[PASSWORD_HASHING].close()
+    # lets a manifest in its transaction finish, without holding up the event loop meanwhile
+    await asyncio.to_thread(app[VEHICLE_THREADS].shutdown)
     if (versions := app[TIMESTAMP_VERSIONS]) is not None:
         await versions.close()
 
@@ -164,6 +161,9 @@ def build_app(
     app[TIMESTAMP_VERSIONS] = TimestampVersions.for_engine(engine)
     app[REJECTIONS] = RejectionLimiter()
     app[TIMEOUTS] = BodyTimeouts(config.body_timeout, config.upload_idle_timeout)
+    app[VEHICLE_THREADS] = ThreadPoolExecutor(
+        config.vehicle_db_threads, thread_name_prefix="uptake-vehicle"
+    )
     app[ISSUER] = CertificateIssuer(device_ca, timedelta(days=config.vehicle_certificate_days))
     app[VEHICLE_ACCESS] = config.vehicle_access()
     app[CONFIG], app[LOGINS], app[PASSWORD_HASHING] = config, LoginLimiter(), PasswordHashing()

@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
+import functools
 import json
 import logging
 import re
@@ -46,7 +48,7 @@ from aiohttp.web_request import BaseRequest
 from sqlmodel import Session
 
 from server.accounts import AccountError
-from server.api.context import ENGINE, TIMEOUTS
+from server.api.context import ENGINE, TIMEOUTS, VEHICLE_THREADS
 from server.api.schemas import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 from server.fleet import FleetError, RejectionRateLimitedError
 from server.image_repository import ImageRepositoryError
@@ -68,6 +70,7 @@ _MAX_CURSOR = 1024
 
 _Item = TypeVar("_Item")
 _Body = TypeVar("_Body", bound=msgspec.Struct)
+_T = TypeVar("_T")
 
 
 class ApiError(UptakeError):
@@ -449,3 +452,21 @@ async def in_session(request: web.Request, fn: Callable[[Session], Any]) -> Any:
             return result
 
     return await asyncio.to_thread(run)
+
+
+async def vehicle_work(request: web.Request, fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` (a vehicle's manifest or identity check) on the vehicle threads.
+
+    A fleet's manifests are short transactions of a few database round trips, and their
+    Python is what bounds a server process: many threads only switch among each other at
+    every round trip (with twelve, a third of the process's CPU went to the kernel's task
+    switching). Everything else handlers hand off (operators' work, the director metadata a
+    poll reads when no cache answers) keeps the default threads: a long upload or signing
+    never holds up a manifest, and a burst of manifests waiting for a lock never holds up
+    the operators. Vehicles' identity checks share these threads with manifests.
+    """
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()  # as asyncio.to_thread does
+    return await loop.run_in_executor(
+        request.app[VEHICLE_THREADS], functools.partial(context.run, fn)
+    )

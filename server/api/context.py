@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,3 +51,5 @@ class CertificateIssuer:
 
 
 ISSUER: web.AppKey[CertificateIssuer] = web.AppKey("issuer", CertificateIssuer)
+#: the few threads that run vehicles' database work (:func:`server.api.boundary.vehicle_work`)
+VEHICLE_THREADS: web.AppKey[ThreadPoolExecutor] = web.AppKey("vehicle_threads", ThreadPoolExecutor)

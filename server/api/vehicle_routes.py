@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -24,6 +23,7 @@ from server.api.boundary import (
     read_body,
     url_name,
     url_vin,
+    vehicle_work,
 )
 from server.api.context import (
     DELTAS,
@@ -126,7 +126,7 @@ async def upload_manifest(request: web.Request) -> web.Response:
             )  # fmt: skip
 
     try:
-        result = await asyncio.to_thread(run)
+        result = await vehicle_work(request, run)
     except FleetError as exc:
         outcome = _REFUSALS.get(type(exc), "unknown-vehicle" if exc.status == 404 else "rejected")
         MANIFESTS.labels(outcome).inc()
