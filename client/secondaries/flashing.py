@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from signing.exceptions import UptakeError
 
@@ -129,7 +129,7 @@ class EcuFlasher(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the flasher opened."""
 
-    def __enter__(self) -> EcuFlasher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

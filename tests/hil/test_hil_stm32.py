@@ -40,9 +40,7 @@ def test_identify(emulator: Stm32BootloaderEmulator) -> None:
 def test_flash_256kib_reads_back_and_jumps(emulator: Stm32BootloaderEmulator) -> None:
     image = make_image(256 * 1024 + 3)  # not a multiple of 4: the last block is padded
     seen: list[int] = []
-    # EcuFlasher.__enter__ is typed to return EcuFlasher: keep the Stm32UartFlasher for go()
-    flasher = Stm32UartFlasher(emulator.port, FAST)
-    with flasher:
+    with Stm32UartFlasher(emulator.port, FAST) as flasher:
         flasher.flash(io.BytesIO(image), len(image), lambda done, total: seen.append(done))
         flasher.verify(io.BytesIO(image), len(image))
         flasher.go()
@@ -114,8 +112,7 @@ def test_verify_detects_a_different_image(emulator: Stm32BootloaderEmulator) -> 
 
 
 def test_bad_address_is_refused(emulator: Stm32BootloaderEmulator) -> None:
-    flasher = Stm32UartFlasher(emulator.port, FAST)  # not `as`: __enter__ gives an EcuFlasher
-    with flasher, pytest.raises(EcuRejected) as failure:
+    with Stm32UartFlasher(emulator.port, FAST) as flasher, pytest.raises(EcuRejected) as failure:
         flasher.read_memory(0x0900_0000, 16)
     assert failure.value.step == "read-memory"
 
