@@ -770,8 +770,8 @@ def resolve(
 
 
 # What every accepted manifest reads, built once (building an ORM statement costs more
-# CPU than the database's answer on a heartbeat)
-# each running campaign with the vehicle's part in it, if any (one query, not one a campaign)
+# CPU than the database's answer on a heartbeat): each running campaign with the vehicle's
+# part in it, if any (one query, not one a campaign), and the vehicle's unfinished parts
 _RUNNING_CAMPAIGNS_WITH_PART = (
     select(Campaign, CampaignVehicle)
     .outerjoin(
